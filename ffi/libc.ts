@@ -1,0 +1,136 @@
+/**
+ * libc through bun:ffi, opened once per thread (each Worker loads its own copy of this module).
+ * Every wrapper returns its value or `-errno`, as liburing does, so callers test `< 0` and never read errno
+ * themselves. errno is per thread, so its location is taken when this module loads in each thread and read
+ * right after the failing call, before any other libc call can overwrite it.
+ * This file and ffi/ring.ts are the only users of bun:ffi in the project.
+ */
+import { dlopen, FFIType, ptr, read as readMemory, toArrayBuffer, type Pointer } from "bun:ffi";
+import { EINVAL } from "./errno.ts";
+
+const { i32, u32, i64, u64, ptr: pointer, i64_fast: i64Fast } = FFIType;
+const lib = dlopen("libc.so.6", {
+  // syscall() is variadic; on x86_64 integer arguments travel in the same registers either way.
+  syscall: { args: [i64, i64, i64, i64, i64, i64, i64], returns: i64Fast },
+  mmap: { args: [pointer, u64, i32, i32, i32, i64], returns: i64Fast },
+  munmap: { args: [pointer, u64], returns: i32 },
+  open: { args: [pointer, i32, u32], returns: i32 },
+  close: { args: [i32], returns: i32 },
+  read: { args: [i32, pointer, u64], returns: i64Fast },
+  write: { args: [i32, pointer, u64], returns: i64Fast },
+  pread: { args: [i32, pointer, u64, i64], returns: i64Fast },
+  pwrite: { args: [i32, pointer, u64, i64], returns: i64Fast },
+  fsync: { args: [i32], returns: i32 },
+  ioctl: { args: [i32, u64, pointer], returns: i32 },
+  eventfd: { args: [u32, i32], returns: i32 },
+  prctl: { args: [i32, u64, u64, u64, u64], returns: i32 },
+  getpid: { args: [], returns: i32 },
+  gettid: { args: [], returns: i32 },
+  sched_setaffinity: { args: [i32, u64, pointer], returns: i32 },
+  __errno_location: { args: [], returns: pointer },
+});
+const fn = lib.symbols;
+const errnoLocation = fn.__errno_location() as Pointer;
+
+function errno(): number {
+  return readMemory.i32(errnoLocation, 0);
+}
+/** Turns libc's `-1 and errno` into `-errno`. */
+function check(result: number | bigint): number {
+  // i64_fast gives a number for every value these calls return (sizes, addresses below 2^47).
+  return result === -1 ? -errno() : (result as number);
+}
+
+/** Something the kernel may read during one call: a typed array (moved by the GC only between calls) or an address. */
+export type BufferArg = NodeJS.TypedArray | number;
+
+// Linux constants used with these calls (x86_64 values).
+export const O_RDONLY = 0;
+export const O_WRONLY = 1;
+export const O_RDWR = 2;
+export const O_CREAT = 0o100;
+export const O_EXCL = 0o200;
+export const O_TRUNC = 0o1000;
+export const O_NONBLOCK = 0o4000;
+export const O_DIRECT = 0o40000;
+export const O_NOFOLLOW = 0o400000;
+export const O_CLOEXEC = 0o2000000;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 0x01;
+export const MAP_PRIVATE = 0x02;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_POPULATE = 0x8000;
+export const EFD_CLOEXEC = 0o2000000;
+export const EFD_NONBLOCK = 0o4000;
+export const PR_SET_NAME = 15;
+export const PR_SET_IO_FLUSHER = 57;
+export const PAGE_BYTES = 4096;
+
+export function syscall(nr: number, a = 0, b = 0, c = 0, d = 0, e = 0, f = 0): number {
+  return check(fn.syscall(nr, a, b, c, d, e, f));
+}
+
+/** Maps `lengthBytes`; returns the address or -errno. */
+export function mmap(lengthBytes: number, prot: number, flags: number, fd: number, offsetBytes: number): number {
+  return check(fn.mmap(null, lengthBytes, prot, flags, fd, offsetBytes));
+}
+export function munmap(address: number, lengthBytes: number): number {
+  return check(fn.munmap(address as Pointer, lengthBytes));
+}
+/** Page-aligned, zeroed private memory that never moves: what the kernel may read or write between calls. */
+export function mmapAnonymous(lengthBytes: number): number {
+  return mmap(lengthBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+}
+
+export function open(path: string, flags: number, mode = 0): number {
+  const cPath = Buffer.from(`${path}\0`, "utf8");
+  return check(fn.open(cPath, flags | O_CLOEXEC, mode));
+}
+export function close(fd: number): number {
+  return check(fn.close(fd));
+}
+export function read(fd: number, buffer: BufferArg, lengthBytes: number): number {
+  return check(fn.read(fd, buffer as Pointer, lengthBytes));
+}
+export function write(fd: number, buffer: BufferArg, lengthBytes: number): number {
+  return check(fn.write(fd, buffer as Pointer, lengthBytes));
+}
+export function pread(fd: number, buffer: BufferArg, lengthBytes: number, offsetBytes: number): number {
+  return check(fn.pread(fd, buffer as Pointer, lengthBytes, offsetBytes));
+}
+export function pwrite(fd: number, buffer: BufferArg, lengthBytes: number, offsetBytes: number): number {
+  return check(fn.pwrite(fd, buffer as Pointer, lengthBytes, offsetBytes));
+}
+export function fsync(fd: number): number {
+  return check(fn.fsync(fd));
+}
+export function ioctl(fd: number, request: number, arg: BufferArg): number {
+  return check(fn.ioctl(fd, request, arg as Pointer));
+}
+export function eventfd(initialValue: number, flags: number): number {
+  return check(fn.eventfd(initialValue, flags | EFD_CLOEXEC));
+}
+export function prctl(option: number, arg2 = 0, arg3 = 0, arg4 = 0, arg5 = 0): number {
+  return check(fn.prctl(option, arg2, arg3, arg4, arg5));
+}
+export function getpid(): number {
+  return fn.getpid();
+}
+export function gettid(): number {
+  return fn.gettid();
+}
+/** Pins thread `tid` (0 = the calling thread) to the CPUs set in `cpuMask` (a cpu_set_t as bytes). */
+export function schedSetaffinity(tid: number, cpuMask: Uint8Array): number {
+  if (cpuMask.byteLength === 0) return -EINVAL;
+  return check(fn.sched_setaffinity(tid, cpuMask.byteLength, cpuMask));
+}
+
+/** An ArrayBuffer over `lengthBytes` of native memory at `address` (no copy; valid while it stays mapped). */
+export function memoryAt(address: number, lengthBytes: number): ArrayBuffer {
+  return toArrayBuffer(address as Pointer, 0, lengthBytes);
+}
+/** The current address of a typed array's bytes: valid for one call only, as the GC may move small arrays. */
+export function addressOf(view: NodeJS.TypedArray): number {
+  return ptr(view);
+}

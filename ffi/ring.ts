@@ -1,0 +1,375 @@
+/**
+ * An io_uring instance driven from TypeScript with no liburing: the SQ ring, CQ ring and SQE array are
+ * mmapped and accessed through typed arrays, and every pointer into them is derived from the offsets the
+ * kernel returns in io_uring_params (nothing hard-coded). The ring knows nothing of ublk.
+ *
+ * Hot-path shape: `getSqe()` returns the word index of a free SQE in `sqe32`; the prep helpers fill it with
+ * u32 stores; `submit()` publishes the tail and enters the kernel. Completions are read straight from
+ * `cqe32` between `cqHead()` and `cqTail()`, then released with `cqAdvanceTo()`. user_data is handled as two
+ * u32 halves, so no BigInt is ever created.
+ */
+import {
+  IORING_ENTER_EXT_ARG, IORING_ENTER_GETEVENTS, IORING_FEAT_EXT_ARG, IORING_FEAT_SINGLE_MMAP, IORING_OFF_CQ_RING,
+  IORING_OFF_SQ_RING, IORING_OFF_SQES, IORING_OP_ASYNC_CANCEL, IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_NOP,
+  IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
+  IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER,
+  IORING_SETUP_SQE128, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_TASKRUN_FLAG, IORING_SQ_CQ_OVERFLOW, IORING_SQ_TASKRUN,
+  __NR_io_uring_enter, __NR_io_uring_register, __NR_io_uring_setup, __kernel_timespec, io_cqring_offsets,
+  io_sqring_offsets, io_uring_getevents_arg, io_uring_params,
+} from "./uapi/io_uring.ts";
+import { EINTR, EINVAL, ErrnoError } from "./errno.ts";
+import { close, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PAGE_BYTES, PROT_READ, PROT_WRITE, syscall } from "./libc.ts";
+
+export interface RingOptions {
+  /** SQ size; the kernel rounds it up to a power of two. */
+  entries: number;
+  /** IORING_SETUP_* flags wanted. SINGLE_ISSUER / DEFER_TASKRUN / COOP_TASKRUN / TASKRUN_FLAG / SUBMIT_ALL
+   * are dropped one by one if the kernel refuses them; SQE128 / CQE32 are required when asked. */
+  flags?: number;
+}
+
+/** Flags we may drop, in this order, when io_uring_setup answers EINVAL (each newer than the next). */
+const OPTIONAL_SETUP_FLAGS = [
+  IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_TASKRUN_FLAG, IORING_SETUP_COOP_TASKRUN,
+  IORING_SETUP_SUBMIT_ALL,
+];
+
+const TWO_POW_32 = 4294967296;
+// Word indices inside one SQE (see io_uring_sqe in uapi/io_uring.ts).
+const W_OPCODE_FLAGS = 0, W_FD = 1, W_OFF_LO = 2, W_OFF_HI = 3, W_ADDR_LO = 4, W_ADDR_HI = 5, W_LEN = 6;
+const W_RW_FLAGS = 7, W_USER_DATA_LO = 8, W_USER_DATA_HI = 9, W_BUF_INDEX = 10, W_FILE_INDEX = 11;
+const W_ADDR3_LO = 12, W_ADDR3_HI = 13, W_PAD2_LO = 14, W_PAD2_HI = 15;
+/** Word index of the uring_cmd payload (`cmd[]`, byte 48) inside an SQE. */
+export const SQE_CMD_WORD = 12;
+/** Word indices inside one CQE. */
+export const CQE_USER_DATA_LO = 0, CQE_USER_DATA_HI = 1, CQE_RES = 2, CQE_FLAGS = 3;
+
+export class Ring {
+  readonly fd: number;
+  /** The IORING_SETUP_* flags the kernel accepted. */
+  readonly flags: number;
+  readonly features: number;
+  readonly sqEntries: number;
+  readonly cqEntries: number;
+  /** 16 words per SQE, 32 with SQE128. */
+  readonly sqeWords: number;
+  /** 4 words per CQE, 8 with CQE32. */
+  readonly cqeWords: number;
+  /** Every SQE, as u32 words. */
+  readonly sqe32: Uint32Array;
+  /** Every CQE, as i32 words (res is signed). */
+  readonly cqe32: Int32Array;
+
+  private readonly sqRing: Uint32Array;
+  private readonly cqRing: Uint32Array;
+  private readonly sqHeadIndex: number;
+  private readonly sqTailIndex: number;
+  private readonly sqFlagsIndex: number;
+  private readonly cqHeadIndex: number;
+  private readonly cqTailIndex: number;
+  private readonly cqOverflowIndex: number;
+  private readonly sqMask: number;
+  private readonly cqMask: number;
+  /** Our copy of the SQ tail: SQEs up to here are filled; the kernel sees them once we store the tail. */
+  private sqeTail = 0;
+  /** Rings with DEFER_TASKRUN only post completions while we are inside io_uring_enter(GETEVENTS). */
+  private readonly alwaysGetEvents: boolean;
+  private readonly scratch: Uint32Array;
+  private readonly scratchAddress: number;
+  private readonly mappings: Array<[address: number, lengthBytes: number]> = [];
+  private closed = false;
+
+  /** Creates a ring; throws an ErrnoError when the kernel refuses it. */
+  static create(options: RingOptions): Ring {
+    return new Ring(options);
+  }
+
+  private constructor(options: RingOptions) {
+    // One page of our own for the setup params, wait arguments and timespecs: the kernel reads and writes it
+    // during calls, and unlike a small JS typed array it never moves.
+    this.scratchAddress = mmapAnonymous(PAGE_BYTES);
+    if (this.scratchAddress < 0) throw ringError("mmap", this.scratchAddress);
+    this.mappings.push([this.scratchAddress, PAGE_BYTES]);
+    this.scratch = new Uint32Array(memoryAt(this.scratchAddress, PAGE_BYTES));
+
+    let flags = options.flags ?? 0;
+    let fd = -EINVAL;
+    for (let attempt = 0; ; attempt++) {
+      this.scratch.fill(0, 0, io_uring_params.SIZE / 4);
+      this.scratch[io_uring_params.flags / 4] = flags;
+      fd = syscall(__NR_io_uring_setup, options.entries, this.scratchAddress);
+      if (fd !== -EINVAL) break;
+      const droppable = OPTIONAL_SETUP_FLAGS.find((flag) => (flags & flag) !== 0);
+      if (droppable === undefined) break;
+      // DEFER_TASKRUN is only valid with SINGLE_ISSUER; dropping SINGLE_ISSUER drops it too.
+      flags &= ~droppable;
+      if (droppable === IORING_SETUP_SINGLE_ISSUER) flags &= ~IORING_SETUP_DEFER_TASKRUN;
+    }
+    if (fd < 0) {
+      munmap(this.scratchAddress, PAGE_BYTES);
+      throw ringError("io_uring_setup", fd);
+    }
+    this.fd = fd;
+    this.flags = flags;
+    const p = this.scratch;
+    const word = (byteOffset: number) => p[byteOffset / 4]!;
+    this.sqEntries = word(io_uring_params.sq_entries);
+    this.cqEntries = word(io_uring_params.cq_entries);
+    this.features = word(io_uring_params.features);
+    const sq = io_uring_params.sq_off, cq = io_uring_params.cq_off;
+    const sqOff = { head: word(sq + io_sqring_offsets.head), tail: word(sq + io_sqring_offsets.tail),
+      mask: word(sq + io_sqring_offsets.ring_mask), flags: word(sq + io_sqring_offsets.flags),
+      array: word(sq + io_sqring_offsets.array) };
+    const cqOff = { head: word(cq + io_cqring_offsets.head), tail: word(cq + io_cqring_offsets.tail),
+      mask: word(cq + io_cqring_offsets.ring_mask), overflow: word(cq + io_cqring_offsets.overflow),
+      cqes: word(cq + io_cqring_offsets.cqes) };
+
+    const sqeBytes = flags & IORING_SETUP_SQE128 ? 128 : 64;
+    const cqeBytes = flags & IORING_SETUP_CQE32 ? 32 : 16;
+    this.sqeWords = sqeBytes / 4;
+    this.cqeWords = cqeBytes / 4;
+    let sqRingBytes = sqOff.array + this.sqEntries * 4;
+    let cqRingBytes = cqOff.cqes + this.cqEntries * cqeBytes;
+    const singleMmap = (this.features & IORING_FEAT_SINGLE_MMAP) !== 0;
+    if (singleMmap) sqRingBytes = cqRingBytes = Math.max(sqRingBytes, cqRingBytes);
+
+    try {
+      const sqRingAddress = this.map(sqRingBytes, IORING_OFF_SQ_RING);
+      const cqRingAddress = singleMmap ? sqRingAddress : this.map(cqRingBytes, IORING_OFF_CQ_RING);
+      const sqesAddress = this.map(this.sqEntries * sqeBytes, IORING_OFF_SQES);
+      this.sqRing = new Uint32Array(memoryAt(sqRingAddress, sqRingBytes));
+      this.cqRing = new Uint32Array(memoryAt(cqRingAddress, cqRingBytes));
+      this.sqe32 = new Uint32Array(memoryAt(sqesAddress, this.sqEntries * sqeBytes));
+      this.cqe32 = new Int32Array(memoryAt(cqRingAddress + cqOff.cqes, this.cqEntries * cqeBytes));
+    } catch (error) {
+      this.close();
+      throw error;
+    }
+    this.sqHeadIndex = sqOff.head / 4;
+    this.sqTailIndex = sqOff.tail / 4;
+    this.sqFlagsIndex = sqOff.flags / 4;
+    this.cqHeadIndex = cqOff.head / 4;
+    this.cqTailIndex = cqOff.tail / 4;
+    this.cqOverflowIndex = cqOff.overflow / 4;
+    this.sqMask = this.sqRing[sqOff.mask / 4]!;
+    this.cqMask = this.cqRing[cqOff.mask / 4]!;
+    // SQ array slot i always names SQE i, so filling SQE (tail & mask) and moving the tail is enough.
+    for (let i = 0; i < this.sqEntries; i++) this.sqRing[sqOff.array / 4 + i] = i;
+    this.sqeTail = this.sqRing[this.sqTailIndex]!;
+    this.alwaysGetEvents = (flags & IORING_SETUP_DEFER_TASKRUN) !== 0;
+  }
+
+  private map(lengthBytes: number, offset: number): number {
+    const address = mmap(lengthBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, this.fd, offset);
+    if (address < 0) throw ringError("mmap io_uring", address);
+    this.mappings.push([address, lengthBytes]);
+    return address;
+  }
+
+  /** Unmaps everything and closes the ring; safe to call twice. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const [address, lengthBytes] of this.mappings.splice(0)) munmap(address, lengthBytes);
+    if (this.fd >= 0) close(this.fd);
+  }
+
+  // ---- submission -------------------------------------------------------------------------------------
+
+  /** SQEs filled but not yet consumed by the kernel. */
+  sqPending(): number {
+    return (this.sqeTail - Atomics.load(this.sqRing, this.sqHeadIndex)) >>> 0;
+  }
+
+  /** Space left in the SQ. */
+  sqSpace(): number {
+    return this.sqEntries - this.sqPending();
+  }
+
+  /**
+   * Word index in `sqe32` of the next free SQE, or -1 when the SQ is full (submit, then retry).
+   * The SQE keeps whatever it held before: the prep helpers overwrite every field.
+   */
+  getSqe(): number {
+    // Acquire: the kernel must have finished reading an SQE before we reuse its slot.
+    const head = Atomics.load(this.sqRing, this.sqHeadIndex);
+    if (((this.sqeTail - head) >>> 0) >= this.sqEntries) return -1;
+    const base = (this.sqeTail & this.sqMask) * this.sqeWords;
+    this.sqeTail = (this.sqeTail + 1) >>> 0;
+    return base;
+  }
+
+  /**
+   * Publishes filled SQEs and enters the kernel: submits them, and with `waitNr` > 0 waits until that many
+   * completions are ready (or `timeoutMs` passes, giving -ETIME). Returns the number submitted or -errno.
+   * EINTR is retried. -EBUSY / -EAGAIN mean the kernel cannot take more now (CQ backlog or memory): reap
+   * completions and call again.
+   */
+  submit(waitNr = 0, timeoutMs = -1): number {
+    // Release: the SQE stores above must be visible before the kernel can see the new tail.
+    Atomics.store(this.sqRing, this.sqTailIndex, this.sqeTail);
+    let enterFlags = 0;
+    if (waitNr > 0 || this.alwaysGetEvents || (Atomics.load(this.sqRing, this.sqFlagsIndex) & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) !== 0) {
+      enterFlags |= IORING_ENTER_GETEVENTS;
+    }
+    let argAddress = 0, argBytes = 0;
+    if (timeoutMs >= 0 && waitNr > 0) {
+      if ((this.features & IORING_FEAT_EXT_ARG) === 0) return -EINVAL;
+      argAddress = this.waitArgument(timeoutMs);
+      argBytes = io_uring_getevents_arg.SIZE;
+      enterFlags |= IORING_ENTER_EXT_ARG;
+    }
+    for (;;) {
+      const toSubmit = this.sqPending();
+      if (toSubmit === 0 && enterFlags === 0) return 0;
+      const result = syscall(__NR_io_uring_enter, this.fd, toSubmit, waitNr, enterFlags, argAddress, argBytes);
+      if (result !== -EINTR) return result;
+    }
+  }
+
+  /** Fills the scratch page with an io_uring_getevents_arg pointing at a relative timespec. */
+  private waitArgument(timeoutMs: number): number {
+    const argWord = 64 / 4, tsByte = 128;
+    const s = this.scratch;
+    s.fill(0, argWord, argWord + io_uring_getevents_arg.SIZE / 4);
+    s[argWord + io_uring_getevents_arg.ts / 4] = this.scratchAddress + tsByte; // addresses fit in 47 bits
+    s[argWord + io_uring_getevents_arg.ts / 4 + 1] = Math.floor((this.scratchAddress + tsByte) / TWO_POW_32);
+    const seconds = Math.floor(timeoutMs / 1000);
+    s[tsByte / 4 + __kernel_timespec.tv_sec / 4] = seconds;
+    s[tsByte / 4 + __kernel_timespec.tv_sec / 4 + 1] = 0;
+    s[tsByte / 4 + __kernel_timespec.tv_nsec / 4] = Math.round((timeoutMs - seconds * 1000) * 1e6);
+    s[tsByte / 4 + __kernel_timespec.tv_nsec / 4 + 1] = 0;
+    return this.scratchAddress + 64;
+  }
+
+  /** io_uring_register(2); returns its result or -errno. */
+  register(opcode: number, argAddress: number, nrArgs: number): number {
+    return syscall(__NR_io_uring_register, this.fd, opcode, argAddress, nrArgs);
+  }
+
+  // ---- completion -------------------------------------------------------------------------------------
+
+  /** Our CQ head: the next CQE to read. */
+  cqHead(): number {
+    return this.cqRing[this.cqHeadIndex]!;
+  }
+  /** The kernel's CQ tail; CQEs in [cqHead, cqTail) are ready. */
+  cqTail(): number {
+    // Acquire: CQE contents written by the kernel are visible once we see the tail that covers them.
+    return Atomics.load(this.cqRing, this.cqTailIndex);
+  }
+  /** Completions ready to read. */
+  cqReady(): number {
+    return (this.cqTail() - this.cqHead()) >>> 0;
+  }
+  /** Word index in `cqe32` of the CQE at ring position `position` (a head value). */
+  cqeBase(position: number): number {
+    return (position & this.cqMask) * this.cqeWords;
+  }
+  /** Releases every CQE before `position` to the kernel. */
+  cqAdvanceTo(position: number): void {
+    // Release: the kernel must see the new head only after our reads of those CQEs are done.
+    Atomics.store(this.cqRing, this.cqHeadIndex, position >>> 0);
+  }
+  /** CQEs the kernel could not post (only grows on kernels without IORING_FEAT_NODROP). */
+  cqOverflowCount(): number {
+    return Atomics.load(this.cqRing, this.cqOverflowIndex);
+  }
+
+  /**
+   * Waits for one completion and returns its word index in `cqe32` (read it, then `cqAdvanceTo(cqHead()+1)`),
+   * or -errno (-ETIME after `timeoutMs`). For control paths; the hot path reads CQEs in batches.
+   */
+  waitCqe(timeoutMs = -1): number {
+    for (;;) {
+      if (this.cqReady() > 0) return this.cqeBase(this.cqHead());
+      const result = this.submit(1, timeoutMs);
+      if (result < 0 && this.cqReady() === 0) return result;
+    }
+  }
+
+  // ---- prep helpers (u32 stores only) -------------------------------------------------------------------
+
+  /** Writes the fields every opcode shares and clears the rest of the 64-byte SQE. */
+  prep(base: number, opcode: number, fd: number, address: number, lengthBytes: number, offset: number,
+       userDataLow: number, userDataHigh: number): void {
+    const s = this.sqe32;
+    s[base + W_OPCODE_FLAGS] = opcode;
+    s[base + W_FD] = fd;
+    s[base + W_OFF_LO] = offset >>> 0;
+    s[base + W_OFF_HI] = Math.floor(offset / TWO_POW_32) >>> 0;
+    s[base + W_ADDR_LO] = address >>> 0;
+    s[base + W_ADDR_HI] = Math.floor(address / TWO_POW_32) >>> 0;
+    s[base + W_LEN] = lengthBytes;
+    s[base + W_RW_FLAGS] = 0;
+    s[base + W_USER_DATA_LO] = userDataLow;
+    s[base + W_USER_DATA_HI] = userDataHigh;
+    s[base + W_BUF_INDEX] = 0;
+    s[base + W_FILE_INDEX] = 0;
+    s[base + W_ADDR3_LO] = 0;
+    s[base + W_ADDR3_HI] = 0;
+    s[base + W_PAD2_LO] = 0;
+    s[base + W_PAD2_HI] = 0;
+  }
+
+  /** Sets IOSQE_* flags on a prepared SQE. */
+  setSqeFlags(base: number, sqeFlags: number): void {
+    this.sqe32[base + W_OPCODE_FLAGS] = (this.sqe32[base + W_OPCODE_FLAGS]! & ~0xff00) | ((sqeFlags & 0xff) << 8);
+  }
+  /** Sets the per-opcode flags word (rw_flags, fsync_flags, poll32_events, timeout_flags, cancel_flags …). */
+  setOpFlags(base: number, opFlags: number): void {
+    this.sqe32[base + W_RW_FLAGS] = opFlags;
+  }
+
+  prepNop(base: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_NOP, -1, 0, 0, 0, userDataLow, userDataHigh);
+  }
+  /** read(2) at `offsetBytes` (-1: the file position) into native memory at `address`. */
+  prepRead(base: number, fd: number, address: number, lengthBytes: number, offsetBytes: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_READ, fd, address, lengthBytes, offsetBytes, userDataLow, userDataHigh);
+  }
+  prepWrite(base: number, fd: number, address: number, lengthBytes: number, offsetBytes: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_WRITE, fd, address, lengthBytes, offsetBytes, userDataLow, userDataHigh);
+  }
+  /** fsync(2); `fsyncFlags` = IORING_FSYNC_DATASYNC for fdatasync. */
+  prepFsync(base: number, fd: number, fsyncFlags: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_FSYNC, fd, 0, 0, 0, userDataLow, userDataHigh);
+    this.sqe32[base + W_RW_FLAGS] = fsyncFlags;
+  }
+  /** fallocate(2): the kernel takes the mode in `len` and the length in `addr`. */
+  prepFallocate(base: number, fd: number, mode: number, offsetBytes: number, lengthBytes: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_FALLOCATE, fd, lengthBytes, mode, offsetBytes, userDataLow, userDataHigh);
+  }
+  /** One-shot poll for `pollEvents` (POLLIN …) on `fd`. */
+  prepPollAdd(base: number, fd: number, pollEvents: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_POLL_ADD, fd, 0, 0, 0, userDataLow, userDataHigh);
+    this.sqe32[base + W_RW_FLAGS] = pollEvents;
+  }
+  /** A timeout that fires after `timespecAddress` (a __kernel_timespec in stable memory) or `count` completions. */
+  prepTimeout(base: number, timespecAddress: number, count: number, timeoutFlags: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_TIMEOUT, -1, timespecAddress, 1, count, userDataLow, userDataHigh);
+    this.sqe32[base + W_RW_FLAGS] = timeoutFlags;
+  }
+  /** Cancels the request whose user_data is (targetLow, targetHigh). */
+  prepCancel(base: number, targetLow: number, targetHigh: number, cancelFlags: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_ASYNC_CANCEL, -1, 0, 0, 0, userDataLow, userDataHigh);
+    const s = this.sqe32;
+    s[base + W_ADDR_LO] = targetLow;
+    s[base + W_ADDR_HI] = targetHigh;
+    s[base + W_RW_FLAGS] = cancelFlags;
+  }
+  /**
+   * IORING_OP_URING_CMD with `cmdOp`; clears the command payload (16 bytes, or 80 with SQE128) and returns
+   * the word index in `sqe32` where the caller writes it.
+   */
+  prepUringCmd(base: number, fd: number, cmdOp: number, userDataLow: number, userDataHigh = 0): number {
+    this.prep(base, IORING_OP_URING_CMD, fd, 0, 0, 0, userDataLow, userDataHigh);
+    this.sqe32[base + W_OFF_LO] = cmdOp; // cmd_op shares the `off` field; its upper half is padding.
+    this.sqe32.fill(0, base + SQE_CMD_WORD, base + this.sqeWords);
+    return base + SQE_CMD_WORD;
+  }
+}
+
+function ringError(op: string, negativeErrno: number): ErrnoError {
+  return new ErrnoError(op, -negativeErrno);
+}
