@@ -1,0 +1,205 @@
+// The io_uring ring against the host kernel (io_uring works here; no ublk needed).
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, readlinkSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../../ffi/ring.ts";
+import {
+  close, eventfd, memoryAt, mmapAnonymous, munmap, O_CREAT, O_DIRECT, O_RDWR, open, PAGE_BYTES,
+} from "../../ffi/libc.ts";
+import { EBADF, ECANCELED, ETIME } from "../../ffi/errno.ts";
+import {
+  IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128, POLLIN,
+  IORING_FEAT_NODROP,
+} from "../../ffi/uapi/io_uring.ts";
+
+const workDir = mkdtempSync(join(tmpdir(), "ublk-bun-ring-"));
+afterAll(() => rmSync(workDir, { recursive: true, force: true }));
+
+/** Reads every ready CQE into [userDataLow, userDataHigh, res] triples and releases them. */
+function reap(ring: Ring): Array<[number, number, number]> {
+  const out: Array<[number, number, number]> = [];
+  let head = ring.cqHead();
+  const tail = ring.cqTail();
+  while (head !== tail) {
+    const base = ring.cqeBase(head);
+    out.push([ring.cqe32[base + CQE_USER_DATA_LO]! >>> 0, ring.cqe32[base + CQE_USER_DATA_HI]! >>> 0, ring.cqe32[base + CQE_RES]!]);
+    head = (head + 1) >>> 0;
+  }
+  ring.cqAdvanceTo(head);
+  return out;
+}
+
+/** Submits one prepared SQE and returns its [user_data low, high, res]. */
+function runOne(ring: Ring, prepare: (base: number) => void): [number, number, number] {
+  const base = ring.getSqe();
+  expect(base).toBeGreaterThanOrEqual(0);
+  prepare(base);
+  expect(ring.submit(1)).toBeGreaterThanOrEqual(0);
+  const completions = reap(ring);
+  expect(completions.length).toBe(1);
+  return completions[0]!;
+}
+
+function ringMappings(): number {
+  return readFileSync("/proc/self/maps", "utf8").split("\n").filter((line) => line.includes("io_uring")).length;
+}
+
+describe("ring", () => {
+  test("100k NOP round trips keep both halves of user_data", () => {
+    const ring = Ring.create({ entries: 32, flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN });
+    let bad = 0;
+    for (let i = 0; i < 100_000; i++) {
+      const base = ring.getSqe();
+      ring.prepNop(base, i, 0xffffffff - i);
+      ring.submit(1);
+      const head = ring.cqHead();
+      const cqe = ring.cqeBase(head);
+      if (ring.cqe32[cqe + CQE_USER_DATA_LO]! >>> 0 !== i || ring.cqe32[cqe + CQE_USER_DATA_HI]! >>> 0 !== 0xffffffff - i || ring.cqe32[cqe + CQE_RES] !== 0) bad++;
+      ring.cqAdvanceTo(head + 1);
+    }
+    expect(bad).toBe(0);
+    expect(ring.cqReady()).toBe(0);
+    ring.close();
+  });
+
+  test("refused optional flags are dropped; the ring reports what it got", () => {
+    // DEFER_TASKRUN without SINGLE_ISSUER is invalid: the ring must fall back instead of failing.
+    const ring = Ring.create({ entries: 8, flags: IORING_SETUP_DEFER_TASKRUN });
+    expect(ring.flags & IORING_SETUP_DEFER_TASKRUN).toBe(0);
+    expect(runOne(ring, (b) => ring.prepNop(b, 7))).toEqual([7, 0, 0]);
+    ring.close();
+    const big = Ring.create({ entries: 8, flags: IORING_SETUP_SQE128 });
+    expect(big.sqeWords).toBe(32);
+    expect(runOne(big, (b) => big.prepNop(b, 9))).toEqual([9, 0, 0]);
+    big.close();
+  });
+
+  for (const direct of [false, true]) {
+    test(`write then read a file through the ring (${direct ? "O_DIRECT" : "buffered"})`, () => {
+      const path = join(workDir, `data-${direct}`);
+      const fd = open(path, O_RDWR | O_CREAT | (direct ? O_DIRECT : 0), 0o600);
+      expect(fd).toBeGreaterThanOrEqual(0);
+      const lengthBytes = 64 * 1024;
+      const address = mmapAnonymous(lengthBytes * 2);
+      const out = new Uint8Array(memoryAt(address, lengthBytes));
+      const back = new Uint8Array(memoryAt(address + lengthBytes, lengthBytes));
+      for (let i = 0; i < lengthBytes; i++) out[i] = (i * 7 + 3) & 0xff;
+      const ring = Ring.create({ entries: 8 });
+      expect(runOne(ring, (b) => ring.prepWrite(b, fd, address, lengthBytes, 4096, 1))[2]).toBe(lengthBytes);
+      expect(runOne(ring, (b) => ring.prepFsync(b, fd, 0, 2))[2]).toBe(0);
+      expect(runOne(ring, (b) => ring.prepRead(b, fd, address + lengthBytes, lengthBytes, 4096, 3))[2]).toBe(lengthBytes);
+      expect(Buffer.from(back).equals(Buffer.from(out))).toBe(true);
+      // The bytes really are in the file, at the offset asked for.
+      expect(readFileSync(path).subarray(4096).equals(Buffer.from(out))).toBe(true);
+      // FALLOCATE punch-hole (mode 3 = KEEP_SIZE|PUNCH_HOLE) zeroes the first page of data.
+      expect(runOne(ring, (b) => ring.prepFallocate(b, fd, 3, 4096, 4096, 4))[2]).toBe(0);
+      expect(readFileSync(path).subarray(4096, 8192).every((byte) => byte === 0)).toBe(true);
+      ring.close();
+      close(fd);
+      munmap(address, lengthBytes * 2);
+    });
+  }
+
+  test("a bad fd comes back as -EBADF in the CQE", () => {
+    const ring = Ring.create({ entries: 4 });
+    const address = mmapAnonymous(PAGE_BYTES);
+    expect(runOne(ring, (b) => ring.prepRead(b, 9999, address, 512, 0, 5))).toEqual([5, 0, -EBADF]);
+    ring.close();
+    munmap(address, PAGE_BYTES);
+  });
+
+  test("POLL_ADD on an eventfd is woken by a write from another Worker", async () => {
+    const efd = eventfd(0, 0);
+    expect(efd).toBeGreaterThanOrEqual(0);
+    const ring = Ring.create({ entries: 4, flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN });
+    const base = ring.getSqe();
+    ring.prepPollAdd(base, efd, POLLIN, 11);
+    expect(ring.submit()).toBe(1);
+    expect(reap(ring)).toEqual([]);
+    const worker = new Worker(new URL("./eventfd-waker.ts", import.meta.url).href);
+    const written = new Promise<number>((resolve) => { worker.onmessage = (event) => resolve(event.data as number); });
+    worker.postMessage({ fd: efd, delayMs: 50 });
+    // Blocks this thread in io_uring_enter until the other thread's write() wakes the poll.
+    const started = performance.now();
+    expect(ring.waitCqe(5000)).toBeGreaterThanOrEqual(0);
+    expect(performance.now() - started).toBeGreaterThan(20);
+    const completions = reap(ring);
+    expect(completions.length).toBe(1);
+    expect(completions[0]![0]).toBe(11);
+    expect(completions[0]![2] & POLLIN).toBe(POLLIN);
+    expect(await written).toBe(8);
+    worker.terminate();
+    ring.close();
+    close(efd);
+  });
+
+  test("a wait with a timeout ends with -ETIME; a cancelled poll completes with -ECANCELED", () => {
+    const ring = Ring.create({ entries: 4 });
+    const efd = eventfd(0, 0);
+    const started = performance.now();
+    expect(ring.waitCqe(60)).toBe(-ETIME);
+    expect(performance.now() - started).toBeGreaterThanOrEqual(50);
+    let base = ring.getSqe();
+    ring.prepPollAdd(base, efd, POLLIN, 21);
+    base = ring.getSqe();
+    ring.prepCancel(base, 21, 0, 0, 22);
+    ring.submit(2);
+    const completions = reap(ring).sort((a, b) => a[0] - b[0]);
+    expect(completions).toEqual([[21, 0, -ECANCELED], [22, 0, 0]]);
+    ring.close();
+    close(efd);
+  });
+
+  test("TIMEOUT fires after its timespec", () => {
+    const ring = Ring.create({ entries: 4 });
+    const address = mmapAnonymous(PAGE_BYTES);
+    const timespec = new Uint32Array(memoryAt(address, 16));
+    timespec[2] = 30_000_000; // 30 ms in tv_nsec
+    const started = performance.now();
+    expect(runOne(ring, (b) => ring.prepTimeout(b, address, 0, 0, 31))).toEqual([31, 0, -ETIME]);
+    expect(performance.now() - started).toBeGreaterThanOrEqual(25);
+    ring.close();
+    munmap(address, PAGE_BYTES);
+  });
+
+  test("a full SQ refuses SQEs until submitted; an overflowing CQ loses nothing", () => {
+    const ring = Ring.create({ entries: 4 });
+    expect(ring.features & IORING_FEAT_NODROP).toBe(IORING_FEAT_NODROP);
+    const total = 64; // 8× the CQ size, submitted without reaping
+    const seen = new Set<number>();
+    let next = 0;
+    while (next < total) {
+      let base = ring.getSqe();
+      if (base < 0) {
+        expect(ring.sqSpace()).toBe(0);
+        expect(ring.submit()).toBe(ring.sqEntries);
+        base = ring.getSqe();
+      }
+      ring.prepNop(base, next++);
+    }
+    expect(ring.submit()).toBeGreaterThanOrEqual(0);
+    expect(ring.cqReady()).toBe(ring.cqEntries); // the CQ is full: the rest overflowed
+    // Drain: the kernel keeps what did not fit in the CQ and flushes it as we make room.
+    for (let rounds = 0; seen.size < total && rounds < 100; rounds++) {
+      for (const [userData] of reap(ring)) seen.add(userData);
+      ring.submit(0);
+    }
+    expect(seen.size).toBe(total);
+    expect(ring.cqOverflowCount()).toBe(0);
+    ring.close();
+  });
+
+  test("close() leaves no mapping and no fd", () => {
+    const before = ringMappings();
+    const ring = Ring.create({ entries: 64, flags: IORING_SETUP_SQE128 });
+    expect(ringMappings()).toBeGreaterThan(before);
+    const fd = ring.fd;
+    expect(readlinkSync(`/proc/self/fd/${fd}`)).toContain("io_uring");
+    ring.close();
+    ring.close();
+    expect(ringMappings()).toBe(before);
+    expect(() => readlinkSync(`/proc/self/fd/${fd}`)).toThrow();
+  });
+});
+
