@@ -1,0 +1,156 @@
+#!/usr/bin/env bun
+/**
+ * The ublk-bun command line: parse, call lib/, print. Flags and `list` output follow ublksrv's so existing
+ * scripts keep working. Every failure is one line on stderr and a non-zero exit.
+ */
+import { cac } from "cac";
+import {
+  addDevice, allDevIds, deleteDevice, formatListing, kernelFeatures, listDevices, listingJson, runForeground,
+} from "../lib/admin.ts";
+import { Ctrl } from "../lib/ctrl.ts";
+import { dataModeFlags, DEFAULT_MAX_IO_BUF_BYTES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, recoveryFlags } from "../lib/device.ts";
+import {
+  parseDevId, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
+} from "../lib/options.ts";
+import { canonicalType, loadTarget } from "../targets/registry.ts";
+import type { DaemonSpec } from "../lib/daemon.ts";
+import type { TargetOptions } from "../targets/types.ts";
+import packageJson from "../package.json" with { type: "json" };
+
+type Flags = Record<string, unknown>;
+
+const cli = cac("ublk-bun");
+
+cli
+  .command("add", "Create a ublk block device served by a new daemon (prints its list block)")
+  .option("-t, --type <type>", "Target: null, or a path to a target module")
+  .option("-n, --number <id>", "Device id (default: the kernel picks)")
+  .option("-q, --queues <count>", `Hardware queues (default ${DEFAULT_NR_HW_QUEUES})`)
+  .option("-d, --depth <depth>", `Queue depth, 1..4096 (default ${DEFAULT_QUEUE_DEPTH})`)
+  .option("-s, --size <size>", "Device size, e.g. 1G (default: the target's)")
+  .option("-b, --logical-block-size <bytes>", "Logical block size: 512, 1024, 2048 or 4096")
+  .option("--max-io-size <size>", "Largest request, 4K..32M (default 512K)")
+  .option("-r, --recovery <0|1>", "USER_RECOVERY: survive a daemon crash (in-flight I/O fails)")
+  .option("-i, --recovery-reissue <0|1>", "USER_RECOVERY + REISSUE: in-flight I/O is reissued after recover")
+  .option("-u, --user-copy", "USER_COPY data mode (pread/pwrite on /dev/ublkcN)")
+  .option("-g, --need-get-data", "NEED_GET_DATA data mode")
+  .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
+  .option("--json", "Print the device as JSON")
+  .action((flags: Flags) => run(() => add(flags)));
+
+cli
+  .command("del", "Stop and delete a device (or all with -a)")
+  .option("-n, --number <id>", "Device id")
+  .option("-a, --all", "Every ublk device and record")
+  .action((flags: Flags) => run(() => del(flags)));
+
+cli
+  .command("list", "Show devices like ublksrv's list")
+  .option("-n, --number <id>", "Only this device")
+  .option("--json", "JSON output")
+  .action((flags: Flags) => run(() => list(flags)));
+
+cli
+  .command("features", "Show the kernel's ublk feature flags")
+  .option("--json", "JSON output")
+  .action((flags: Flags) => run(() => features(flags)));
+
+cli.command("help", "Show this help").action(() => cli.outputHelp());
+cli.help();
+cli.version(packageJson.version);
+
+async function add(flags: Flags): Promise<void> {
+  const type = single("-t", flags.type);
+  if (type === undefined || type === true || String(type) === "") throw new UsageError("add: -t TYPE is required (null, or a path to a target module)");
+  const logicalBlockBytes = flags.logicalBlockSize === undefined ? undefined : parseLogicalBlockBytes("-b", single("-b", flags.logicalBlockSize));
+  const sizeBytes = flags.size === undefined ? undefined : parseSize("-s", single("-s", flags.size));
+  if (sizeBytes !== undefined && sizeBytes % (logicalBlockBytes ?? 512) !== 0) {
+    throw new UsageError(`-s: size must be a multiple of the logical block size (${logicalBlockBytes ?? 512})`);
+  }
+  const userCopy = flags.userCopy === true, needGetData = flags.needGetData === true;
+  if (userCopy && needGetData) throw new UsageError("-u and --need-get-data cannot be combined");
+  const config = {
+    devId: flags.number === undefined ? -1 : parseDevId("-n", single("-n", flags.number)),
+    nrHwQueues: flags.queues === undefined ? DEFAULT_NR_HW_QUEUES : parseNrQueues("-q", single("-q", flags.queues)),
+    queueDepth: flags.depth === undefined ? DEFAULT_QUEUE_DEPTH : parseQueueDepth("-d", single("-d", flags.depth)),
+    maxIoBufBytes: flags.maxIoSize === undefined ? DEFAULT_MAX_IO_BUF_BYTES : parseMaxIoBytes("--max-io-size", single("--max-io-size", flags.maxIoSize)),
+    flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
+      dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
+  };
+  // Fail fast, before any process is started: driver present, rights, target options valid.
+  Ctrl.open().close();
+  const targetType = canonicalType(String(type));
+  const target = await loadTarget(targetType);
+  const targetOptions: TargetOptions = { sizeBytes, logicalBlockBytes };
+  const record = await target.prepare(targetOptions);
+  const spec: DaemonSpec = { config, target: { ...record, type: targetType } };
+  const show = (devId: number) => {
+    const [listing] = listDevices(devId);
+    console.log(flags.json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));
+  };
+  if (flags.foreground) {
+    await runForeground(spec, (ready) => show(ready.devId));
+    return;
+  }
+  const ready = await addDevice(spec);
+  show(ready.devId);
+}
+
+async function del(flags: Flags): Promise<void> {
+  if (flags.all) {
+    if (flags.number !== undefined) throw new UsageError("del: give -n ID or -a, not both");
+    const failures: string[] = [];
+    for (const devId of allDevIds()) {
+      try { await deleteDevice(devId); } catch (error) { failures.push((error as Error).message); }
+    }
+    if (failures.length > 0) throw new Error(failures.join("; "));
+    return;
+  }
+  if (flags.number === undefined || flags.number === true) throw new UsageError("del: -n ID or -a is required");
+  await deleteDevice(parseDevId("-n", single("-n", flags.number)));
+}
+
+function list(flags: Flags): void {
+  const devId = flags.number === undefined ? undefined : parseDevId("-n", single("-n", flags.number));
+  const listings = listDevices(devId);
+  if (flags.json) console.log(JSON.stringify(listings.map(listingJson), null, 2));
+  else for (const listing of listings) console.log(formatListing(listing));
+}
+
+function features(flags: Flags): void {
+  const { mask, names } = kernelFeatures();
+  if (flags.json) console.log(JSON.stringify({ mask, names }));
+  else {
+    console.log(`ublk_drv features: 0x${mask.toString(16)}`);
+    for (const name of names) console.log(`\t${name}`);
+  }
+}
+
+/** Runs a command; any error becomes one line on stderr and exit status 1. */
+function run(command: () => void | Promise<void>): void {
+  Promise.resolve().then(command).then(
+    () => process.exit(0),
+    (error: unknown) => fail(error),
+  );
+}
+
+function fail(error: unknown): never {
+  const message = error instanceof Error ? error.message : String(error);
+  console.error(`ublk-bun: ${message.split("\n")[0]}`);
+  process.exit(1);
+}
+
+try {
+  cli.parse(process.argv, { run: false });
+  if (!cli.matchedCommand) {
+    if (cli.args.length > 0) fail(new UsageError(`unknown command "${cli.args[0]}" (try: ublk-bun help)`));
+    if (!cli.options.help && !cli.options.version) {
+      cli.outputHelp();
+      process.exit(1);
+    }
+  } else {
+    await cli.runMatchedCommand();
+  }
+} catch (error) {
+  fail(error);
+}

@@ -1,0 +1,283 @@
+/**
+ * What the CLI does, as functions: add (spawn the daemon and wait for READY), list, del, features.
+ * Kept apart from bin/ so the embedding API and tests can call the same code.
+ */
+import { spawn } from "node:child_process";
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { ENODEV, ErrnoError } from "../ffi/errno.ts";
+import { UBLK_F_NAMES, UBLK_S_DEV_DEAD, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
+import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
+import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, type DaemonSpec } from "./daemon.ts";
+import { readRecord, recordedDevIds, removeRecord, runDir, type DeviceRecord } from "./records.ts";
+import { loadTarget } from "../targets/registry.ts";
+
+/** Everything `list` shows about one device. */
+export interface DeviceListing {
+  info: DevInfo;
+  params: DeviceParams | null;
+  record: DeviceRecord | null;
+  /** Why the record could not be used, when it exists but is broken. */
+  recordProblem?: string;
+  stateName: string;
+  queues: Array<{ qId: number; tid: number; cpus: number[] }>;
+}
+
+/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). */
+const READY_TIMEOUT_MS = 120_000;
+
+/**
+ * Starts a daemon for `spec` and resolves with its record once the device is READY. On failure the device
+ * the daemon added (if any) is deleted again and the error says why.
+ */
+export async function addDevice(spec: DaemonSpec): Promise<DeviceRecord> {
+  mkdirSync(runDir(), { recursive: true, mode: 0o700 });
+  const logPath = join(runDir(), "daemon.log");
+  const logFd = openSync(logPath, "a", 0o600);
+  const daemonPath = new URL("./daemon.ts", import.meta.url).pathname;
+  const child = spawn(process.execPath, [daemonPath], {
+    detached: true,
+    stdio: ["ignore", logFd, logFd, "pipe"],
+    env: { ...process.env, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
+  });
+  closeSync(logFd);
+  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
+  let addedDevId = -1;
+  let buffered = "";
+  const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
+    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${READY_TIMEOUT_MS / 1000} s` }), READY_TIMEOUT_MS);
+    const finish = (value: { record?: DeviceRecord; error?: string }) => {
+      clearTimeout(timer);
+      resolve(value);
+    };
+    status.on("data", (chunk: Buffer) => {
+      buffered += chunk.toString("utf8");
+      let newline: number;
+      while ((newline = buffered.indexOf("\n")) >= 0) {
+        const line = buffered.slice(0, newline);
+        buffered = buffered.slice(newline + 1);
+        if (line.startsWith("ADDED ")) addedDevId = Number(line.slice(6));
+        else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
+        else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
+      }
+    });
+    status.on("end", () => finish({ error: `the daemon exited during start (see ${logPath})` }));
+    child.on("error", (error) => finish({ error: `cannot start the daemon: ${error.message}` }));
+  });
+  if (outcome.record) {
+    status.removeAllListeners();
+    (status as unknown as { destroy?: () => void }).destroy?.();
+    child.unref();
+    return outcome.record;
+  }
+  // The daemon failed or hung: make sure it is gone and nothing it created stays behind.
+  if (child.pid && child.exitCode === null) {
+    try { process.kill(child.pid, "SIGKILL"); } catch { /* already gone */ }
+    await waitForExit(child.pid, 5_000);
+  }
+  if (addedDevId >= 0) await removeLeftovers(addedDevId);
+  throw new Error(outcome.error ?? "the daemon failed");
+}
+
+/** Runs the daemon in this process (--foreground); `onReady` sees the record. Resolves when stopped by a signal. */
+export async function runForeground(spec: DaemonSpec, onReady: (record: DeviceRecord) => void): Promise<void> {
+  await runDaemon(spec, (line) => {
+    if (line.startsWith("READY ")) onReady(JSON.parse(line.slice(6)) as DeviceRecord);
+  });
+}
+
+/** Ids of the ublk devices the kernel has now. */
+export function kernelDevIds(): number[] {
+  try {
+    return readdirSync("/sys/class/ublk-char")
+      .map((name) => /^ublkc(\d+)$/.exec(name)).filter((m) => m !== null).map((m) => Number(m![1])).sort((a, b) => a - b);
+  } catch {
+    return [];
+  }
+}
+
+/** Lists one device (or all); throws ErrnoError ENODEV for a missing id. */
+export function listDevices(devId?: number): DeviceListing[] {
+  const ctrl = Ctrl.open();
+  try {
+    const ids = devId === undefined ? kernelDevIds() : [devId];
+    const listings: DeviceListing[] = [];
+    for (const id of ids) {
+      let info: DevInfo;
+      try {
+        info = ctrl.getDevInfo(id);
+      } catch (error) {
+        if (devId === undefined && error instanceof ErrnoError && error.errno === ENODEV) continue; // went away meanwhile
+        throw error;
+      }
+      let params: DeviceParams | null = null;
+      try { params = ctrl.getParams(id); } catch { /* before SET_PARAMS there are none */ }
+      let record: DeviceRecord | null = null;
+      let recordProblem: string | undefined;
+      try { record = readRecord(id); } catch (error) { recordProblem = oneLine(error); }
+      const queues = [];
+      for (let qId = 0; qId < info.nrHwQueues; qId++) {
+        let cpus: number[] = [];
+        try { cpus = cpusOf(ctrl.getQueueAffinity(id, qId)); } catch { /* shown empty */ }
+        const tid = record && record.pid === info.ublksrvPid ? record.queues.find((q) => q.qId === qId)?.tid ?? 0 : 0;
+        queues.push({ qId, tid, cpus });
+      }
+      listings.push({ info, params, record, recordProblem, stateName: UBLK_S_NAMES[info.state] ?? `state ${info.state}`, queues });
+    }
+    return listings;
+  } finally {
+    ctrl.close();
+  }
+}
+
+/** ublksrv's `list` block for one device, so scripts that parse it keep working. */
+export function formatListing(listing: DeviceListing): string {
+  const { info, params } = listing;
+  const basic = params?.basic;
+  const devt = params?.devt;
+  const lines = [
+    `dev id ${info.devId}: nr_hw_queues ${info.nrHwQueues} queue_depth ${info.queueDepth} block size ${1 << (basic?.logicalBsShift ?? 9)} dev_capacity ${basic?.devSectors ?? 0}`,
+    `\tmax rq size ${info.maxIoBufBytes} daemon pid ${info.ublksrvPid} flags 0x${info.flags.toString(16)} state ${listing.stateName}`,
+    `\tublkc: ${devt?.charMajor ?? 0}:${devt?.charMinor ?? 0} ublkb: ${devt?.diskMajor ?? 0}:${devt?.diskMinor ?? 0} owner: ${info.ownerUid}:${info.ownerGid}`,
+  ];
+  for (const queue of listing.queues) lines.push(`\tqueue ${queue.qId}: tid ${queue.tid} affinity(${queue.cpus.join(" ")})`);
+  if (listing.record) lines.push(`\ttarget ${JSON.stringify(listing.record.target)}`);
+  else lines.push(`\ttarget ${listing.recordProblem ? `(record unusable: ${listing.recordProblem})` : "(no record)"}`);
+  if (listing.record?.supervisorPid) lines.push(`\tsupervisor pid ${listing.record.supervisorPid} (auto-recover)`);
+  return lines.join("\n");
+}
+
+/** JSON form of a listing for `list --json`. */
+export function listingJson(listing: DeviceListing): object {
+  return {
+    devId: listing.info.devId, state: listing.stateName, daemonPid: listing.info.ublksrvPid, nrHwQueues: listing.info.nrHwQueues,
+    queueDepth: listing.info.queueDepth, maxIoBufBytes: listing.info.maxIoBufBytes, flags: listing.info.flags,
+    ownerUid: listing.info.ownerUid, ownerGid: listing.info.ownerGid,
+    logicalBlockBytes: 1 << (listing.params?.basic.logicalBsShift ?? 9), devSectors: listing.params?.basic.devSectors ?? 0,
+    devt: listing.params?.devt ?? null, queues: listing.queues, target: listing.record?.target ?? null,
+    recordProblem: listing.recordProblem ?? null, supervisorPid: listing.record?.supervisorPid ?? null,
+  };
+}
+
+/** True while `pid` names a live process (zombies count as gone). */
+export function processAlive(pid: number): boolean {
+  if (!(pid > 0)) return false;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
+}
+
+/** True when `pid` runs our daemon (so a recycled pid is never signalled). */
+export function isOurDaemon(pid: number): boolean {
+  try {
+    const commandLine = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    return commandLine.includes("daemon.ts") || commandLine.includes("ublk-bun");
+  } catch {
+    return false;
+  }
+}
+
+export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (processAlive(pid)) {
+    if (Date.now() > deadline) return false;
+    await Bun.sleep(20);
+  }
+  return true;
+}
+
+/**
+ * Deletes a device: asks its daemon to stop (SIGTERM) and waits; if there is no live daemon, or it does not
+ * finish in time, stops and deletes the device directly. Removes the record and the target's outside state.
+ */
+export async function deleteDevice(devId: number, timeoutMs = 30_000): Promise<void> {
+  const ctrl = Ctrl.open();
+  try {
+    let info: DevInfo | null = null;
+    try {
+      info = ctrl.getDevInfo(devId);
+    } catch (error) {
+      if (!(error instanceof ErrnoError && error.errno === ENODEV)) throw error;
+    }
+    let record: DeviceRecord | null = null;
+    try { record = readRecord(devId); } catch { /* a broken record is removed below */ }
+    if (!info && !record) throw new ErrnoError("del", ENODEV, `del: no ublk device ${devId}`);
+    const pids = [info?.ublksrvPid ?? 0, record?.pid ?? 0, record?.supervisorPid ?? 0].filter((pid) => pid > 0 && pid !== process.pid);
+    const daemons = [...new Set(pids)].filter((pid) => processAlive(pid) && isOurDaemon(pid));
+    for (const pid of daemons) {
+      try { process.kill(pid, "SIGTERM"); } catch { /* gone meanwhile */ }
+    }
+    for (const pid of daemons) {
+      if (!(await waitForExit(pid, timeoutMs))) {
+        try { process.kill(pid, "SIGKILL"); } catch { /* gone meanwhile */ }
+        await waitForExit(pid, 5_000);
+      }
+    }
+    if (info) await removeLeftovers(devId, ctrl);
+    else await removeRecordAndState(devId, record);
+  } finally {
+    ctrl.close();
+  }
+}
+
+/** Stops and deletes a device that has no daemon, then removes its record and target state. */
+async function removeLeftovers(devId: number, ctrlIn?: Ctrl): Promise<void> {
+  const ctrl = ctrlIn ?? Ctrl.open();
+  let record: DeviceRecord | null = null;
+  try { record = readRecord(devId); } catch { /* removed below */ }
+  try {
+    let exists = true;
+    try {
+      const info = ctrl.getDevInfo(devId);
+      if (info.state !== UBLK_S_DEV_DEAD) {
+        try { ctrl.stopDev(devId); } catch { /* deleting anyway */ }
+      }
+    } catch (error) {
+      if (error instanceof ErrnoError && error.errno === ENODEV) exists = false;
+      else throw error;
+    }
+    if (exists) {
+      try {
+        ctrl.delDev(devId, { timeoutMs: 30_000 });
+      } catch (error) {
+        if (!(error instanceof ErrnoError && error.errno === ENODEV)) throw error;
+      }
+    }
+    await removeRecordAndState(devId, record);
+  } finally {
+    if (!ctrlIn) ctrl.close();
+  }
+}
+
+async function removeRecordAndState(devId: number, record: DeviceRecord | null): Promise<void> {
+  removeRecord(devId);
+  if (!record) return;
+  try {
+    const target = await loadTarget(record.target.type);
+    target.destroy?.(record.target);
+  } catch { /* the target's state cannot be found; nothing more to remove */ }
+}
+
+/** Every device id known to the kernel or to a record. */
+export function allDevIds(): number[] {
+  return [...new Set([...kernelDevIds(), ...recordedDevIds()])].sort((a, b) => a - b);
+}
+
+/** The kernel's feature mask and the names of its bits. */
+export function kernelFeatures(): { mask: number; names: string[] } {
+  const ctrl = Ctrl.open();
+  try {
+    const mask = ctrl.getFeatures();
+    const names: string[] = [];
+    for (let bit = 0; bit < 53; bit++) {
+      if (Math.floor(mask / 2 ** bit) % 2 === 1) names.push(UBLK_F_NAMES[bit] ?? `bit ${bit}`);
+    }
+    return { mask, names };
+  } finally {
+    ctrl.close();
+  }
+}

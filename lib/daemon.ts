@@ -1,0 +1,74 @@
+#!/usr/bin/env bun
+/**
+ * The server process behind `ublk-bun add`: creates the device (lib/device.ts), writes its record and
+ * reports on a status pipe, then serves until SIGTERM/SIGINT, when it stops and deletes the device.
+ *
+ * Status lines (fd 3 when spawned by the CLI):
+ *   ADDED <devId>        ADD_DEV succeeded (if nothing follows, the CLI removes the device again)
+ *   READY <json>         the device is started; json = the DeviceRecord
+ *   ERROR <message>      start failed and everything was cleaned up
+ */
+import { writeSync } from "node:fs";
+import { Device, type DeviceConfig } from "./device.ts";
+import { removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
+import { loadTarget } from "../targets/registry.ts";
+import type { TargetRecord } from "../targets/types.ts";
+
+export interface DaemonSpec {
+  config: DeviceConfig;
+  target: TargetRecord;
+}
+
+export const STATUS_FD = 3;
+export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
+
+/** Runs a device until a stop signal; `report` receives the status lines. Resolves when stopped. */
+export async function runDaemon(spec: DaemonSpec, report: (line: string) => void): Promise<void> {
+  let device: Device;
+  try {
+    device = await Device.create(spec.config, spec.target, { onAdded: (devId) => report(`ADDED ${devId}`) });
+  } catch (error) {
+    report(`ERROR ${oneLine(error)}`);
+    throw error;
+  }
+  const record: DeviceRecord = {
+    version: RECORD_VERSION, devId: device.devId, config: device.config, target: spec.target, pid: process.pid,
+    queues: device.queueInfo, createdAt: new Date().toISOString(),
+  };
+  writeRecord(record);
+  report(`READY ${JSON.stringify(record)}`);
+
+  await new Promise<void>((resolve) => {
+    const stop = () => resolve();
+    process.once("SIGTERM", stop);
+    process.once("SIGINT", stop);
+    process.once("SIGHUP", stop);
+  });
+  await device.stop();
+  removeRecord(device.devId);
+  const target = await loadTarget(spec.target.type);
+  target.destroy?.(spec.target);
+}
+
+export function oneLine(error: unknown): string {
+  return (error instanceof Error ? error.message : String(error)).split("\n")[0]!;
+}
+
+if (import.meta.main) {
+  const spec = JSON.parse(process.env[DAEMON_SPEC_ENV] ?? "null") as DaemonSpec | null;
+  if (!spec) {
+    console.error(`ublk-bun daemon: ${DAEMON_SPEC_ENV} is not set (the daemon is started by "ublk-bun add")`);
+    process.exit(2);
+  }
+  delete process.env[DAEMON_SPEC_ENV];
+  const report = (line: string) => {
+    try { writeSync(STATUS_FD, line + "\n"); } catch { /* the CLI has gone; keep serving */ }
+  };
+  runDaemon(spec, report).then(
+    () => process.exit(0),
+    (error) => {
+      console.error(`ublk-bun daemon: ${oneLine(error)}`);
+      process.exit(1);
+    },
+  );
+}

@@ -1,0 +1,214 @@
+/**
+ * A queue Worker: owns one ublk hardware queue. It maps the queue's descriptors, gives every tag a buffer,
+ * FETCHes every tag, then loops: wait for completions → read each request's descriptor → let the target
+ * serve it → COMMIT_AND_FETCH the result. All commits that are ready go to the kernel in one io_uring_enter.
+ * The kernel ties a queue to the thread that FETCHed it, so every command of this queue comes from here.
+ *
+ * Protocol with the device (lib/device.ts): it posts one QueueStart; we answer "fetched" once every tag is
+ * with the kernel, then "exited" when all tags are retired (-ENODEV after STOP_DEV) or the stop eventfd fires.
+ * An exception here reaches the device as a Worker error, and the daemon exits at once.
+ */
+import {
+  gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ,
+  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, write,
+} from "../ffi/libc.ts";
+import { EIO, ENODEV, ETIME, ErrnoError } from "../ffi/errno.ts";
+import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
+import {
+  IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, POLLIN,
+} from "../ffi/uapi/io_uring.ts";
+import {
+  UBLK_F_USER_COPY, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_OK,
+  UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, ublkDescAreaBytes,
+  ublkDescMmapOffset, ublkUserCopyOffset, ublksrv_io_cmd, ublksrv_io_desc,
+} from "../ffi/uapi/ublk_cmd.ts";
+import { loadTarget } from "../targets/registry.ts";
+import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
+
+/** The message that starts a queue Worker. JSON-safe. */
+export interface QueueStart {
+  devId: number;
+  qId: number;
+  queueDepth: number;
+  maxIoBufBytes: number;
+  /** /dev/ublkcN, opened once by the device (a second open() is refused); fds are shared by all threads. */
+  charFd: number;
+  /** dev_info.flags as the kernel set them. */
+  devFlags: number;
+  target: TargetRecord;
+  /** CPUs this queue should run on (GET_QUEUE_AFFINITY), as cpu_set_t bytes; empty = leave as is. */
+  cpuMask: number[];
+  recovering: boolean;
+  /** An eventfd the device writes to when this queue must leave its loop (e.g. a start that failed before START_DEV). */
+  stopFd: number;
+}
+
+export type QueueReply =
+  | { type: "fetched"; qId: number; tid: number }
+  | { type: "exited"; qId: number; servedIos: number };
+
+/** user_data high word of our own SQEs: ublk io commands, the target's SQEs, the stop eventfd poll. */
+const IO_CMD_USER_DATA = 0;
+const STOP_USER_DATA = 2;
+
+/** Serves one queue until it is retired. Exported for tests; a Worker calls it from onmessage. */
+export async function serveQueue(start: QueueStart, reply: (message: QueueReply) => void): Promise<void> {
+  const { qId, queueDepth: depth, maxIoBufBytes, charFd, stopFd } = start;
+  // This thread serves writeback: without IO_FLUSHER its own allocations could wait on the very I/O it must
+  // complete. The flag is per thread, so every queue thread sets it (needs CAP_SYS_RESOURCE; best effort).
+  prctl(PR_SET_IO_FLUSHER, 1);
+  if (start.cpuMask.length > 0) schedSetaffinity(0, Uint8Array.from(start.cpuMask)); // best effort
+
+  const userCopy = (start.devFlags & UBLK_F_USER_COPY) !== 0;
+  const target = await loadTarget(start.target.type);
+  const ring = Ring.create({
+    entries: depth * 2,
+    flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN,
+  });
+  const descBytes = ublkDescAreaBytes(depth);
+  const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
+  if (descAddress < 0) throw new ErrnoError(`mmap descriptors of queue ${qId}`, -descAddress);
+  // Descriptors are 24 bytes = 6 words; read-only for us, written by the kernel before it completes a FETCH.
+  const iod = new Uint32Array(memoryAt(descAddress, descBytes));
+  const IOD_WORDS = ublksrv_io_desc.SIZE / 4;
+  const IOD_OP_FLAGS = ublksrv_io_desc.op_flags / 4, IOD_NR_SECTORS = ublksrv_io_desc.nr_sectors / 4;
+  const IOD_START_LO = ublksrv_io_desc.start_sector / 4, IOD_START_HI = IOD_START_LO + 1;
+
+  const bufferBytes = depth * maxIoBufBytes;
+  const bufferAddress = mmapAnonymous(bufferBytes);
+  if (bufferAddress < 0) throw new ErrnoError(`mmap ${bufferBytes} bytes of I/O buffers`, -bufferAddress);
+
+  const sqe = ring.sqe32;
+  const cqe = ring.cqe32;
+  const CMD_QID_TAG = ublksrv_io_cmd.q_id / 4, CMD_RESULT = ublksrv_io_cmd.result / 4;
+  const CMD_ADDR_LO = ublksrv_io_cmd.addr / 4, CMD_ADDR_HI = CMD_ADDR_LO + 1;
+  const TWO_POW_32 = 4294967296;
+  /** Op of the request each tag holds, for USER_COPY's copy-out after a read. */
+  const tagOp = new Uint8Array(depth);
+
+  function nextSqe(): number {
+    let base = ring.getSqe();
+    while (base < 0) {
+      ring.submit();
+      base = ring.getSqe();
+    }
+    return base;
+  }
+
+  /** Queues one io command for `tag` (FETCH, COMMIT_AND_FETCH or NEED_GET_DATA). */
+  function queueIoCmd(cmdOp: number, tag: number, result: number): void {
+    const base = nextSqe();
+    const cmd = ring.prepUringCmd(base, charFd, cmdOp, tag, IO_CMD_USER_DATA);
+    const address = userCopy ? 0 : bufferAddress + tag * maxIoBufBytes;
+    sqe[cmd + CMD_QID_TAG] = qId | (tag << 16);
+    sqe[cmd + CMD_RESULT] = result;
+    sqe[cmd + CMD_ADDR_LO] = address >>> 0;
+    sqe[cmd + CMD_ADDR_HI] = Math.floor(address / TWO_POW_32);
+  }
+
+  /** Sends a request's result to the kernel (after USER_COPY's copy-out of read data) and fetches the next one. */
+  function commit(tag: number, result: number): void {
+    if (userCopy && tagOp[tag] === UBLK_IO_OP_READ && result > 0) {
+      const copied = pwrite(charFd, bufferAddress + tag * maxIoBufBytes, result, ublkUserCopyOffset(qId, tag, 0));
+      if (copied !== result) result = -EIO;
+    }
+    queueIoCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+  }
+
+  let pendingAsync = 0;
+  let servedIos = 0;
+  const context: QueueContext = {
+    devId: start.devId, qId, queueDepth: depth, maxIoBufBytes, bufferAddress,
+    buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering,
+    complete(tag, result) {
+      pendingAsync--;
+      commit(tag, result);
+    },
+  };
+  const handler: QueueHandler = await target.openQueue(start.target, context);
+
+  /** Serves the request now in `tag`'s descriptor. */
+  function serveRequest(tag: number): void {
+    const at = tag * IOD_WORDS;
+    const opFlags = iod[at + IOD_OP_FLAGS]!;
+    const op = opFlags & 0xff;
+    const nrSectors = iod[at + IOD_NR_SECTORS]!;
+    const startSector = iod[at + IOD_START_LO]! + iod[at + IOD_START_HI]! * TWO_POW_32;
+    tagOp[tag] = op;
+    servedIos++;
+    if (userCopy && op === UBLK_IO_OP_WRITE) {
+      const lengthBytes = nrSectors << 9;
+      const copied = pread(charFd, bufferAddress + tag * maxIoBufBytes, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
+      if (copied !== lengthBytes) {
+        commit(tag, -EIO);
+        return;
+      }
+    }
+    const result = handler.handleIo(tag, op, opFlags & ~0xff, startSector, nrSectors);
+    if (result === IO_PENDING) pendingAsync++;
+    else commit(tag, result);
+  }
+
+  for (let tag = 0; tag < depth; tag++) queueIoCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+  const stopPoll = nextSqe();
+  ring.prepPollAdd(stopPoll, stopFd, POLLIN, 0, STOP_USER_DATA);
+  const submitted = ring.submit();
+  if (submitted < 0) throw new ErrnoError(`FETCH_REQ on queue ${qId}`, -submitted);
+  reply({ type: "fetched", qId, tid: gettid() });
+
+  let retiredTags = 0;
+  let stopRequested = false;
+  while (retiredTags < depth && !stopRequested) {
+    // Sends every commit queued by the previous round and waits for at least one completion. With async
+    // requests outstanding we must come back to the event loop, so the wait is bounded.
+    const entered = pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
+    if (entered < 0 && entered !== -ETIME && ring.cqReady() === 0) {
+      throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
+    }
+    let head = ring.cqHead();
+    const tail = ring.cqTail();
+    while (head !== tail) {
+      const at = ring.cqeBase(head);
+      const res = cqe[at + CQE_RES]!;
+      const userDataLow = cqe[at + CQE_USER_DATA_LO]! >>> 0;
+      const kind = cqe[at + CQE_USER_DATA_HI]!;
+      head = (head + 1) >>> 0;
+      if (kind === IO_CMD_USER_DATA) {
+        if (res === UBLK_IO_RES_OK) serveRequest(userDataLow);
+        else if (res === UBLK_IO_RES_NEED_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
+        else {
+          // -ENODEV: the queue is being torn down; anything else means the kernel refused this tag's command.
+          if (res !== -ENODEV) console.error(`ublk-bun: queue ${qId} tag ${userDataLow}: io command failed with ${res}`);
+          retiredTags++;
+        }
+      } else if (kind === TARGET_USER_DATA) {
+        handler.onTargetCqe?.(userDataLow, res);
+      } else if (kind === STOP_USER_DATA) {
+        stopRequested = true;
+      }
+    }
+    ring.cqAdvanceTo(head);
+    if (pendingAsync > 0) await new Promise<void>((resolve) => setImmediate(resolve));
+  }
+
+  handler.close?.();
+  ring.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
+  munmap(descAddress, descBytes);
+  munmap(bufferAddress, bufferBytes);
+  reply({ type: "exited", qId, servedIos });
+}
+
+/** Asks a queue Worker blocked in io_uring_enter to leave its loop (its stop eventfd is polled on its ring). */
+export function wakeQueueForStop(stopFd: number): void {
+  write(stopFd, new BigUint64Array([1n]), 8);
+}
+
+declare const self: Worker;
+if (typeof self !== "undefined" && !Bun.isMainThread) {
+  self.onmessage = (event: MessageEvent<QueueStart>) => {
+    serveQueue(event.data, (message) => self.postMessage(message)).catch((error: unknown) => {
+      // Rethrown outside the promise so the Worker's "error" event fires in the device.
+      setTimeout(() => { throw error; });
+    });
+  };
+}

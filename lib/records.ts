@@ -1,0 +1,125 @@
+/**
+ * Device records: /run/ublk-bun/<devId>.json, one per device, everything needed to list it and to rebuild its
+ * server after a crash (the kernel keeps no target configuration). Written atomically (temporary file +
+ * rename), mode 0600, and never read or written through a symlink.
+ */
+import { closeSync, constants, fstatSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import type { DeviceConfig, QueueInfo } from "./device.ts";
+import type { TargetRecord } from "../targets/types.ts";
+
+export const RECORD_VERSION = 1;
+
+export interface DeviceRecord {
+  version: number;
+  devId: number;
+  config: DeviceConfig;
+  target: TargetRecord;
+  /** The serving daemon's pid (0 while none). */
+  pid: number;
+  queues: QueueInfo[];
+  /** Pid of an --auto-recover supervisor, when one watches the daemon. */
+  supervisorPid?: number;
+  createdAt: string;
+}
+
+/** The directory records live in; UBLK_BUN_RUN_DIR overrides it (tests use private ones). */
+export function runDir(): string {
+  return process.env.UBLK_BUN_RUN_DIR || "/run/ublk-bun";
+}
+
+export function recordPath(devId: number): string {
+  return join(runDir(), `${devId}.json`);
+}
+
+/** Writes a record atomically; the directory is created 0700 if missing. */
+export function writeRecord(record: DeviceRecord): void {
+  const dir = runDir();
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const finalPath = recordPath(record.devId);
+  const temporaryPath = join(dir, `.${record.devId}.json.${process.pid}.tmp`);
+  const fd = openSync(temporaryPath, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o600);
+  try {
+    writeSync(fd, JSON.stringify(record, null, 2) + "\n");
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(temporaryPath, finalPath); // rename replaces a symlink at finalPath, never follows it
+}
+
+/** Reads a record; null when there is none. Throws an Error with a one-line reason when it is unusable. */
+export function readRecord(devId: number): DeviceRecord | null {
+  const path = recordPath(devId);
+  let fd: number;
+  try {
+    fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") return null;
+    if (code === "ELOOP") throw new Error(`record ${path} is a symlink; refusing to follow it`);
+    throw new Error(`cannot read record ${path}: ${(error as Error).message}`);
+  }
+  let text = "";
+  try {
+    const stat = fstatSync(fd);
+    if (!stat.isFile()) throw new Error(`record ${path} is not a regular file`);
+    if (stat.uid !== (process.getuid?.() ?? 0)) throw new Error(`record ${path} is owned by uid ${stat.uid}, not by us; refusing it`);
+    if (stat.size > 1 << 20) throw new Error(`record ${path} is too large (${stat.size} bytes)`);
+    const bytes = Buffer.alloc(stat.size);
+    let done = 0;
+    while (done < stat.size) {
+      const n = readSync(fd, bytes, done, stat.size - done, done);
+      if (n <= 0) break;
+      done += n;
+    }
+    text = bytes.subarray(0, done).toString("utf8");
+  } finally {
+    closeSync(fd);
+  }
+  let record: DeviceRecord;
+  try {
+    record = JSON.parse(text) as DeviceRecord;
+  } catch {
+    throw new Error(`record ${path} is corrupt (not valid JSON)`);
+  }
+  if (!isRecord(record) || record.devId !== devId) throw new Error(`record ${path} is corrupt (missing or wrong fields)`);
+  return record;
+}
+
+function isRecord(value: unknown): value is DeviceRecord {
+  const r = value as DeviceRecord;
+  return typeof r === "object" && r !== null && r.version === RECORD_VERSION && Number.isInteger(r.devId) &&
+    typeof r.config === "object" && r.config !== null && Number.isInteger(r.config.nrHwQueues) && Number.isInteger(r.config.queueDepth) &&
+    Number.isInteger(r.config.maxIoBufBytes) && Number.isInteger(r.config.flags) &&
+    typeof r.target === "object" && r.target !== null && typeof r.target.type === "string" && Number.isFinite(r.target.sizeBytes) &&
+    Number.isInteger(r.pid) && Array.isArray(r.queues);
+}
+
+/** Removes a record if present (a symlink in its place is removed, not followed). */
+export function removeRecord(devId: number): void {
+  try {
+    unlinkSync(recordPath(devId));
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+  }
+}
+
+/** Device ids that have a record file. */
+export function recordedDevIds(): number[] {
+  let names: string[];
+  try {
+    names = readdirSync(runDir());
+  } catch {
+    return [];
+  }
+  return names.map((name) => /^(\d+)\.json$/.exec(name)).filter((m) => m !== null).map((m) => Number(m![1])).sort((a, b) => a - b);
+}
+
+/** True when `path` exists as a symlink (used to refuse records planted as links). */
+export function isSymlink(path: string): boolean {
+  try {
+    return lstatSync(path).isSymbolicLink();
+  } catch {
+    return false;
+  }
+}

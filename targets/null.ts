@@ -1,0 +1,35 @@
+/**
+ * The null target: every request succeeds with its full length and no data is touched, as in ublksrv's
+ * and kublk's null targets. Useful to measure the server itself.
+ */
+import { UBLK_IO_OP_WRITE } from "../ffi/uapi/ublk_cmd.ts";
+import type { QueueHandler, Target, TargetRecord } from "./types.ts";
+
+const NULL_DEFAULT_BYTES = 250 * 1024 ** 3;
+
+export const nullTarget: Target = {
+  name: "null",
+  description: "discards writes and returns reads unchanged, with no storage (default size 250 GiB)",
+  prepare(options): TargetRecord {
+    const logicalBlockShift = Math.log2(options.logicalBlockBytes ?? 512);
+    return {
+      type: "null",
+      sizeBytes: options.sizeBytes ?? NULL_DEFAULT_BYTES,
+      logicalBlockShift,
+      physicalBlockShift: Math.max(logicalBlockShift, 12),
+      attrs: 0,
+      discard: { granularityBytes: 4096, maxSectors: 0xffffffff >>> 9, maxWriteZeroesSectors: 0xffffffff >>> 9 },
+      options: {},
+    };
+  },
+  openQueue(): QueueHandler {
+    return {
+      handleIo(_tag, op, _opFlags, _startSector, nrSectors) {
+        // Reads and writes report their length; flush, discard and write-zeroes report success.
+        return op <= UBLK_IO_OP_WRITE ? nrSectors << 9 : 0;
+      },
+    };
+  },
+};
+
+export default nullTarget;

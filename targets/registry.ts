@@ -1,0 +1,50 @@
+/**
+ * Finds a target by name. Built-in targets are listed here; anything else is taken as a module specifier
+ * (`./my-target.ts`, an absolute path or a package name) whose default export (or `target` export) is a Target.
+ */
+import { isAbsolute, resolve } from "node:path";
+import { nullTarget } from "./null.ts";
+import type { Target } from "./types.ts";
+
+const BUILT_IN: Record<string, string> = {
+  null: new URL("./null.ts", import.meta.url).href,
+};
+/** Names accepted as aliases (ublksrv calls the file target "loop"). */
+const ALIASES: Record<string, string> = {};
+
+export const builtInTargets: readonly Target[] = [nullTarget];
+
+export function isBuiltIn(type: string): boolean {
+  return type in BUILT_IN || type in ALIASES;
+}
+
+/**
+ * The record `type` for what the user typed: a built-in name, or the absolute path of a module file so
+ * that Workers and a later `recover` (from another directory) load the same code.
+ */
+export function canonicalType(type: string, cwd = process.cwd()): string {
+  if (type in ALIASES) return ALIASES[type]!;
+  if (type in BUILT_IN) return type;
+  if (type.startsWith(".") || isAbsolute(type)) return resolve(cwd, type);
+  return type; // a package name, resolved by import()
+}
+
+/** Loads a target; throws an Error with a one-line message when it cannot. */
+export async function loadTarget(type: string): Promise<Target> {
+  const specifier = BUILT_IN[type] ?? type;
+  let module: Record<string, unknown>;
+  try {
+    module = (await import(specifier)) as Record<string, unknown>;
+  } catch (error) {
+    const known = Object.keys(BUILT_IN).join(", ");
+    if (!isBuiltIn(type) && !type.startsWith("/") && !type.includes("/")) {
+      throw new Error(`unknown target type "${type}" (built-in: ${known}; or give a path to a target module)`);
+    }
+    throw new Error(`cannot load target module ${type}: ${(error as Error).message.split("\n")[0]}`);
+  }
+  const target = (module.default ?? module.target) as Target | undefined;
+  if (!target || typeof target.prepare !== "function" || typeof target.openQueue !== "function") {
+    throw new Error(`${type} does not export a target (default export with name, prepare() and openQueue())`);
+  }
+  return target;
+}

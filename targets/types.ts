@@ -1,0 +1,91 @@
+/**
+ * The target interface: what a block device's bytes are. A target is a plain object (see targets/null.ts)
+ * with two halves:
+ * - `prepare` runs once, in the process that creates the device, and turns user options into a
+ *   TargetRecord: a JSON-safe description that is at once the CLI's result, the start message of every queue
+ *   Worker and the recovery record on disk. Nothing else travels between processes and threads.
+ * - `openQueue` runs in each queue Worker and returns the handler that serves that queue's I/O.
+ */
+import type { Ring } from "../ffi/ring.ts";
+
+export type JsonValue = string | number | boolean | null | JsonValue[] | { [key: string]: JsonValue };
+
+/** JSON-safe description of a prepared target. */
+export interface TargetRecord {
+  /** Registry name ("null", "memory", "file") or the module specifier of a user-written target. */
+  type: string;
+  /** Device size in bytes (a multiple of the logical block size). */
+  sizeBytes: number;
+  /** log2 of the logical block size (9 = 512 B … 12 = 4 KiB). */
+  logicalBlockShift: number;
+  /** log2 of the physical block size (≥ logicalBlockShift). */
+  physicalBlockShift: number;
+  /** UBLK_ATTR_* bits: read-only, rotational, volatile cache, FUA. */
+  attrs: number;
+  /** Discard / write-zeroes support; absent when the target has neither. */
+  discard?: { granularityBytes: number; maxSectors: number; maxWriteZeroesSectors: number };
+  /** Target-specific settings (file path, shm name …). */
+  options: { [key: string]: JsonValue };
+}
+
+/** Options a user gave for a new device, before the target validates them. */
+export interface TargetOptions {
+  /** Requested size in bytes; targets pick a default when absent. */
+  sizeBytes?: number;
+  /** Requested logical block size in bytes. */
+  logicalBlockBytes?: number;
+  /** Free-form target options (CLI flags such as `file`, `buffered`). */
+  [key: string]: JsonValue | undefined;
+}
+
+/** What a queue Worker gives a target's queue handler. Built once per queue, never per I/O. */
+export interface QueueContext {
+  devId: number;
+  qId: number;
+  queueDepth: number;
+  /** Bytes reserved per tag; a request never carries more. */
+  maxIoBufBytes: number;
+  /** Tag t's data lives at `bufferAddress + t * maxIoBufBytes` (mmapped, page aligned, never moves). */
+  bufferAddress: number;
+  /** The whole buffer area as bytes: tag t's data starts at index t * maxIoBufBytes. */
+  buffers: Uint8Array;
+  /** The queue's own io_uring: a target may submit its own SQEs on it (user_data high word = TARGET_USER_DATA). */
+  ring: Ring;
+  /** True when this queue is being rebuilt by `recover` after the previous server died. */
+  recovering: boolean;
+  /** Completes `tag` later with bytes done or -errno, for requests whose handleIo returned IO_PENDING. */
+  complete(tag: number, result: number): void;
+}
+
+/** Returned by handleIo when the request will be completed later through QueueContext.complete. */
+export const IO_PENDING = 0x7fffffff;
+/** user_data high word of SQEs a target submits on the queue ring; their CQEs go to onTargetCqe. */
+export const TARGET_USER_DATA = 1;
+
+/** Serves one queue. Every method runs on that queue's Worker thread. */
+export interface QueueHandler {
+  /**
+   * Required. Serves one request: `op` is UBLK_IO_OP_*, `opFlags` the UBLK_IO_F_* bits, the data is in the
+   * tag's buffer (written data already there; read data to be put there). Returns bytes done, -errno, or
+   * IO_PENDING. Called on the hot path: no allocation, no Promise for synchronous targets.
+   */
+  handleIo(tag: number, op: number, opFlags: number, startSector: number, nrSectors: number): number;
+  /** Optional. A CQE for an SQE the target put on the queue ring (user_data low word as it set it). */
+  onTargetCqe?(userDataLow: number, result: number): void;
+  /** Optional. The queue is going away: release what openQueue took. */
+  close?(): void;
+}
+
+/** A target type, looked up by name in targets/registry.ts or loaded from a user module's default export. */
+export interface Target {
+  /** Required. Short name shown in `list` and used with `-t`. */
+  name: string;
+  /** Required. One line for `ublk-bun help`. */
+  description: string;
+  /** Required; creating process. Validates options and returns the record (throw Error with a one-line message). */
+  prepare(options: TargetOptions): TargetRecord | Promise<TargetRecord>;
+  /** Required; queue Worker. Opens what serving one queue needs (files, mappings) and returns its handler. */
+  openQueue(record: TargetRecord, queue: QueueContext): QueueHandler | Promise<QueueHandler>;
+  /** Optional; the process that deletes the device. Removes state kept outside the server (shm files …). */
+  destroy?(record: TargetRecord): void;
+}

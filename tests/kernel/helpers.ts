@@ -1,0 +1,105 @@
+// Shared helpers for the kernel suite: run the CLI and fio as a user would, and check that nothing is left.
+import { expect } from "bun:test";
+import { existsSync, readdirSync, readlinkSync } from "node:fs";
+import { join } from "node:path";
+
+export const ROOT = join(import.meta.dir, "../..");
+export const CLI = join(ROOT, "bin/ublk-bun.ts");
+
+export interface Run {
+  status: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `ublk-bun ARGS…` to completion. */
+export function cli(args: string[], env: Record<string, string> = {}, timeoutMs = 180_000): Run {
+  const result = Bun.spawnSync([process.execPath, CLI, ...args], { env: { ...process.env, ...env }, stdin: "ignore", timeout: timeoutMs });
+  return { status: result.exitCode ?? -1, stdout: result.stdout.toString(), stderr: result.stderr.toString() };
+}
+
+/** Runs the CLI and expects success; returns stdout. */
+export function cliOk(args: string[], env: Record<string, string> = {}): string {
+  const run = cli(args, env);
+  if (run.status !== 0) throw new Error(`ublk-bun ${args.join(" ")} failed (${run.status}): ${run.stderr}${run.stdout}`);
+  return run.stdout;
+}
+
+/** `add` and return the new device id (parsed from the list block it prints). */
+export function addDevice(args: string[]): number {
+  const out = cliOk(["add", ...args]);
+  const match = /^dev id (\d+):/m.exec(out);
+  if (!match) throw new Error(`add printed no device: ${out}`);
+  return Number(match[1]);
+}
+
+/** The daemon pid as scripts read it: 7th field of the line containing "pid". */
+export function daemonPidOf(devId: number): number {
+  const line = cliOk(["list", "-n", String(devId)]).split("\n").find((l) => l.includes("pid"))!;
+  return Number(line.trim().split(/\s+/)[6]);
+}
+
+export interface FioResult {
+  status: number;
+  errors: number;
+  iops: number;
+  json: any;
+  stderr: string;
+}
+
+/** Runs fio with JSON output; `errors` sums every job's error count (and counts a failed run). */
+export function fio(args: string[], timeoutMs = 300_000): FioResult {
+  const result = Bun.spawnSync(["fio", "--output-format=json", "--group_reporting", ...args], { timeout: timeoutMs, stdin: "ignore" });
+  const stdout = result.stdout.toString();
+  const jsonStart = stdout.indexOf("{");
+  let json: any = null;
+  try { json = JSON.parse(stdout.slice(jsonStart)); } catch { /* fio failed before printing JSON */ }
+  const jobs: any[] = json?.jobs ?? [];
+  const errors = jobs.reduce((sum, job) => sum + (job.error ?? 0), 0);
+  const iops = jobs.reduce((sum, job) => sum + (job.read?.iops ?? 0) + (job.write?.iops ?? 0), 0);
+  return { status: result.exitCode ?? -1, errors, iops, json, stderr: result.stderr.toString() };
+}
+
+/** ublk nodes in /dev right now. */
+export function ublkNodes(): string[] {
+  return readdirSync("/dev").filter((name) => name.startsWith("ublkb") || name.startsWith("ublkc"));
+}
+
+/** Processes holding /dev/ublkc* open. */
+export function ublkHolders(): string[] {
+  const holders: string[] = [];
+  for (const pid of readdirSync("/proc").filter((name) => /^\d+$/.test(name))) {
+    try {
+      for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+        try {
+          if (readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith("/dev/ublkc")) holders.push(`${pid}/${fd}`);
+        } catch { /* raced */ }
+      }
+    } catch { /* raced */ }
+  }
+  return holders;
+}
+
+export function records(runDir = process.env.UBLK_BUN_RUN_DIR || "/run/ublk-bun"): string[] {
+  return existsSync(runDir) ? readdirSync(runDir).filter((name) => name.endsWith(".json")) : [];
+}
+
+/** Nothing of ours is left: no device nodes, no records, nobody holding a ublk char device. */
+export function expectClean(): void {
+  expect(ublkNodes()).toEqual([]);
+  expect(records()).toEqual([]);
+  expect(ublkHolders()).toEqual([]);
+}
+
+/** Deletes every device; used in afterAll so one failing test does not poison the next. */
+export function cleanUp(): void {
+  cli(["del", "-a"]);
+}
+
+export async function waitFor(what: string, condition: () => boolean, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await Bun.sleep(50);
+  }
+}

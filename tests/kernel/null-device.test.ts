@@ -1,0 +1,150 @@
+// The first block device: `add -t null`, fio and dd on /dev/ublkbN, list, del — through the CLI, as a user would.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, readdirSync } from "node:fs";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, records, ublkNodes, waitFor } from "./helpers.ts";
+
+beforeAll(() => cleanUp());
+afterAll(() => cleanUp());
+
+describe("null target through the CLI", () => {
+  for (const queues of [1, 2]) {
+    test(`fio 4k randread/randwrite at QD1 and QD64 on ${queues} queue(s): no errors`, () => {
+      const devId = addDevice(["-t", "null", "-q", String(queues)]);
+      try {
+        for (const rw of ["randread", "randwrite"]) {
+          for (const depth of [1, 64]) {
+            const result = fio([`--name=${rw}${depth}`, `--filename=/dev/ublkb${devId}`, `--rw=${rw}`, "--bs=4k", "--direct=1",
+              "--ioengine=io_uring", `--iodepth=${depth}`, "--runtime=2", "--time_based", `--numjobs=${queues}`, "--size=1G"]);
+            expect({ rw, depth, status: result.status, errors: result.errors }).toEqual({ rw, depth, status: 0, errors: 0 });
+            expect(result.iops).toBeGreaterThan(100);
+          }
+        }
+      } finally {
+        cliOk(["del", "-n", String(devId)]);
+      }
+      expectClean();
+    });
+  }
+
+  test("dd reads 1 GiB", () => {
+    const devId = addDevice(["-t", "null", "-s", "2G"]);
+    const dd = Bun.spawnSync(["dd", `if=/dev/ublkb${devId}`, "of=/dev/null", "bs=1M", "count=1024", "iflag=direct"]);
+    expect(dd.exitCode).toBe(0);
+    expect(dd.stderr.toString()).toContain("1073741824 bytes");
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+
+  test("list shows LIVE, the daemon pid, the queues and the target; --json parses", () => {
+    const devId = addDevice(["-t", "null", "-q", "2", "-d", "32", "-s", "1G"]);
+    const text = cliOk(["list", "-n", String(devId)]);
+    const lines = text.trimEnd().split("\n");
+    expect(lines[0]).toBe(`dev id ${devId}: nr_hw_queues 2 queue_depth 32 block size 512 dev_capacity 2097152`);
+    expect(lines[1]).toMatch(/^\tmax rq size 524288 daemon pid \d+ flags 0x[0-9a-f]+ state LIVE$/);
+    expect(lines[2]).toMatch(/^\tublkc: \d+:\d+ ublkb: \d+:\d+ owner: 0:0$/);
+    expect(lines[3]).toMatch(/^\tqueue 0: tid \d+ affinity\([\d ]+\)$/);
+    expect(lines[4]).toMatch(/^\tqueue 1: tid \d+ affinity\([\d ]+\)$/);
+    expect(lines[5]).toStartWith("\ttarget {");
+    const pid = daemonPidOf(devId);
+    expect(existsSync(`/proc/${pid}`)).toBe(true);
+    const json = JSON.parse(cliOk(["list", "--json"]));
+    const mine = json.find((entry: any) => entry.devId === devId);
+    expect(mine).toMatchObject({ state: "LIVE", daemonPid: pid, nrHwQueues: 2, queueDepth: 32, devSectors: 2097152 });
+    expect(mine.queues.every((queue: any) => queue.tid > 0)).toBe(true);
+    // The queue threads really are threads of the daemon.
+    for (const queue of mine.queues) expect(existsSync(`/proc/${pid}/task/${queue.tid}`)).toBe(true);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+
+  test("del while fio runs: fio sees errors, nothing hangs, device and record are gone", async () => {
+    const devId = addDevice(["-t", "null"]);
+    const fioProcess = Bun.spawn(["fio", "--name=busy", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
+      "--ioengine=io_uring", "--iodepth=16", "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+    await Bun.sleep(1500);
+    const started = Date.now();
+    const del = cli(["del", "-n", String(devId)]);
+    expect(del.status).toBe(0);
+    const fioStatus = await Promise.race([fioProcess.exited, Bun.sleep(30_000).then(() => "hung")]);
+    expect(fioStatus).not.toBe("hung");
+    expect(fioStatus).not.toBe(0); // the device vanished under it
+    expect(Date.now() - started).toBeLessThan(40_000);
+    expectClean();
+  });
+
+  test("SIGTERM to the daemon stops and deletes the device", async () => {
+    const devId = addDevice(["-t", "null"]);
+    const pid = daemonPidOf(devId);
+    process.kill(pid, "SIGTERM");
+    await waitFor("the device to go", () => !existsSync(`/dev/ublkc${devId}`));
+    await waitFor("the record to go", () => records().length === 0);
+    expectClean();
+  });
+
+  test("20 add/del cycles leave no device, record or open ublk fd", () => {
+    const ownFds = readdirSync("/proc/self/fd").length;
+    for (let cycle = 0; cycle < 20; cycle++) {
+      const devId = addDevice(["-t", "null", "-q", "2", "-d", "16"]);
+      expect(ublkNodes().length).toBeGreaterThan(0);
+      cliOk(["del", "-n", String(devId)]);
+    }
+    expectClean();
+    expect(readdirSync("/proc/self/fd").length).toBe(ownFds);
+  });
+});
+
+describe("bad input: one line, non-zero exit, nothing left", () => {
+  const cases: Array<[string, string[], RegExp]> = [
+    ["unknown target", ["add", "-t", "nosuch"], /unknown target type "nosuch"/],
+    ["-q 0", ["add", "-t", "null", "-q", "0"], /-q: 0 is out of range/],
+    ["-d 0", ["add", "-t", "null", "-d", "0"], /-d: 0 is out of range/],
+    ["-d 5000", ["add", "-t", "null", "-d", "5000"], /-d: 5000 is out of range/],
+    ["non-numeric size", ["add", "-t", "null", "-s", "lots"], /-s: "lots" is not a size/],
+    ["zero size", ["add", "-t", "null", "-s", "0"], /-s: size must be greater than zero/],
+    ["missing type", ["add"], /-t TYPE is required/],
+    ["unknown flag", ["add", "-t", "null", "--frobnicate"], /Unknown option/],
+    ["del of a missing id", ["del", "-n", "4242"], /no ublk device 4242/],
+    ["del without id", ["del"], /-n ID or -a is required/],
+    ["bad id", ["list", "-n", "abc"], /-n: "abc" is not a whole number/],
+  ];
+  for (const [name, args, message] of cases) {
+    test(name, () => {
+      const run = cli(args);
+      expect(run.status).not.toBe(0);
+      expect(run.stderr.trim().split("\n")).toHaveLength(1);
+      expect(run.stderr).toMatch(message);
+      expect(run.stderr).not.toContain("    at "); // no stack trace
+      expectClean();
+    });
+  }
+
+  test("-n of a busy id", () => {
+    const devId = addDevice(["-t", "null", "-n", "3"]);
+    expect(devId).toBe(3);
+    const run = cli(["add", "-t", "null", "-n", "3"]);
+    expect(run.status).not.toBe(0);
+    expect(run.stderr.trim().split("\n")).toHaveLength(1);
+    expect(run.stderr).toMatch(/already in use/);
+    expect(cliOk(["list"]).match(/^dev id /gm)).toHaveLength(1);
+    cliOk(["del", "-n", "3"]);
+    expectClean();
+  });
+
+  test("add without ublk_drv (control path elsewhere)", () => {
+    const run = cli(["add", "-t", "null"], { UBLK_BUN_CONTROL: "/nonexistent/ublk-control" });
+    expect(run.status).not.toBe(0);
+    expect(run.stderr).toMatch(/ublk_drv is not loaded/);
+    expectClean();
+  });
+
+  test("add as a non-root user", () => {
+    const run = Bun.spawnSync(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", process.execPath,
+      `${import.meta.dir}/../../bin/ublk-bun.ts`, "add", "-t", "null"], { env: { ...process.env, UBLK_BUN_RUN_DIR: "/tmp/ublk-bun-nobody" } });
+    const stderr = run.stderr.toString();
+    expect(run.exitCode).not.toBe(0);
+    expect(stderr.trim().split("\n")).toHaveLength(1);
+    expect(stderr).toMatch(/permission denied \(run as root\)/);
+    expectClean();
+  });
+});
+
