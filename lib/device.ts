@@ -15,6 +15,11 @@ import { wakeQueueForStop } from "./queue-worker.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export const DEFAULT_QUEUE_DEPTH = 128;
+
+/** Step-by-step log on stderr when UBLK_BUN_DEBUG is set (the daemon's stderr is its log file). */
+export function debug(message: string): void {
+  if (process.env.UBLK_BUN_DEBUG) console.error(`${new Date().toISOString()} ublk-bun[${process.pid}]: ${message}`);
+}
 export const DEFAULT_NR_HW_QUEUES = 1;
 export const DEFAULT_MAX_IO_BUF_BYTES = 512 * 1024;
 
@@ -107,15 +112,19 @@ export class Device {
   /** STOP_DEV, let every queue drain and exit, release /dev/ublkcN, DEL_DEV. Safe to call twice. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
+      debug(`device ${this.info.devId}: STOP_DEV`);
       try {
         this.ctrl.stopDev(this.info.devId);
       } catch (error) {
         console.error(`ublk-bun: ${(error as Error).message}`);
       }
+      debug(`device ${this.info.devId}: stopping queues`);
       await stopQueues(this.queues, 5_000);
       close(this.charFd);
+      debug(`device ${this.info.devId}: DEL_DEV`);
       try {
         this.ctrl.delDev(this.info.devId);
+        debug(`device ${this.info.devId}: deleted`);
       } finally {
         this.ctrl.close();
       }

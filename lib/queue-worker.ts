@@ -178,6 +178,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
         else if (res === UBLK_IO_RES_NEED_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
         else {
           // -ENODEV: the queue is being torn down; anything else means the kernel refused this tag's command.
+          if (retiredTags === 0 && process.env.UBLK_BUN_DEBUG) console.error(`${new Date().toISOString()} queue ${qId}: first tag retired (${res})`);
           if (res !== -ENODEV) console.error(`ublk-bun: queue ${qId} tag ${userDataLow}: io command failed with ${res}`);
           retiredTags++;
         }
@@ -191,6 +192,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     if (pendingAsync > 0) await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
+  if (process.env.UBLK_BUN_DEBUG) console.error(`${new Date().toISOString()} queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}`);
   handler.close?.();
   ring.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
   munmap(descAddress, descBytes);
