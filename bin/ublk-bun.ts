@@ -23,7 +23,7 @@ const cli = cac("ublk-bun");
 
 cli
   .command("add", "Create a ublk block device served by a new daemon (prints its list block)")
-  .option("-t, --type <type>", "Target: null, or a path to a target module")
+  .option("-t, --type <type>", "Target: null, memory, file (loop), or a path to a target module")
   .option("-n, --number <id>", "Device id (default: the kernel picks)")
   .option("-q, --queues <count>", `Hardware queues (default ${DEFAULT_NR_HW_QUEUES})`)
   .option("-d, --depth <depth>", `Queue depth, 1..4096 (default ${DEFAULT_QUEUE_DEPTH})`)
@@ -34,6 +34,11 @@ cli
   .option("-i, --recovery-reissue <0|1>", "USER_RECOVERY + REISSUE: in-flight I/O is reissued after recover")
   .option("-u, --user-copy", "USER_COPY data mode (pread/pwrite on /dev/ublkcN)")
   .option("-g, --need-get-data", "NEED_GET_DATA data mode")
+  .option("-f, --file <path>", "file target: the backing file or block device")
+  .option("--buffered", "file target: use the page cache instead of O_DIRECT")
+  .option("--read-only", "file target: serve the backing store read-only")
+  .option("--grow", "file target: extend a regular file to -s SIZE")
+  .option("-o, --option <key=value>", "An option for a user-written target (repeatable)")
   .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
   .option("--json", "Print the device as JSON")
   .action((flags: Flags) => run(() => add(flags)));
@@ -81,9 +86,33 @@ async function add(flags: Flags): Promise<void> {
   Ctrl.open().close();
   const targetType = canonicalType(String(type));
   const target = await loadTarget(targetType);
-  const targetOptions: TargetOptions = { sizeBytes, logicalBlockBytes };
+  const targetOptions: TargetOptions = { ...userTargetOptions(flags.option), sizeBytes, logicalBlockBytes };
+  if (flags.file !== undefined) targetOptions.file = String(single("-f", flags.file));
+  for (const key of ["buffered", "readOnly", "grow"] as const) if (flags[key] === true) targetOptions[key] = true;
   const record = await target.prepare(targetOptions);
   const spec: DaemonSpec = { config, target: { ...record, type: targetType } };
+  try {
+    await serve(spec, flags);
+  } catch (error) {
+    // The daemon removed the device; what prepare() made outside it (a /dev/shm file …) goes too.
+    target.destroy?.(spec.target);
+    throw error;
+  }
+}
+
+/** `-o key=value` pairs for user-written targets; values that look like numbers or booleans become them. */
+function userTargetOptions(value: unknown): TargetOptions {
+  const options: TargetOptions = {};
+  for (const pair of value === undefined ? [] : Array.isArray(value) ? value : [value]) {
+    const match = /^([A-Za-z_][\w-]*)=(.*)$/.exec(String(pair));
+    if (!match) throw new UsageError(`-o: "${pair}" is not key=value`);
+    const raw = match[2]!;
+    options[match[1]!] = raw === "true" ? true : raw === "false" ? false : raw !== "" && Number.isFinite(Number(raw)) ? Number(raw) : raw;
+  }
+  return options;
+}
+
+async function serve(spec: DaemonSpec, flags: Flags): Promise<void> {
   const show = (devId: number) => {
     const [listing] = listDevices(devId);
     console.log(flags.json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));

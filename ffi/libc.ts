@@ -21,6 +21,9 @@ const lib = dlopen("libc.so.6", {
   pread: { args: [i32, pointer, u64, i64], returns: i64Fast },
   pwrite: { args: [i32, pointer, u64, i64], returns: i64Fast },
   fsync: { args: [i32], returns: i32 },
+  fallocate: { args: [i32, i32, i64, i64], returns: i32 },
+  memcpy: { args: [pointer, pointer, u64], returns: pointer },
+  memset: { args: [pointer, i32, u64], returns: pointer },
   ioctl: { args: [i32, u64, pointer], returns: i32 },
   eventfd: { args: [u32, i32], returns: i32 },
   prctl: { args: [i32, u64, u64, u64, u64], returns: i32 },
@@ -66,6 +69,14 @@ export const EFD_NONBLOCK = 0o4000;
 export const PR_SET_NAME = 15;
 export const PR_SET_IO_FLUSHER = 57;
 export const PAGE_BYTES = 4096;
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+export const RWF_DSYNC = 0x02;
+/** ioctl(BLKGETSIZE64): a block device's size in bytes, into a u64. */
+export const BLKGETSIZE64 = 0x80081272;
+/** ioctl(BLKSSZGET): a block device's logical block size, into an int. */
+export const BLKSSZGET = 0x1268;
 
 export function syscall(nr: number, a = 0, b = 0, c = 0, d = 0, e = 0, f = 0): number {
   return check(fn.syscall(nr, a, b, c, d, e, f));
@@ -104,6 +115,18 @@ export function pwrite(fd: number, buffer: BufferArg, lengthBytes: number, offse
 }
 export function fsync(fd: number): number {
   return check(fn.fsync(fd));
+}
+/** fallocate(2): `mode` 0 reserves blocks; FALLOC_FL_* punch holes or zero ranges. */
+export function fallocate(fd: number, mode: number, offsetBytes: number, lengthBytes: number): number {
+  return check(fn.fallocate(fd, mode, offsetBytes, lengthBytes));
+}
+/** Copies between two native addresses (mmapped memory); cannot fail. */
+export function memcpy(destinationAddress: number, sourceAddress: number, lengthBytes: number): void {
+  fn.memcpy(destinationAddress as Pointer, sourceAddress as Pointer, lengthBytes);
+}
+/** Fills native memory at `address` with `byte`. */
+export function memset(address: number, byte: number, lengthBytes: number): void {
+  fn.memset(address as Pointer, byte, lengthBytes);
 }
 export function ioctl(fd: number, request: number, arg: BufferArg): number {
   return check(fn.ioctl(fd, request, arg as Pointer));

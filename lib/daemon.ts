@@ -9,7 +9,7 @@
  *   ERROR <message>      start failed and everything was cleaned up
  */
 import { writeSync } from "node:fs";
-import { Device, type DeviceConfig } from "./device.ts";
+import { Device, type DeviceConfig, type DeviceEvents } from "./device.ts";
 import { removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -22,32 +22,58 @@ export interface DaemonSpec {
 export const STATUS_FD = 3;
 export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
 
-/** Runs a device until a stop signal; `report` receives the status lines. Resolves when stopped. */
-export async function runDaemon(spec: DaemonSpec, report: (line: string) => void): Promise<void> {
-  let device: Device;
-  try {
-    device = await Device.create(spec.config, spec.target, { onAdded: (devId) => report(`ADDED ${devId}`) });
-  } catch (error) {
-    report(`ERROR ${oneLine(error)}`);
-    throw error;
-  }
+/** A started device with its record written; `stop()` deletes the device, the record and the target's state. */
+export interface ServedDevice {
+  device: Device;
+  record: DeviceRecord;
+  stop(): Promise<void>;
+}
+
+/** Creates and starts the device and writes its record (used by the daemon, --foreground and createDevice). */
+export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}): Promise<ServedDevice> {
+  const device = await Device.create(spec.config, spec.target, events);
   const record: DeviceRecord = {
     version: RECORD_VERSION, devId: device.devId, config: device.config, target: spec.target, pid: process.pid,
     queues: device.queueInfo, createdAt: new Date().toISOString(),
   };
-  writeRecord(record);
-  report(`READY ${JSON.stringify(record)}`);
+  try {
+    writeRecord(record);
+  } catch (error) {
+    await device.stop();
+    throw error;
+  }
+  let stopping: Promise<void> | undefined;
+  return {
+    device,
+    record,
+    stop() {
+      stopping ??= (async () => {
+        await device.stop();
+        removeRecord(device.devId);
+        const target = await loadTarget(spec.target.type);
+        target.destroy?.(spec.target);
+      })();
+      return stopping;
+    },
+  };
+}
 
+/** Runs a device until a stop signal; `report` receives the status lines. Resolves when stopped. */
+export async function runDaemon(spec: DaemonSpec, report: (line: string) => void): Promise<void> {
+  let served: ServedDevice;
+  try {
+    served = await startServing(spec, { onAdded: (devId) => report(`ADDED ${devId}`) });
+  } catch (error) {
+    report(`ERROR ${oneLine(error)}`);
+    throw error;
+  }
+  report(`READY ${JSON.stringify(served.record)}`);
   await new Promise<void>((resolve) => {
-    const stop = () => resolve();
-    process.once("SIGTERM", stop);
-    process.once("SIGINT", stop);
-    process.once("SIGHUP", stop);
+    process.once("SIGTERM", resolve);
+    process.once("SIGINT", resolve);
+    process.once("SIGHUP", resolve);
   });
-  await device.stop();
-  removeRecord(device.devId);
-  const target = await loadTarget(spec.target.type);
-  target.destroy?.(spec.target);
+  await served.stop();
 }
 
 export function oneLine(error: unknown): string {

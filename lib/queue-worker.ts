@@ -119,13 +119,14 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   let servedIos = 0;
   const context: QueueContext = {
     devId: start.devId, qId, queueDepth: depth, maxIoBufBytes, bufferAddress,
-    buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering,
+    buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering, getSqe: nextSqe,
     complete(tag, result) {
       pendingAsync--;
       commit(tag, result);
     },
   };
   const handler: QueueHandler = await target.openQueue(start.target, context);
+  const usesEventLoop = handler.needsEventLoop === true;
 
   /** Serves the request now in `tag`'s descriptor. */
   function serveRequest(tag: number): void {
@@ -159,9 +160,9 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   let retiredTags = 0;
   let stopRequested = false;
   while (retiredTags < depth && !stopRequested) {
-    // Sends every commit queued by the previous round and waits for at least one completion. With async
-    // requests outstanding we must come back to the event loop, so the wait is bounded.
-    const entered = pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
+    // Sends every commit queued by the previous round and waits for at least one completion. While requests
+    // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
+    const entered = usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
     if (entered < 0 && entered !== -ETIME && ring.cqReady() === 0) {
       throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
     }
@@ -189,7 +190,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
       }
     }
     ring.cqAdvanceTo(head);
-    if (pendingAsync > 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    if (usesEventLoop && pendingAsync > 0) await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
   if (process.env.UBLK_BUN_DEBUG) console.error(`${new Date().toISOString()} queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}`);

@@ -49,8 +49,11 @@ export interface QueueContext {
   bufferAddress: number;
   /** The whole buffer area as bytes: tag t's data starts at index t * maxIoBufBytes. */
   buffers: Uint8Array;
-  /** The queue's own io_uring: a target may submit its own SQEs on it (user_data high word = TARGET_USER_DATA). */
+  /** The queue's own io_uring: a target may submit its own SQEs on it (user_data high word = TARGET_USER_DATA);
+   * they go to the kernel with the queue's next io_uring_enter. */
   ring: Ring;
+  /** A free SQE on `ring` (word index in ring.sqe32), submitting what is queued first if the SQ is full. */
+  getSqe(): number;
   /** True when this queue is being rebuilt by `recover` after the previous server died. */
   recovering: boolean;
   /** Completes `tag` later with bytes done or -errno, for requests whose handleIo returned IO_PENDING. */
@@ -72,6 +75,12 @@ export interface QueueHandler {
   handleIo(tag: number, op: number, opFlags: number, startSector: number, nrSectors: number): number;
   /** Optional. A CQE for an SQE the target put on the queue ring (user_data low word as it set it). */
   onTargetCqe?(userDataLow: number, result: number): void;
+  /**
+   * Optional. True when IO_PENDING requests are completed from JS callbacks (timers, Promises, sockets): the
+   * queue then returns to the event loop between bounded waits. Targets that complete only from onTargetCqe
+   * leave it unset and the queue blocks in io_uring_enter.
+   */
+  needsEventLoop?: boolean;
   /** Optional. The queue is going away: release what openQueue took. */
   close?(): void;
 }

@@ -1,0 +1,102 @@
+/**
+ * ublk-bun as a library: serve a block device from your own Bun program and target.
+ *
+ *   const device = await createDevice({ target: "/path/to/my-target.ts", sizeBytes: 1 << 30 });
+ *   console.log(device.path); // /dev/ublkbN
+ *   await device.stop();
+ *
+ * Each queue runs in its own Worker, which loads the target module itself: a target is named by module path
+ * (or built-in name), or passed as an object together with the module that exports it. See targets/types.ts.
+ */
+import { dataModeFlags, DEFAULT_MAX_IO_BUF_BYTES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, recoveryFlags, type QueueInfo } from "./device.ts";
+import { startServing } from "./daemon.ts";
+import { canonicalType, loadTarget } from "../targets/registry.ts";
+import type { Target, TargetOptions, TargetRecord } from "../targets/types.ts";
+import type { DevInfo } from "./ctrl.ts";
+
+export interface CreateDeviceOptions {
+  /**
+   * "null", "memory", "file", the path (or file: URL) of a module whose default export is a Target, or a
+   * Target object — then `module` must name the module it lives in, for the queue Workers to load.
+   */
+  target: string | URL | Target;
+  /** The module that exports `target` when `target` is an object (e.g. import.meta.path). */
+  module?: string | URL;
+  /** Options for the target's prepare(): sizeBytes, logicalBlockBytes, file, … */
+  targetOptions?: TargetOptions;
+  /** Device id to ask for; the kernel picks one when absent. */
+  devId?: number;
+  /** Hardware queues, each served by its own Worker (default 1). */
+  queues?: number;
+  /** Tags per queue (default 128). */
+  depth?: number;
+  /** Largest request in bytes (default 512 KiB). */
+  maxIoBytes?: number;
+  /** "none" (default), "recover" (USER_RECOVERY) or "reissue" (USER_RECOVERY + REISSUE). */
+  recovery?: "none" | "recover" | "reissue";
+  /** How request data moves (default "copy": the kernel copies into each tag's buffer). */
+  dataMode?: "copy" | "user-copy" | "need-get-data";
+  /** A queue died after start. Default: print and exit the process (never serve half a device). */
+  onFatal?(error: Error): void;
+}
+
+export interface BlockDevice {
+  readonly devId: number;
+  /** /dev/ublkbN */
+  readonly path: string;
+  readonly target: TargetRecord;
+  readonly queues: QueueInfo[];
+  /** The kernel's current view (state, daemon pid, flags). */
+  info(): DevInfo;
+  /** Stops and deletes the device, its record and the target's outside state. */
+  stop(): Promise<void>;
+}
+
+export async function createDevice(options: CreateDeviceOptions): Promise<BlockDevice> {
+  const pathOf = (where: string | URL) => (where instanceof URL ? where.pathname : where);
+  let type: string;
+  let target: Target;
+  if (typeof options.target === "object" && !(options.target instanceof URL)) {
+    if (!options.module) throw new Error("createDevice: a Target object needs `module`, the file it is exported from");
+    type = canonicalType(pathOf(options.module));
+    target = options.target;
+  } else {
+    type = canonicalType(pathOf(options.target));
+    target = await loadTarget(type);
+  }
+  const record = { ...(await target.prepare(options.targetOptions ?? {})), type };
+  const recovery = options.recovery ?? "none";
+  const config = {
+    devId: options.devId ?? -1,
+    nrHwQueues: options.queues ?? DEFAULT_NR_HW_QUEUES,
+    queueDepth: options.depth ?? DEFAULT_QUEUE_DEPTH,
+    maxIoBufBytes: options.maxIoBytes ?? DEFAULT_MAX_IO_BUF_BYTES,
+    flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(options.dataMode ?? "copy"),
+  };
+  let served;
+  try {
+    served = await startServing({ config, target: record }, { onFatal: options.onFatal });
+  } catch (error) {
+    target.destroy?.(record);
+    throw error;
+  }
+  const { device } = served;
+  return {
+    devId: device.devId,
+    path: device.path,
+    target: record,
+    queues: device.queueInfo,
+    info: () => device.refreshInfo(),
+    stop: () => served.stop(),
+  };
+}
+
+export type { Target, TargetOptions, TargetRecord, QueueContext, QueueHandler, JsonValue } from "../targets/types.ts";
+export { IO_PENDING, TARGET_USER_DATA } from "../targets/types.ts";
+export {
+  UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_FLUSH, UBLK_IO_OP_DISCARD, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_FUA,
+} from "../ffi/uapi/ublk_cmd.ts";
+export { ErrnoError } from "../ffi/errno.ts";
+export { memcpy, memset } from "../ffi/libc.ts";
+export type { QueueInfo } from "./device.ts";
+export type { DevInfo } from "./ctrl.ts";

@@ -1,0 +1,173 @@
+/**
+ * The file target (also `-t loop`, as in ublksrv): serves a regular file or a block device. Every request
+ * becomes a READ / WRITE / FSYNC / FALLOCATE on the queue's own io_uring and completes when its CQE arrives,
+ * so a queue never blocks in a syscall. O_DIRECT by default; the page cache with --buffered, or when the file
+ * system refuses O_DIRECT (with a notice).
+ */
+import { closeSync, constants, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
+import { resolve } from "node:path";
+import {
+  BLKGETSIZE64, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, mmapAnonymous, munmap,
+  O_DIRECT, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, RWF_DSYNC,
+} from "../ffi/libc.ts";
+import { EINVAL, EIO, EOPNOTSUPP, ErrnoError, errnoText } from "../ffi/errno.ts";
+import { IORING_FSYNC_DATASYNC } from "../ffi/uapi/io_uring.ts";
+import {
+  UBLK_ATTR_FUA, UBLK_ATTR_READ_ONLY, UBLK_ATTR_VOLATILE_CACHE, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, UBLK_IO_OP_DISCARD,
+  UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES,
+} from "../ffi/uapi/ublk_cmd.ts";
+import { IO_PENDING, TARGET_USER_DATA, type QueueHandler, type Target, type TargetRecord } from "./types.ts";
+
+interface Backing {
+  sizeBytes: number;
+  logicalBlockBytes: number;
+  isBlockDevice: boolean;
+}
+
+/** Size and block size of an open backing file or block device. */
+function inspect(fd: number, path: string): Backing {
+  const stat = fstatSync(fd);
+  if (stat.isBlockDevice()) {
+    const size = new BigUint64Array(1);
+    const blockBytes = new Int32Array(1);
+    if (ioctl(fd, BLKGETSIZE64, size) < 0 || ioctl(fd, BLKSSZGET, blockBytes) < 0) throw new Error(`file: cannot read the size of ${path}`);
+    return { sizeBytes: Number(size[0]), logicalBlockBytes: blockBytes[0]!, isBlockDevice: true };
+  }
+  return { sizeBytes: stat.size, logicalBlockBytes: 512, isBlockDevice: false };
+}
+
+/** Whether O_DIRECT works on `path`, and with which alignment (some file systems want 4 KiB). */
+function directAlignment(path: string, readOnly: boolean): number {
+  const fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_DIRECT);
+  if (fd < 0) return 0;
+  const buffer = mmapAnonymous(PAGE_BYTES);
+  try {
+    for (const alignment of [512, 4096]) {
+      if (pread(fd, buffer, alignment, alignment) !== -EINVAL) return alignment;
+    }
+    return 0;
+  } finally {
+    munmap(buffer, PAGE_BYTES);
+    close(fd);
+  }
+}
+
+export const fileTarget: Target = {
+  name: "file",
+  description: "serves a regular file or a block device (-f PATH [--buffered] [--read-only] [--grow]; alias: loop)",
+  prepare(options): TargetRecord {
+    if (typeof options.file !== "string" || options.file === "") throw new Error("file: -f PATH is required");
+    const path = resolve(options.file);
+    const readOnly = options.readOnly === true;
+    let stat;
+    try {
+      stat = statSync(path);
+    } catch (error) {
+      throw new Error(`file: ${path}: ${errnoText((error as NodeJS.ErrnoException).errno ?? EINVAL)}`);
+    }
+    if (stat.isDirectory()) throw new Error(`file: ${path} is a directory`);
+    if (!stat.isFile() && !stat.isBlockDevice()) throw new Error(`file: ${path} is not a regular file or a block device`);
+    let fd: number;
+    try {
+      // O_EXCL on a block device fails with EBUSY while it is mounted or claimed by another driver.
+      fd = openSync(path, (readOnly ? constants.O_RDONLY : constants.O_RDWR) | (stat.isBlockDevice() ? constants.O_EXCL : 0));
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (!readOnly && (code === "EACCES" || code === "EROFS" || code === "EPERM")) {
+        throw new Error(`file: ${path} is not writable (${code}); add --read-only to serve it read-only`);
+      }
+      if (code === "EBUSY") throw new Error(`file: ${path} is in use (mounted or held by another driver)`);
+      throw new Error(`file: cannot open ${path}: ${(error as Error).message.replace(/^\w+: /, "")}`);
+    }
+    let backing: Backing;
+    try {
+      backing = inspect(fd, path);
+      const logicalBlockBytes = Math.max(options.logicalBlockBytes ?? 512, backing.logicalBlockBytes);
+      let sizeBytes = options.sizeBytes ?? backing.sizeBytes;
+      if (sizeBytes > backing.sizeBytes) {
+        if (options.grow !== true) throw new Error(`file: -s ${sizeBytes} is larger than ${path} (${backing.sizeBytes} bytes); add --grow to extend it`);
+        if (backing.isBlockDevice) throw new Error(`file: a block device cannot grow (${path} has ${backing.sizeBytes} bytes)`);
+        if (readOnly) throw new Error("file: --grow and --read-only cannot be combined");
+        ftruncateSync(fd, sizeBytes);
+      }
+      if (sizeBytes === 0) throw new Error(`file: ${path} is empty; give -s SIZE --grow to size it`);
+      if (sizeBytes % logicalBlockBytes !== 0) {
+        throw new Error(`file: ${path} has ${sizeBytes} bytes, not a multiple of the ${logicalBlockBytes}-byte block size; give -s`);
+      }
+      let alignment = 0;
+      if (options.buffered !== true) {
+        alignment = directAlignment(path, readOnly);
+        if (alignment === 0) console.error(`ublk-bun: notice: ${path} does not support O_DIRECT; using the page cache`);
+      }
+      const direct = alignment > 0;
+      const blockBytes = Math.max(logicalBlockBytes, alignment);
+      const logicalBlockShift = Math.log2(blockBytes);
+      return {
+        type: "file",
+        sizeBytes,
+        logicalBlockShift,
+        physicalBlockShift: Math.max(logicalBlockShift, 12),
+        // Writes may sit in the page cache or the disk's cache until a flush: say so, and honour FUA.
+        attrs: UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA | (readOnly ? UBLK_ATTR_READ_ONLY : 0),
+        discard: readOnly ? undefined : { granularityBytes: 4096, maxSectors: 1 << 21, maxWriteZeroesSectors: 1 << 21 },
+        options: { path, direct, readOnly, blockDevice: backing.isBlockDevice },
+      };
+    } finally {
+      closeSync(fd);
+    }
+  },
+
+  openQueue(record, queue): QueueHandler {
+    const path = String(record.options.path);
+    const flags = (record.options.readOnly ? O_RDONLY : O_RDWR) | (record.options.direct ? O_DIRECT : 0);
+    const fd = open(path, flags);
+    if (fd < 0) throw new ErrnoError(`open ${path}`, -fd, `file: cannot open ${path}: ${errnoText(-fd)}`);
+    const { ring, bufferAddress, maxIoBufBytes } = queue;
+    const punchMode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    const zeroMode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+    /** Bytes asked of the backing file per tag, to tell a short transfer from a complete one. */
+    const expectedBytes = new Int32Array(queue.queueDepth);
+    return {
+      handleIo(tag, op, opFlags, startSector, nrSectors) {
+        const base = queue.getSqe();
+        const lengthBytes = nrSectors * 512;
+        const offsetBytes = startSector * 512;
+        expectedBytes[tag] = op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE ? lengthBytes : 0;
+        switch (op) {
+          case UBLK_IO_OP_READ:
+            ring.prepRead(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            break;
+          case UBLK_IO_OP_WRITE:
+            ring.prepWrite(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            if (opFlags & UBLK_IO_F_FUA) ring.setOpFlags(base, RWF_DSYNC);
+            break;
+          case UBLK_IO_OP_FLUSH:
+            ring.prepFsync(base, fd, IORING_FSYNC_DATASYNC, tag, TARGET_USER_DATA);
+            break;
+          case UBLK_IO_OP_DISCARD:
+            ring.prepFallocate(base, fd, punchMode, offsetBytes, lengthBytes, tag, TARGET_USER_DATA);
+            break;
+          case UBLK_IO_OP_WRITE_ZEROES:
+            ring.prepFallocate(base, fd, opFlags & UBLK_IO_F_NOUNMAP ? zeroMode : punchMode, offsetBytes, lengthBytes, tag, TARGET_USER_DATA);
+            break;
+          default:
+            ring.prepNop(base, tag, TARGET_USER_DATA); // keeps the SQE slot consistent; answered below
+            expectedBytes[tag] = -EOPNOTSUPP;
+        }
+        return IO_PENDING;
+      },
+      onTargetCqe(tag, result) {
+        const expected = expectedBytes[tag]!;
+        if (expected < 0) result = expected;
+        // A short transfer is passed on (the kernel asks again for the rest); none at all would loop forever.
+        else if (expected > 0 && result === 0) result = -EIO;
+        queue.complete(tag, result);
+      },
+      close() {
+        close(fd);
+      },
+    };
+  },
+};
+
+export default fileTarget;

@@ -1,0 +1,104 @@
+/**
+ * The memory target: a RAM disk whose bytes live in a file under /dev/shm, mapped by every queue Worker.
+ * Keeping them outside the server process means a crashed daemon's data is still there for `recover`.
+ * The whole size is reserved when the device is created (fallocate), so a full tmpfs can never surprise a
+ * write later (a mapped write to a page tmpfs cannot supply would kill the daemon with SIGBUS).
+ */
+import { closeSync, existsSync, openSync, statfsSync, unlinkSync } from "node:fs";
+import { randomUUID } from "node:crypto";
+import { join } from "node:path";
+import { close, fallocate, MAP_SHARED, memcpy, memset, mmap, munmap, O_RDWR, open, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
+import { ErrnoError, ENOSPC, errnoText } from "../ffi/errno.ts";
+import { UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from "../ffi/uapi/ublk_cmd.ts";
+import { EINVAL, EOPNOTSUPP } from "../ffi/errno.ts";
+import type { QueueHandler, Target, TargetRecord } from "./types.ts";
+
+const MEMORY_DEFAULT_BYTES = 256 * 1024 ** 2;
+
+/** Where the shared files go; UBLK_BUN_SHM_DIR overrides it. */
+function shmDir(): string {
+  return process.env.UBLK_BUN_SHM_DIR || "/dev/shm";
+}
+
+export const memoryTarget: Target = {
+  name: "memory",
+  description: "RAM disk kept in a /dev/shm file, so its data survives a daemon crash (default 256 MiB)",
+  prepare(options): TargetRecord {
+    const sizeBytes = options.sizeBytes ?? MEMORY_DEFAULT_BYTES;
+    const logicalBlockShift = Math.log2(options.logicalBlockBytes ?? 512);
+    const dir = shmDir();
+    const stats = statfsSync(dir);
+    const availableBytes = stats.bavail * stats.bsize;
+    if (sizeBytes > availableBytes) {
+      throw new Error(`memory: ${sizeBytes} bytes asked but ${dir} has only ${availableBytes} bytes free`);
+    }
+    const shmPath = join(dir, `ublk-bun-memory-${randomUUID()}`);
+    const fd = openSync(shmPath, "wx", 0o600);
+    try {
+      const reserved = fallocate(fd, 0, 0, sizeBytes);
+      if (reserved < 0) {
+        throw new Error(-reserved === ENOSPC
+          ? `memory: ${dir} cannot hold ${sizeBytes} bytes (no space left)`
+          : `memory: cannot reserve ${sizeBytes} bytes in ${dir}: ${errnoText(-reserved)}`);
+      }
+    } catch (error) {
+      closeSync(fd);
+      unlinkSync(shmPath);
+      throw error;
+    }
+    closeSync(fd);
+    return {
+      type: "memory",
+      sizeBytes,
+      logicalBlockShift,
+      physicalBlockShift: Math.max(logicalBlockShift, 12),
+      attrs: 0,
+      discard: { granularityBytes: 4096, maxSectors: 1 << 16, maxWriteZeroesSectors: 1 << 16 },
+      options: { shmPath },
+    };
+  },
+
+  openQueue(record, queue): QueueHandler {
+    const shmPath = String(record.options.shmPath);
+    const fd = open(shmPath, O_RDWR);
+    if (fd < 0) throw new ErrnoError(`open ${shmPath}`, -fd, `memory: cannot open ${shmPath}: ${errnoText(-fd)} (was it removed?)`);
+    const dataAddress = mmap(record.sizeBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd); // the mapping keeps the file
+    if (dataAddress < 0) throw new ErrnoError(`mmap ${shmPath}`, -dataAddress);
+    const { bufferAddress, maxIoBufBytes } = queue;
+    return {
+      handleIo(tag, op, _opFlags, startSector, nrSectors) {
+        const lengthBytes = nrSectors * 512;
+        const at = dataAddress + startSector * 512;
+        switch (op) {
+          case UBLK_IO_OP_READ:
+            memcpy(bufferAddress + tag * maxIoBufBytes, at, lengthBytes);
+            return lengthBytes;
+          case UBLK_IO_OP_WRITE:
+            memcpy(at, bufferAddress + tag * maxIoBufBytes, lengthBytes);
+            return lengthBytes;
+          case UBLK_IO_OP_FLUSH:
+            return 0; // nothing volatile: every write is already in the shared pages
+          case UBLK_IO_OP_DISCARD:
+          case UBLK_IO_OP_WRITE_ZEROES:
+            memset(at, 0, lengthBytes);
+            return 0;
+          default:
+            return op > UBLK_IO_OP_WRITE_ZEROES ? -EOPNOTSUPP : -EINVAL;
+        }
+      },
+      close() {
+        munmap(dataAddress, record.sizeBytes);
+      },
+    };
+  },
+
+  destroy(record) {
+    // Only ever remove a file this target created: a record is data, and data can be wrong.
+    const shmPath = String(record.options.shmPath ?? "");
+    const ours = shmPath.startsWith(join(shmDir(), "ublk-bun-memory-")) && !shmPath.includes("/../");
+    if (ours && existsSync(shmPath)) unlinkSync(shmPath);
+  },
+};
+
+export default memoryTarget;
