@@ -5,8 +5,9 @@
  */
 import { cac } from "cac";
 import {
-  addDevice, allDevIds, deleteDevice, formatListing, kernelFeatures, listDevices, listingJson, runForeground,
+  addDevice, allDevIds, deleteDevice, formatListing, kernelFeatures, listDevices, listingJson, recoverDevice, runForeground, SUPERVISOR_PATH,
 } from "../lib/admin.ts";
+import { UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl } from "../lib/ctrl.ts";
 import { dataModeFlags, DEFAULT_MAX_IO_BUF_BYTES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, recoveryFlags } from "../lib/device.ts";
 import {
@@ -39,6 +40,8 @@ cli
   .option("--read-only", "file target: serve the backing store read-only")
   .option("--grow", "file target: extend a regular file to -s SIZE")
   .option("-o, --option <key=value>", "An option for a user-written target (repeatable)")
+  .option("-e, --recovery-fail-io <0|1>", "USER_RECOVERY + FAIL_IO: I/O fails fast while no daemon (kernel ≥ 6.13)")
+  .option("--auto-recover", "Watch the daemon and recover the device by itself when it dies (needs -r 1 or -i 1)")
   .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
   .option("--json", "Print the device as JSON")
   .action((flags: Flags) => run(() => add(flags)));
@@ -48,6 +51,12 @@ cli
   .option("-n, --number <id>", "Device id")
   .option("-a, --all", "Every ublk device and record")
   .action((flags: Flags) => run(() => del(flags)));
+
+cli
+  .command("recover", "Re-attach a new daemon to a device whose daemon died (USER_RECOVERY)")
+  .option("-n, --number <id>", "Device id")
+  .option("--json", "Print the device as JSON")
+  .action((flags: Flags) => run(() => recover(flags)));
 
 cli
   .command("list", "Show devices like ublksrv's list")
@@ -82,8 +91,21 @@ async function add(flags: Flags): Promise<void> {
     flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
       dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
   };
+  const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
+  if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0) throw new UsageError("--auto-recover needs -r 1 or -i 1");
+  if (flags.autoRecover && flags.foreground) throw new UsageError("--auto-recover and --foreground cannot be combined");
   // Fail fast, before any process is started: driver present, rights, target options valid.
-  Ctrl.open().close();
+  const ctrl = Ctrl.open();
+  try {
+    if (failIo) {
+      if ((ctrl.getFeatures() & UBLK_F_USER_RECOVERY_FAIL_IO) === 0) {
+        throw new UsageError("-e 1: this kernel's ublk_drv has no USER_RECOVERY_FAIL_IO (it needs Linux ≥ 6.13)");
+      }
+      config.flags = (config.flags & ~UBLK_F_USER_RECOVERY_REISSUE) | UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO;
+    }
+  } finally {
+    ctrl.close();
+  }
   const targetType = canonicalType(String(type));
   const target = await loadTarget(targetType);
   const targetOptions: TargetOptions = { ...userTargetOptions(flags.option), sizeBytes, logicalBlockBytes };
@@ -121,8 +143,24 @@ async function serve(spec: DaemonSpec, flags: Flags): Promise<void> {
     await runForeground(spec, (ready) => show(ready.devId));
     return;
   }
-  const ready = await addDevice(spec);
+  const ready = flags.autoRecover ? await addDevice(spec, SUPERVISOR_PATH) : await addDevice(spec);
   show(ready.devId);
+}
+
+async function recover(flags: Flags): Promise<void> {
+  if (flags.number === undefined || flags.number === true) throw new UsageError("recover: -n ID is required");
+  const devId = parseDevId("-n", single("-n", flags.number));
+  let lastReportS = -1;
+  const record = await recoverDevice(devId, (elapsedMs, state) => {
+    const seconds = Math.floor(elapsedMs / 1000);
+    if (process.stderr.isTTY && seconds !== lastReportS) {
+      lastReportS = seconds;
+      process.stderr.write(`\rwaiting for device ${devId} to quiesce (state ${state}) ${seconds}s `);
+    }
+  });
+  if (lastReportS >= 0) process.stderr.write("\n");
+  const [listing] = listDevices(record.devId);
+  console.log(flags.json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));
 }
 
 async function del(flags: Flags): Promise<void> {

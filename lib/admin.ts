@@ -6,9 +6,10 @@ import { spawn } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ENODEV, ErrnoError } from "../ffi/errno.ts";
-import { UBLK_F_NAMES, UBLK_S_DEV_DEAD, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_NAMES, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
-import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, type DaemonSpec } from "./daemon.ts";
+import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
+import { waitForState } from "./device.ts";
 import { readRecord, recordedDevIds, removeRecord, runDir, type DeviceRecord } from "./records.ts";
 import { loadTarget } from "../targets/registry.ts";
 
@@ -26,19 +27,26 @@ export interface DeviceListing {
 /** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). */
 const READY_TIMEOUT_MS = 120_000;
 
+export const DAEMON_PATH = new URL("./daemon.ts", import.meta.url).pathname;
+export const SUPERVISOR_PATH = new URL("./supervisor.ts", import.meta.url).pathname;
+
+export function daemonLogPath(): string {
+  return join(runDir(), "daemon.log");
+}
+
 /**
- * Starts a daemon for `spec` and resolves with its record once the device is READY. On failure the device
- * the daemon added (if any) is deleted again and the error says why.
+ * Starts a daemon (or an --auto-recover supervisor, which starts one) for `spec` and resolves with the
+ * record once the device is READY. On failure the device the daemon added (if any) is deleted again and the
+ * error says why; a failed recovery leaves the device quiesced for another attempt.
  */
-export async function addDevice(spec: DaemonSpec): Promise<DeviceRecord> {
+export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {}): Promise<DeviceRecord> {
   mkdirSync(runDir(), { recursive: true, mode: 0o700 });
-  const logPath = join(runDir(), "daemon.log");
+  const logPath = daemonLogPath();
   const logFd = openSync(logPath, "a", 0o600);
-  const daemonPath = new URL("./daemon.ts", import.meta.url).pathname;
-  const child = spawn(process.execPath, [daemonPath], {
+  const child = spawn(process.execPath, [entryPath], {
     detached: true,
     stdio: ["ignore", logFd, logFd, "pipe"],
-    env: { ...process.env, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
+    env: { ...process.env, ...extraEnv, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
   });
   closeSync(logFd);
   const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
@@ -61,7 +69,7 @@ export async function addDevice(spec: DaemonSpec): Promise<DeviceRecord> {
         else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
       }
     });
-    status.on("end", () => finish({ error: `the daemon exited during start (see ${logPath})` }));
+    status.on("end", () => finish({ error: `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${logPath})` }));
     child.on("error", (error) => finish({ error: `cannot start the daemon: ${error.message}` }));
   });
   if (outcome.record) {
@@ -77,6 +85,41 @@ export async function addDevice(spec: DaemonSpec): Promise<DeviceRecord> {
   }
   if (addedDevId >= 0) await removeLeftovers(addedDevId);
   throw new Error(outcome.error ?? "the daemon failed");
+}
+
+/**
+ * `recover -n ID`: checks that the device can be recovered, waits until the kernel has quiesced it, then starts
+ * a daemon that re-attaches (Device.recover) and resolves with the new record.
+ */
+export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, state: string) => void,
+                                    entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {}): Promise<DeviceRecord> {
+  const record = readRecord(devId);
+  const ctrl = Ctrl.open();
+  let info: DevInfo;
+  try {
+    try {
+      info = ctrl.getDevInfo(devId);
+    } catch (error) {
+      if (error instanceof ErrnoError && error.errno === ENODEV) throw new ErrnoError("recover", ENODEV, `recover: no ublk device ${devId}`);
+      throw error;
+    }
+    if (!record) throw new Error(`recover: device ${devId} has no record in ${runDir()}; only devices added by ublk-bun can be recovered`);
+    if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
+      throw new Error(`recover: device ${devId} was created without recovery (-r 1 or -i 1); it can only be deleted`);
+    }
+    if (info.state === UBLK_S_DEV_LIVE && processAlive(info.ublksrvPid)) {
+      throw new Error(`recover: device ${devId} is LIVE with daemon pid ${info.ublksrvPid}; nothing to recover`);
+    }
+    const supervisor = record.supervisorPid ?? 0;
+    if (supervisor > 0 && supervisor !== Number(extraEnv[SUPERVISOR_PID_ENV] ?? 0) && processAlive(supervisor) && isOurDaemon(supervisor)) {
+      throw new Error(`recover: device ${devId} is watched by supervisor pid ${supervisor} (--auto-recover), which recovers it`);
+    }
+    await waitForState(ctrl, devId, UBLK_S_DEV_QUIESCED, 60_000, "QUIESCED (the old daemon must exit first)",
+      (elapsedMs, now) => onWait?.(elapsedMs, UBLK_S_NAMES[now.state] ?? String(now.state)));
+  } finally {
+    ctrl.close();
+  }
+  return addDevice({ mode: "recover", config: { ...record.config, devId }, target: record.target, createdAt: record.createdAt }, entryPath, extraEnv);
 }
 
 /** Runs the daemon in this process (--foreground); `onReady` sees the record. Resolves when stopped by a signal. */
@@ -143,7 +186,9 @@ export function formatListing(listing: DeviceListing): string {
   for (const queue of listing.queues) lines.push(`\tqueue ${queue.qId}: tid ${queue.tid} affinity(${queue.cpus.join(" ")})`);
   if (listing.record) lines.push(`\ttarget ${JSON.stringify(listing.record.target)}`);
   else lines.push(`\ttarget ${listing.recordProblem ? `(record unusable: ${listing.recordProblem})` : "(no record)"}`);
-  if (listing.record?.supervisorPid) lines.push(`\tsupervisor pid ${listing.record.supervisorPid} (auto-recover)`);
+  const supervisor = listing.record?.supervisorPid ?? 0;
+  // No "pid" in this line: scripts find the daemon's pid as the 7th field of the one line containing "pid".
+  if (supervisor > 0) lines.push(`\tauto-recover supervisor: ${supervisor}${processAlive(supervisor) ? "" : " (not running)"}`);
   return lines.join("\n");
 }
 
@@ -175,7 +220,7 @@ export function processAlive(pid: number): boolean {
 export function isOurDaemon(pid: number): boolean {
   try {
     const commandLine = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    return commandLine.includes("daemon.ts") || commandLine.includes("ublk-bun");
+    return commandLine.includes("daemon.ts") || commandLine.includes("supervisor.ts") || commandLine.includes("ublk-bun");
   } catch {
     return false;
   }
@@ -206,7 +251,13 @@ export async function deleteDevice(devId: number, timeoutMs = 30_000): Promise<v
     let record: DeviceRecord | null = null;
     try { record = readRecord(devId); } catch { /* a broken record is removed below */ }
     if (!info && !record) throw new ErrnoError("del", ENODEV, `del: no ublk device ${devId}`);
-    const pids = [info?.ublksrvPid ?? 0, record?.pid ?? 0, record?.supervisorPid ?? 0].filter((pid) => pid > 0 && pid !== process.pid);
+    // The supervisor first, so that it does not recover what we are deleting.
+    const supervisor = record?.supervisorPid ?? 0;
+    if (supervisor > 0 && supervisor !== process.pid && processAlive(supervisor) && isOurDaemon(supervisor)) {
+      try { process.kill(supervisor, "SIGTERM"); } catch { /* gone meanwhile */ }
+      await waitForExit(supervisor, 10_000);
+    }
+    const pids = [info?.ublksrvPid ?? 0, record?.pid ?? 0].filter((pid) => pid > 0 && pid !== process.pid);
     const daemons = [...new Set(pids)].filter((pid) => processAlive(pid) && isOurDaemon(pid));
     for (const pid of daemons) {
       try { process.kill(pid, "SIGTERM"); } catch { /* gone meanwhile */ }

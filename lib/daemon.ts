@@ -15,9 +15,16 @@ import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export interface DaemonSpec {
+  /** "create": ADD_DEV … START_DEV. "recover": re-attach to a quiesced device (config.devId names it). */
+  mode?: "create" | "recover";
   config: DeviceConfig;
   target: TargetRecord;
+  /** With "recover": when the device was first created (kept in the record). */
+  createdAt?: string;
 }
+
+/** Set by an --auto-recover supervisor in the environment of the daemons it starts. */
+export const SUPERVISOR_PID_ENV = "UBLK_BUN_SUPERVISOR_PID";
 
 export const STATUS_FD = 3;
 export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
@@ -31,10 +38,14 @@ export interface ServedDevice {
 
 /** Creates and starts the device and writes its record (used by the daemon, --foreground and createDevice). */
 export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}): Promise<ServedDevice> {
-  const device = await Device.create(spec.config, spec.target, events);
+  const device = spec.mode === "recover"
+    ? await Device.recover(spec.config, spec.target, events)
+    : await Device.create(spec.config, spec.target, events);
+  const supervisorPid = Number(process.env[SUPERVISOR_PID_ENV] ?? 0);
   const record: DeviceRecord = {
     version: RECORD_VERSION, devId: device.devId, config: device.config, target: spec.target, pid: process.pid,
-    queues: device.queueInfo, createdAt: new Date().toISOString(),
+    queues: device.queueInfo, createdAt: spec.createdAt ?? new Date().toISOString(),
+    ...(supervisorPid > 0 ? { supervisorPid } : {}),
   };
   try {
     writeRecord(record);

@@ -5,9 +5,9 @@
  * `stop()` undoes it all. The daemon, the CLI's --foreground mode and the embedding API all use this class.
  */
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
-import { EBUSY, ErrnoError } from "../ffi/errno.ts";
+import { EBUSY, EINVAL, ErrnoError } from "../ffi/errno.ts";
 import {
-  UBLK_F_NEED_GET_DATA, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueReply, QueueStart } from "./queue-worker.ts";
@@ -54,6 +54,8 @@ interface QueueWorker {
   info: QueueInfo;
   stopFd: number;
   exited: Promise<void>;
+  /** Set once we end it ourselves; a Worker that ends without it has died. */
+  stopping: boolean;
 }
 
 export class Device {
@@ -104,6 +106,42 @@ export class Device {
       await stopQueues(queues);
       if (charFd >= 0) close(charFd);
       try { ctrl.delDev(info.devId, { timeoutMs: 10_000 }); } catch { /* reported below: the first error matters */ }
+      ctrl.close();
+      throw error;
+    }
+  }
+
+  /**
+   * Re-attaches a new server to a device whose server died (USER_RECOVERY): waits until the kernel has
+   * quiesced it, START_USER_RECOVERY (retrying EBUSY until the dead server's /dev/ublkcN is released),
+   * checks the kernel's params against the record, starts the queues (each FETCHes every tag) and, from this
+   * thread — never a queue thread — END_USER_RECOVERY with our pid. On failure the device stays quiesced,
+   * ready for another attempt.
+   */
+  static async recover(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}, waitTimeoutMs = 60_000): Promise<Device> {
+    const devId = config.devId;
+    const ctrl = Ctrl.open();
+    let charFd = -1;
+    let queues: QueueWorker[] = [];
+    try {
+      let info = ctrl.getDevInfo(devId);
+      checkRecoverable(info, config);
+      info = await waitForState(ctrl, devId, UBLK_S_DEV_QUIESCED, waitTimeoutMs, "QUIESCED (the old server must have exited)");
+      await pauseForTest("before-start-recovery");
+      await startUserRecoveryRetrying(ctrl, devId, waitTimeoutMs);
+      debug(`device ${devId}: START_USER_RECOVERY done`);
+      await pauseForTest("after-start-recovery");
+      checkParams(ctrl.getParams(devId), target, info);
+      charFd = await openCharDevice(devId, waitTimeoutMs);
+      queues = await startQueues(ctrl, info, target, charFd, true, events);
+      await pauseForTest("before-end-recovery");
+      ctrl.endUserRecovery(devId, getpid());
+      debug(`device ${devId}: END_USER_RECOVERY done`);
+      const live = ctrl.getDevInfo(devId);
+      return new Device(ctrl, live, config, target, charFd, queues);
+    } catch (error) {
+      await stopQueues(queues);
+      if (charFd >= 0) close(charFd);
       ctrl.close();
       throw error;
     }
@@ -200,7 +238,7 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
       throw new ErrnoError("eventfd", -stopFd);
     }
     const worker = new Worker(new URL("./queue-worker.ts", import.meta.url).href);
-    const queue: QueueWorker = { worker, info: { qId, tid: 0, cpus: cpusOf(Uint8Array.from(cpuMask)) }, stopFd, exited: Promise.resolve() };
+    const queue: QueueWorker = { worker, info: { qId, tid: 0, cpus: cpusOf(Uint8Array.from(cpuMask)) }, stopFd, exited: Promise.resolve(), stopping: false };
     let exitedResolve!: () => void;
     queue.exited = new Promise<void>((resolve) => { exitedResolve = resolve; });
     ready.push(new Promise<void>((resolve, reject) => {
@@ -222,6 +260,7 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
       worker.addEventListener("close", () => {
         exitedResolve();
         reject(new Error(`queue ${qId}: worker ended before it was ready`));
+        if (!queue.stopping) fatal(new Error(`queue ${qId}: its Worker ended unexpectedly`));
       });
     }));
     const start: QueueStart = { devId: info.devId, qId, queueDepth: info.queueDepth, maxIoBufBytes: info.maxIoBufBytes,
@@ -241,6 +280,7 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
 
 /** Wakes every queue out of its loop (if STOP_DEV has not already retired it) and ends the Workers. */
 export async function stopQueues(queues: QueueWorker[], graceMs = 0): Promise<void> {
+  for (const queue of queues) queue.stopping = true;
   if (graceMs > 0) {
     // After STOP_DEV the kernel retires every tag with -ENODEV and the queues exit by themselves.
     await Promise.race([Promise.all(queues.map((queue) => queue.exited)), Bun.sleep(graceMs)]);
@@ -252,6 +292,88 @@ export async function stopQueues(queues: QueueWorker[], graceMs = 0): Promise<vo
     close(queue.stopFd); // only now: the Worker polled it until it ended
   }
   queues.length = 0;
+}
+
+/** Refuses devices that cannot be recovered, with the reason. */
+function checkRecoverable(info: DevInfo, config: DeviceConfig): void {
+  if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
+    throw new Error(`device ${info.devId} was created without recovery (add it with -r 1 or -i 1); delete it with del -n ${info.devId}`);
+  }
+  if (info.nrHwQueues !== config.nrHwQueues || info.queueDepth !== config.queueDepth || info.maxIoBufBytes !== config.maxIoBufBytes) {
+    throw new Error(`device ${info.devId}: the record (${config.nrHwQueues} queues × ${config.queueDepth}) does not match the kernel's ` +
+      `(${info.nrHwQueues} × ${info.queueDepth})`);
+  }
+  if (info.state === UBLK_S_DEV_LIVE && info.ublksrvPid > 0 && processExists(info.ublksrvPid)) {
+    throw new Error(`device ${info.devId} is LIVE with daemon pid ${info.ublksrvPid}; nothing to recover`);
+  }
+}
+
+/** The kernel's params must describe the device the record describes (size, block size, request size). */
+function checkParams(params: DeviceParams, target: TargetRecord, info: DevInfo): void {
+  const expected = paramsOf(target, info).basic;
+  const actual = params.basic;
+  const same = actual.devSectors === expected.devSectors && actual.logicalBsShift === expected.logicalBsShift &&
+    actual.maxSectors === expected.maxSectors;
+  if (!same) {
+    throw new Error(`device ${info.devId}: the record does not match the kernel's params ` +
+      `(record: ${expected.devSectors} sectors of ${1 << expected.logicalBsShift} B; kernel: ${actual.devSectors} of ${1 << actual.logicalBsShift} B)`);
+  }
+}
+
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Polls GET_DEV_INFO until `state`; throws after `timeoutMs` naming what was awaited. */
+export async function waitForState(ctrl: Ctrl, devId: number, state: number, timeoutMs: number, what: string,
+                                   onWait?: (elapsedMs: number, info: DevInfo) => void): Promise<DevInfo> {
+  const started = Date.now();
+  for (;;) {
+    const info = ctrl.getDevInfo(devId);
+    if (info.state === state) return info;
+    const elapsedMs = Date.now() - started;
+    if (elapsedMs > timeoutMs) {
+      throw new Error(`device ${devId} did not become ${what} within ${Math.round(timeoutMs / 1000)} s (state ${UBLK_S_NAMES[info.state] ?? info.state})`);
+    }
+    onWait?.(elapsedMs, info);
+    await Bun.sleep(50);
+  }
+}
+
+/**
+ * START_USER_RECOVERY, retrying EBUSY (the old server's char device is not released yet). EINVAL on a quiesced
+ * device means an earlier recovery already started and died before any queue was ready: the kernel is still
+ * waiting for queues, so we carry on without starting again.
+ */
+async function startUserRecoveryRetrying(ctrl: Ctrl, devId: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      ctrl.startUserRecovery(devId);
+      return;
+    } catch (error) {
+      if (!(error instanceof ErrnoError)) throw error;
+      if (error.errno === EINVAL) {
+        debug(`device ${devId}: START_USER_RECOVERY said EINVAL: an earlier recovery was interrupted; resuming it`);
+        return;
+      }
+      if (error.errno !== EBUSY || Date.now() > deadline) throw error;
+      await Bun.sleep(100);
+    }
+  }
+}
+
+/** Test hook: UBLK_BUN_TEST_PAUSE=step:ms makes the server sleep at that step (tests kill it there). */
+async function pauseForTest(step: string): Promise<void> {
+  const [pauseStep, pauseMs] = (process.env.UBLK_BUN_TEST_PAUSE ?? "").split(":");
+  if (pauseStep !== step) return;
+  debug(`pausing ${pauseMs} ms at ${step} (UBLK_BUN_TEST_PAUSE)`);
+  await Bun.sleep(Number(pauseMs));
 }
 
 /** ublksrv's -r / -i flags as UBLK_F_* bits. */

@@ -1,0 +1,306 @@
+// USER_RECOVERY: kill -9 the daemon under fio, recover, and check what the application sees.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, waitFor } from "./helpers.ts";
+
+const work = "/tmp/ublk-bun-recovery";
+beforeAll(() => {
+  cleanUp();
+  mkdirSync(work, { recursive: true });
+});
+afterAll(() => {
+  cleanUp();
+  rmSync(work, { recursive: true, force: true });
+});
+
+function state(devId: number): string {
+  const line = cliOk(["list", "-n", String(devId)]).split("\n")[1]!;
+  return line.trim().split(/\s+/).at(-1)!;
+}
+
+function readsCompleted(devId: number): number {
+  return Number(readFileSync(`/sys/block/ublkb${devId}/stat`, "utf8").trim().split(/\s+/)[0]);
+}
+
+interface KillTiming {
+  killToQuiescedMs: number;
+  recoverToLiveMs: number;
+  recoverToFirstIoMs: number;
+}
+
+/** kill -9 the daemon, wait for QUIESCED, run `recover`, and time it all; expects LIVE with a new pid. */
+async function killAndRecover(devId: number, pauseMs = 500): Promise<KillTiming> {
+  const oldPid = daemonPidOf(devId);
+  const killedAt = performance.now();
+  process.kill(oldPid, "SIGKILL");
+  await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+  const quiescedAt = performance.now();
+  await Bun.sleep(pauseMs);
+  const readsBefore = readsCompleted(devId);
+  let firstIoAt = 0;
+  const watcher = (async () => {
+    while (firstIoAt === 0) {
+      if (readsCompleted(devId) > readsBefore) firstIoAt = performance.now();
+      await Bun.sleep(10);
+    }
+  })();
+  const recoverAt = performance.now();
+  const recover = cli(["recover", "-n", String(devId)]);
+  const liveAt = performance.now();
+  expect(recover.stderr).toBe("");
+  expect(recover.status).toBe(0);
+  expect(state(devId)).toBe("LIVE");
+  const newPid = daemonPidOf(devId);
+  expect(newPid).not.toBe(oldPid);
+  await Promise.race([watcher, Bun.sleep(10_000)]);
+  if (firstIoAt === 0) firstIoAt = Number.NaN;
+  return { killToQuiescedMs: quiescedAt - killedAt, recoverToLiveMs: liveAt - recoverAt, recoverToFirstIoMs: firstIoAt - recoverAt };
+}
+
+function fioJson(text: string): { errors: number; ios: number } {
+  const json = JSON.parse(text.slice(text.indexOf("{")));
+  const job = json.jobs[0];
+  return { errors: job.error, ios: (job.read?.total_ios ?? 0) + (job.write?.total_ios ?? 0) };
+}
+
+function report(name: string, timings: KillTiming[]): void {
+  const fmt = (values: number[]) => values.map((v) => Math.round(v)).join("/");
+  console.log(`${name}: kill→QUIESCED ms ${fmt(timings.map((t) => t.killToQuiescedMs))}; ` +
+    `recover→LIVE ms ${fmt(timings.map((t) => t.recoverToLiveMs))}; recover→first I/O ms ${fmt(timings.map((t) => t.recoverToFirstIoMs))}`);
+}
+
+/** ublk_drv can be reloaded only in the test VM; on a real host other devices may be using it. */
+const canReloadModule = process.env.UBLK_BUN_VM === "1" || process.env.UBLK_BUN_TEST_MODULE_RELOAD === "1";
+
+describe("recovery", () => {
+  test("reference scenario (shortened): fio reads while the daemon is killed 4× per round, 2 rounds with a module reload", async () => {
+    const rounds = 2, kills = 4;
+    const timings: KillTiming[] = [];
+    if (!canReloadModule) console.log("note: ublk_drv is not reloaded between rounds outside the test VM");
+    for (let round = 0; round < rounds; round++) {
+      const devId = addDevice(["-t", "null", "-d", "4", "-i", "1"]);
+      expect(devId).toBe(0);
+      // The reference command (buffered psync reads), shortened.
+      const fio = Bun.spawn(["fio", "--name=ref", "--bs=4k", `--filename=/dev/ublkb${devId}`, "--runtime=300s", "--rw=read",
+        "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      for (let kill = 0; kill < kills; kill++) {
+        await Bun.sleep(1000);
+        timings.push(await killAndRecover(devId));
+      }
+      await Bun.sleep(1000);
+      fio.kill("SIGINT"); // fio ends its run and prints its report
+      const [status, stdout, stderr] = [await fio.exited, await new Response(fio.stdout).text(), await new Response(fio.stderr).text()];
+      expect(stderr).not.toContain("error");
+      expect(status).toBe(0);
+      const result = fioJson(stdout);
+      expect(result.errors).toBe(0);
+      expect(result.ios).toBeGreaterThan(1000);
+      cliOk(["del", "-n", String(devId)]);
+      expectClean();
+      if (canReloadModule) {
+        const reload = Bun.spawnSync(["sh", "-c", "modprobe -r ublk_drv && modprobe ublk_drv && test -e /dev/ublk-control"]);
+        expect(reload.exitCode).toBe(0);
+      }
+    }
+    report("reference scenario", timings);
+  });
+
+  for (const target of ["memory", "file"]) {
+    test(`data integrity: fio crc32c write+verify on ${target} while the daemon is killed 3×`, async () => {
+      const backing = join(work, "verify.img");
+      if (target === "file") writeFileSync(backing, Buffer.alloc(64 << 20));
+      const devId = addDevice(target === "file" ? ["-t", "file", "-f", backing, "-i", "1", "-q", "2"] : ["-t", "memory", "-s", "64M", "-i", "1", "-q", "2"]);
+      const fio = Bun.spawn(["fio", "--name=verify", `--filename=/dev/ublkb${devId}`, "--rw=randwrite", "--bs=4k", "--direct=1",
+        "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--loops=50", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+        "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      const timings: KillTiming[] = [];
+      for (let kill = 0; kill < 3; kill++) {
+        await Bun.sleep(1500);
+        expect(fio.exitCode).toBeNull(); // still running: the kill lands mid-run
+        timings.push(await killAndRecover(devId, 200));
+      }
+      await Bun.sleep(1000);
+      fio.kill("SIGINT");
+      const [status, stdout, stderr] = [await fio.exited, await new Response(fio.stdout).text(), await new Response(fio.stderr).text()];
+      expect(stderr).not.toMatch(/verify|error/i);
+      expect(status).toBe(0);
+      const result = fioJson(stdout);
+      expect(result.errors).toBe(0);
+      expect(result.ios).toBeGreaterThan(1000);
+      cliOk(["del", "-n", String(devId)]);
+      expectClean();
+      report(`${target} verify`, timings);
+    });
+  }
+
+  test("-r 1 without REISSUE: requests the dead daemon held fail with EIO (6.12); later I/O waits for recover", async () => {
+    const devId = addDevice(["-t", "null", "-r", "1", "-d", "32"]);
+    const fio = Bun.spawn(["fio", "--name=eio", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
+      "--ioengine=io_uring", "--iodepth=32", "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+    await Bun.sleep(1500);
+    await killAndRecover(devId);
+    const [status, stderr] = [await Promise.race([fio.exited, Bun.sleep(30_000).then(() => "hung")]), await new Response(fio.stderr).text()];
+    expect(status).not.toBe("hung");
+    expect(status).not.toBe(0);
+    expect(stderr).toMatch(/Input\/output error/);
+    expect(state(devId)).toBe("LIVE");
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+
+  for (const step of ["after-start-recovery", "before-end-recovery"]) {
+    test(`the daemon killed during recover (${step}): a second recover succeeds, fio sees no error`, async () => {
+      const devId = addDevice(["-t", "null", "-i", "1", "-q", "2", "-d", "16"]);
+      const fio = Bun.spawn(["fio", "--name=r", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
+        "--ioengine=psync", "--runtime=120", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      await Bun.sleep(1000);
+      const oldPid = daemonPidOf(devId);
+      process.kill(oldPid, "SIGKILL");
+      await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+      const slow = Bun.spawn([process.execPath, join(ROOT, "bin/ublk-bun.ts"), "recover", "-n", String(devId)],
+        { env: { ...process.env, UBLK_BUN_TEST_PAUSE: `${step}:60000`, UBLK_BUN_DEBUG: "1" }, stdout: "pipe", stderr: "pipe" });
+      // Find the recovering daemon and kill it while it pauses at `step`.
+      let victim = 0;
+      await waitFor(`the recovering daemon to reach ${step}`, () => {
+        const log = readFileSync("/run/ublk-bun/daemon.log", "utf8");
+        const match = [...log.matchAll(new RegExp(`ublk-bun\\[(\\d+)\\]: pausing \\d+ ms at ${step}`, "g"))].at(-1);
+        victim = match ? Number(match[1]) : 0;
+        return victim > 0 && victim !== oldPid && readdirSync("/proc").includes(String(victim));
+      }, 60_000);
+      process.kill(victim, "SIGKILL");
+      expect(await slow.exited).not.toBe(0);
+      const again = cli(["recover", "-n", String(devId)]);
+      expect(again.stderr).toBe("");
+      expect(again.status).toBe(0);
+      expect(state(devId)).toBe("LIVE");
+      await Bun.sleep(1000);
+      fio.kill("SIGINT");
+      const [status, stdout] = [await fio.exited, await new Response(fio.stdout).text()];
+      expect(status).toBe(0);
+      expect(fioJson(stdout).errors).toBe(0);
+      cliOk(["del", "-n", String(devId)]);
+      expectClean();
+    });
+  }
+
+  test("--auto-recover: three kills under fio, no operator command, no fio error", async () => {
+    const devId = addDevice(["-t", "memory", "-s", "32M", "-i", "1", "--auto-recover"]);
+    const listed = cliOk(["list", "-n", String(devId)]);
+    expect(listed).toMatch(/\tauto-recover supervisor: \d+\n/);
+    const supervisor = Number(/auto-recover supervisor: (\d+)/.exec(listed)![1]);
+    const fio = Bun.spawn(["fio", "--name=auto", `--filename=/dev/ublkb${devId}`, "--rw=randrw", "--bs=4k", "--direct=1",
+      "--ioengine=io_uring", "--iodepth=8", "--runtime=120", "--time_based", "--verify=crc32c", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+    const recoveredMs: number[] = [];
+    for (let kill = 0; kill < 3; kill++) {
+      await Bun.sleep(1500);
+      const oldPid = daemonPidOf(devId);
+      const killedAt = performance.now();
+      process.kill(oldPid, "SIGKILL");
+      await waitFor("a new daemon", () => {
+        try { return state(devId) === "LIVE" && daemonPidOf(devId) !== oldPid; } catch { return false; }
+      }, 60_000);
+      recoveredMs.push(Math.round(performance.now() - killedAt));
+    }
+    console.log(`auto-recover: kill→LIVE ms ${recoveredMs.join("/")}`);
+    await Bun.sleep(1000);
+    fio.kill("SIGINT");
+    const [status, stdout] = [await fio.exited, await new Response(fio.stdout).text()];
+    expect(status).toBe(0);
+    expect(fioJson(stdout).errors).toBe(0);
+    cliOk(["del", "-n", String(devId)]);
+    await waitFor("the supervisor to exit", () => !readdirSync("/proc").includes(String(supervisor)), 10_000);
+    expectClean();
+  });
+
+  test("del works on a QUIESCED device whose daemon is gone", async () => {
+    const devId = addDevice(["-t", "null", "-i", "1"]);
+    process.kill(daemonPidOf(devId), "SIGKILL");
+    await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+
+  test("a queue Worker that throws takes the whole daemon down at once; recover brings the device back", async () => {
+    const module = join(work, "crashy.ts");
+    writeFileSync(module, `
+import { nullTarget } from "${ROOT}/targets/null.ts";
+import type { Target } from "${ROOT}/lib/index.ts";
+let served = 0;
+const target: Target = {
+  ...nullTarget, name: "crashy",
+  prepare: (options) => ({ ...nullTarget.prepare(options) as any, type: "crashy" }),
+  openQueue(record, queue) {
+    const inner = nullTarget.openQueue(record, queue) as any;
+    return { handleIo(tag: number, op: number, flags: number, start: number, n: number) {
+      if (!queue.recovering && ++served === 200) throw new Error("crashy target: deliberate failure");
+      return inner.handleIo(tag, op, flags, start, n);
+    } };
+  },
+};
+export default target;
+`);
+    const devId = addDevice(["-t", module, "-i", "1", "-q", "2"]);
+    const pid = daemonPidOf(devId);
+    const dd = Bun.spawnSync(["dd", `if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=100", "iflag=direct", "skip=1000"]);
+    expect(dd.exitCode).toBe(0);
+    const fio = Bun.spawn(["fio", "--name=c", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
+      "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+    await waitFor("the daemon to exit", () => !readdirSync("/proc").includes(String(pid)), 30_000);
+    await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+    expect(readFileSync("/run/ublk-bun/daemon.log", "utf8")).toContain("deliberate failure");
+    const recover = cli(["recover", "-n", String(devId)]);
+    expect(recover.status).toBe(0);
+    await Bun.sleep(1000);
+    fio.kill("SIGINT");
+    const [status, stdout] = [await fio.exited, await new Response(fio.stdout).text()];
+    expect(status).toBe(0);
+    expect(fioJson(stdout).errors).toBe(0);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+});
+
+describe("recover: clear errors", () => {
+  test("no device, no record, LIVE device, device without recovery, record that does not match", async () => {
+    let run = cli(["recover", "-n", "77"]);
+    expect(run.status).not.toBe(0);
+    expect(run.stderr).toMatch(/no ublk device 77/);
+
+    const plain = addDevice(["-t", "null"]);
+    run = cli(["recover", "-n", String(plain)]);
+    expect(run.status).not.toBe(0);
+    expect(run.stderr).toMatch(/is LIVE with daemon pid|created without recovery/);
+    process.kill(daemonPidOf(plain), "SIGKILL");
+    await Bun.sleep(1000);
+    run = cli(["recover", "-n", String(plain)]);
+    expect(run.status).not.toBe(0);
+    expect(run.stderr).toMatch(/created without recovery/);
+    cliOk(["del", "-n", String(plain)]);
+
+    const devId = addDevice(["-t", "null", "-i", "1", "-d", "16"]);
+    run = cli(["recover", "-n", String(devId)]);
+    expect(run.status).not.toBe(0);
+    expect(run.stderr).toMatch(/is LIVE with daemon pid \d+; nothing to recover/);
+    process.kill(daemonPidOf(devId), "SIGKILL");
+    await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+    const recordPath = `/run/ublk-bun/${devId}.json`;
+    const original = readFileSync(recordPath, "utf8");
+    const tampered = JSON.parse(original);
+    tampered.target.sizeBytes *= 2;
+    writeFileSync(recordPath, JSON.stringify(tampered));
+    run = cli(["recover", "-n", String(devId)]);
+    expect(run.status).not.toBe(0);
+    expect(run.stderr.trim().split("\n")).toHaveLength(1);
+    expect(run.stderr).toMatch(/does not match the kernel's params/);
+    expect(state(devId)).toBe("QUIESCED");
+    rmSync(recordPath);
+    run = cli(["recover", "-n", String(devId)]);
+    expect(run.stderr).toMatch(/has no record/);
+    writeFileSync(recordPath, original, { mode: 0o600 });
+    run = cli(["recover", "-n", String(devId)]);
+    expect(run.status).toBe(0);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+});
