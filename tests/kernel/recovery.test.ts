@@ -1,5 +1,5 @@
 // USER_RECOVERY: kill -9 the daemon under fio, recover, and check what the application sees.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, waitFor } from "./helpers.ts";
@@ -9,6 +9,7 @@ beforeAll(() => {
   cleanUp();
   mkdirSync(work, { recursive: true });
 });
+afterEach(() => cleanUp()); // a failed test must not leave devices that fail the next one
 afterAll(() => {
   cleanUp();
   rmSync(work, { recursive: true, force: true });
@@ -58,6 +59,13 @@ async function killAndRecover(devId: number, pauseMs = 500): Promise<KillTiming>
   return { killToQuiescedMs: quiescedAt - killedAt, recoverToLiveMs: liveAt - recoverAt, recoverToFirstIoMs: firstIoAt - recoverAt };
 }
 
+/** Waits for a time-based fio to finish by itself (stopping it by signal makes fio exit 128). */
+async function fioResult(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, timeoutMs = 120_000): Promise<{ status: number | string; stdout: string; stderr: string }> {
+  const status = await Promise.race([fio.exited, Bun.sleep(timeoutMs).then(() => "hung")]);
+  if (status === "hung") fio.kill("SIGKILL");
+  return { status, stdout: await new Response(fio.stdout).text(), stderr: await new Response(fio.stderr).text() };
+}
+
 function fioJson(text: string): { errors: number; ios: number } {
   const json = JSON.parse(text.slice(text.indexOf("{")));
   const job = json.jobs[0];
@@ -82,15 +90,14 @@ describe("recovery", () => {
       const devId = addDevice(["-t", "null", "-d", "4", "-i", "1"]);
       expect(devId).toBe(0);
       // The reference command (buffered psync reads), shortened.
-      const fio = Bun.spawn(["fio", "--name=ref", "--bs=4k", `--filename=/dev/ublkb${devId}`, "--runtime=300s", "--rw=read",
-        "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      const fio = Bun.spawn(["fio", "--name=ref", "--bs=4k", `--filename=/dev/ublkb${devId}`, "--runtime=40s", "--rw=read",
+        "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
       for (let kill = 0; kill < kills; kill++) {
         await Bun.sleep(1000);
+        expect(fio.exitCode).toBeNull(); // the kill lands while fio reads
         timings.push(await killAndRecover(devId));
       }
-      await Bun.sleep(1000);
-      fio.kill("SIGINT"); // fio ends its run and prints its report
-      const [status, stdout, stderr] = [await fio.exited, await new Response(fio.stdout).text(), await new Response(fio.stderr).text()];
+      const { status, stdout, stderr } = await fioResult(fio);
       expect(stderr).not.toContain("error");
       expect(status).toBe(0);
       const result = fioJson(stdout);
@@ -112,17 +119,15 @@ describe("recovery", () => {
       if (target === "file") writeFileSync(backing, Buffer.alloc(64 << 20));
       const devId = addDevice(target === "file" ? ["-t", "file", "-f", backing, "-i", "1", "-q", "2"] : ["-t", "memory", "-s", "64M", "-i", "1", "-q", "2"]);
       const fio = Bun.spawn(["fio", "--name=verify", `--filename=/dev/ublkb${devId}`, "--rw=randwrite", "--bs=4k", "--direct=1",
-        "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--loops=50", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-        "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+        "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--time_based", "--runtime=25", "--verify=crc32c", "--verify_backlog=256",
+        "--verify_fatal=1", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
       const timings: KillTiming[] = [];
       for (let kill = 0; kill < 3; kill++) {
         await Bun.sleep(1500);
         expect(fio.exitCode).toBeNull(); // still running: the kill lands mid-run
         timings.push(await killAndRecover(devId, 200));
       }
-      await Bun.sleep(1000);
-      fio.kill("SIGINT");
-      const [status, stdout, stderr] = [await fio.exited, await new Response(fio.stdout).text(), await new Response(fio.stderr).text()];
+      const { status, stdout, stderr } = await fioResult(fio);
       expect(stderr).not.toMatch(/verify|error/i);
       expect(status).toBe(0);
       const result = fioJson(stdout);
@@ -137,10 +142,10 @@ describe("recovery", () => {
   test("-r 1 without REISSUE: requests the dead daemon held fail with EIO (6.12); later I/O waits for recover", async () => {
     const devId = addDevice(["-t", "null", "-r", "1", "-d", "32"]);
     const fio = Bun.spawn(["fio", "--name=eio", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-      "--ioengine=io_uring", "--iodepth=32", "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      "--ioengine=io_uring", "--iodepth=32", "--runtime=60", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     await Bun.sleep(1500);
     await killAndRecover(devId);
-    const [status, stderr] = [await Promise.race([fio.exited, Bun.sleep(30_000).then(() => "hung")]), await new Response(fio.stderr).text()];
+    const { status, stderr } = await fioResult(fio, 30_000);
     expect(status).not.toBe("hung");
     expect(status).not.toBe(0);
     expect(stderr).toMatch(/Input\/output error/);
@@ -153,7 +158,7 @@ describe("recovery", () => {
     test(`the daemon killed during recover (${step}): a second recover succeeds, fio sees no error`, async () => {
       const devId = addDevice(["-t", "null", "-i", "1", "-q", "2", "-d", "16"]);
       const fio = Bun.spawn(["fio", "--name=r", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-        "--ioengine=psync", "--runtime=120", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+        "--ioengine=psync", "--runtime=40", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
       await Bun.sleep(1000);
       const oldPid = daemonPidOf(devId);
       process.kill(oldPid, "SIGKILL");
@@ -174,9 +179,8 @@ describe("recovery", () => {
       expect(again.stderr).toBe("");
       expect(again.status).toBe(0);
       expect(state(devId)).toBe("LIVE");
-      await Bun.sleep(1000);
-      fio.kill("SIGINT");
-      const [status, stdout] = [await fio.exited, await new Response(fio.stdout).text()];
+      expect(fio.exitCode).toBeNull();
+      const { status, stdout } = await fioResult(fio);
       expect(status).toBe(0);
       expect(fioJson(stdout).errors).toBe(0);
       cliOk(["del", "-n", String(devId)]);
@@ -190,10 +194,12 @@ describe("recovery", () => {
     expect(listed).toMatch(/\tauto-recover supervisor: \d+\n/);
     const supervisor = Number(/auto-recover supervisor: (\d+)/.exec(listed)![1]);
     const fio = Bun.spawn(["fio", "--name=auto", `--filename=/dev/ublkb${devId}`, "--rw=randrw", "--bs=4k", "--direct=1",
-      "--ioengine=io_uring", "--iodepth=8", "--runtime=120", "--time_based", "--verify=crc32c", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      "--ioengine=io_uring", "--iodepth=8", "--runtime=35", "--time_based", "--verify=crc32c", "--verify_backlog=256", "--output-format=json"],
+      { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     const recoveredMs: number[] = [];
     for (let kill = 0; kill < 3; kill++) {
       await Bun.sleep(1500);
+      expect(fio.exitCode).toBeNull();
       const oldPid = daemonPidOf(devId);
       const killedAt = performance.now();
       process.kill(oldPid, "SIGKILL");
@@ -203,9 +209,8 @@ describe("recovery", () => {
       recoveredMs.push(Math.round(performance.now() - killedAt));
     }
     console.log(`auto-recover: kill→LIVE ms ${recoveredMs.join("/")}`);
-    await Bun.sleep(1000);
-    fio.kill("SIGINT");
-    const [status, stdout] = [await fio.exited, await new Response(fio.stdout).text()];
+    expect(fio.exitCode).toBeNull();
+    const { status, stdout } = await fioResult(fio);
     expect(status).toBe(0);
     expect(fioJson(stdout).errors).toBe(0);
     cliOk(["del", "-n", String(devId)]);
@@ -245,15 +250,14 @@ export default target;
     const dd = Bun.spawnSync(["dd", `if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=100", "iflag=direct", "skip=1000"]);
     expect(dd.exitCode).toBe(0);
     const fio = Bun.spawn(["fio", "--name=c", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
-      "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      "--runtime=25", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     await waitFor("the daemon to exit", () => !readdirSync("/proc").includes(String(pid)), 30_000);
     await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
     expect(readFileSync("/run/ublk-bun/daemon.log", "utf8")).toContain("deliberate failure");
     const recover = cli(["recover", "-n", String(devId)]);
     expect(recover.status).toBe(0);
-    await Bun.sleep(1000);
-    fio.kill("SIGINT");
-    const [status, stdout] = [await fio.exited, await new Response(fio.stdout).text()];
+    expect(fio.exitCode).toBeNull();
+    const { status, stdout } = await fioResult(fio);
     expect(status).toBe(0);
     expect(fioJson(stdout).errors).toBe(0);
     cliOk(["del", "-n", String(devId)]);
