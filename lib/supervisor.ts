@@ -10,10 +10,11 @@ import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice } fro
 import { DAEMON_SPEC_ENV, oneLine, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
 import { readRecord } from "./records.ts";
 
-const MIN_DELAY_MS = 0;
 const MAX_DELAY_MS = 30_000;
-/** A daemon that lived this long was healthy: the next recovery starts without delay again. */
+/** A daemon that lived this long was healthy: the count of quick deaths starts again. */
 const HEALTHY_MS = 10_000;
+/** Quick deaths in a row that are recovered at once; after that the delay doubles from 1 s (a crash loop). */
+const QUICK_DEATHS_FREE = 3;
 
 function log(message: string): void {
   console.error(`${new Date().toISOString()} ublk-bun supervisor[${process.pid}]: ${message}`);
@@ -40,7 +41,8 @@ async function supervise(spec: DaemonSpec): Promise<void> {
   try { writeSync(STATUS_FD, `READY ${JSON.stringify(record)}\n`); } catch { /* the CLI has gone */ }
   log(`device ${devId}: supervising daemon pid ${record.pid}`);
 
-  let delayMs = MIN_DELAY_MS;
+  let quickDeaths = 0;
+  let delayMs = 0;
   for (;;) {
     const startedAt = Date.now();
     await waitForDeath(record.pid);
@@ -51,7 +53,8 @@ async function supervise(spec: DaemonSpec): Promise<void> {
       return;
     }
     const livedMs = Date.now() - startedAt;
-    delayMs = livedMs > HEALTHY_MS ? MIN_DELAY_MS : Math.min(MAX_DELAY_MS, Math.max(1_000, delayMs * 2));
+    quickDeaths = livedMs > HEALTHY_MS ? 0 : quickDeaths + 1;
+    delayMs = quickDeaths <= QUICK_DEATHS_FREE ? 0 : Math.min(MAX_DELAY_MS, Math.max(1_000, delayMs * 2));
     log(`device ${devId}: daemon pid ${record.pid} died after ${livedMs} ms; recovering${delayMs ? ` in ${delayMs} ms` : ""}`);
     if (delayMs) await Bun.sleep(delayMs);
     const recoverStart = Date.now();

@@ -66,6 +66,16 @@ async function fioResult(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, timeoutM
   return { status, stdout: await new Response(fio.stdout).text(), stderr: await new Response(fio.stderr).text() };
 }
 
+/** fio ran to its end with exit 0, no error in its JSON or on stderr, and real I/O done. */
+async function expectFioClean(fio: Bun.Subprocess<"ignore", "pipe", "pipe">): Promise<void> {
+  const { status, stdout, stderr } = await fioResult(fio);
+  expect(stderr).not.toMatch(/verify|error/i);
+  expect(status).toBe(0);
+  const result = fioJson(stdout);
+  expect(result.errors).toBe(0);
+  expect(result.ios).toBeGreaterThan(1000);
+}
+
 function fioJson(text: string): { errors: number; ios: number } {
   const json = JSON.parse(text.slice(text.indexOf("{")));
   const job = json.jobs[0];
@@ -97,12 +107,7 @@ describe("recovery", () => {
         expect(fio.exitCode).toBeNull(); // the kill lands while fio reads
         timings.push(await killAndRecover(devId));
       }
-      const { status, stdout, stderr } = await fioResult(fio);
-      expect(stderr).not.toContain("error");
-      expect(status).toBe(0);
-      const result = fioJson(stdout);
-      expect(result.errors).toBe(0);
-      expect(result.ios).toBeGreaterThan(1000);
+      await expectFioClean(fio);
       cliOk(["del", "-n", String(devId)]);
       expectClean();
       if (canReloadModule) {
@@ -127,12 +132,7 @@ describe("recovery", () => {
         expect(fio.exitCode).toBeNull(); // still running: the kill lands mid-run
         timings.push(await killAndRecover(devId, 200));
       }
-      const { status, stdout, stderr } = await fioResult(fio);
-      expect(stderr).not.toMatch(/verify|error/i);
-      expect(status).toBe(0);
-      const result = fioJson(stdout);
-      expect(result.errors).toBe(0);
-      expect(result.ios).toBeGreaterThan(1000);
+      await expectFioClean(fio);
       cliOk(["del", "-n", String(devId)]);
       expectClean();
       report(`${target} verify`, timings);
@@ -180,9 +180,7 @@ describe("recovery", () => {
       expect(again.status).toBe(0);
       expect(state(devId)).toBe("LIVE");
       expect(fio.exitCode).toBeNull();
-      const { status, stdout } = await fioResult(fio);
-      expect(status).toBe(0);
-      expect(fioJson(stdout).errors).toBe(0);
+      await expectFioClean(fio);
       cliOk(["del", "-n", String(devId)]);
       expectClean();
     });
@@ -210,9 +208,7 @@ describe("recovery", () => {
     }
     console.log(`auto-recover: kill→LIVE ms ${recoveredMs.join("/")}`);
     expect(fio.exitCode).toBeNull();
-    const { status, stdout } = await fioResult(fio);
-    expect(status).toBe(0);
-    expect(fioJson(stdout).errors).toBe(0);
+    await expectFioClean(fio);
     cliOk(["del", "-n", String(devId)]);
     await waitFor("the supervisor to exit", () => !readdirSync("/proc").includes(String(supervisor)), 10_000);
     expectClean();
@@ -257,15 +253,28 @@ export default target;
     const recover = cli(["recover", "-n", String(devId)]);
     expect(recover.status).toBe(0);
     expect(fio.exitCode).toBeNull();
-    const { status, stdout } = await fioResult(fio);
-    expect(status).toBe(0);
-    expect(fioJson(stdout).errors).toBe(0);
+    await expectFioClean(fio);
     cliOk(["del", "-n", String(devId)]);
     expectClean();
   });
 });
 
 describe("recover: clear errors", () => {
+  test("-e 1 (FAIL_IO) is refused with a reason where the kernel lacks it, and works where it has it", () => {
+    const features = JSON.parse(cliOk(["features", "--json"]));
+    const run = cli(["add", "-t", "null", "-e", "1"]);
+    if (features.names.includes("USER_RECOVERY_FAIL_IO")) {
+      expect(run.status).toBe(0);
+      expect(run.stdout).toMatch(/flags 0x[0-9a-f]*/);
+      cliOk(["del", "-a"]);
+    } else {
+      expect(run.status).not.toBe(0);
+      expect(run.stderr.trim().split("\n")).toHaveLength(1);
+      expect(run.stderr).toMatch(/no USER_RECOVERY_FAIL_IO \(it needs Linux ≥ 6\.13\)/);
+    }
+    expectClean();
+  });
+
   test("no device, no record, LIVE device, device without recovery, record that does not match", async () => {
     let run = cli(["recover", "-n", "77"]);
     expect(run.status).not.toBe(0);
