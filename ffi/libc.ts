@@ -75,6 +75,8 @@ export const FALLOC_FL_ZERO_RANGE = 0x10;
 export const RWF_DSYNC = 0x02;
 /** ioctl(BLKGETSIZE64): a block device's size in bytes, into a u64. */
 export const BLKGETSIZE64 = 0x80081272;
+/** ioctl(BLKROGET): whether a block device is read-only, into an int. */
+export const BLKROGET = 0x125e;
 /** ioctl(BLKSSZGET): a block device's logical block size, into an int. */
 export const BLKSSZGET = 0x1268;
 

@@ -199,7 +199,7 @@ export function listingJson(listing: DeviceListing): object {
     queueDepth: listing.info.queueDepth, maxIoBufBytes: listing.info.maxIoBufBytes, flags: listing.info.flags,
     ownerUid: listing.info.ownerUid, ownerGid: listing.info.ownerGid,
     logicalBlockBytes: 1 << (listing.params?.basic.logicalBsShift ?? 9), devSectors: listing.params?.basic.devSectors ?? 0,
-    devt: listing.params?.devt ?? null, queues: listing.queues, target: listing.record?.target ?? null,
+    devt: listing.params?.devt ?? null, params: listing.params, queues: listing.queues, target: listing.record?.target ?? null,
     recordProblem: listing.recordProblem ?? null, supervisorPid: listing.record?.supervisorPid ?? null,
   };
 }

@@ -7,7 +7,7 @@
 import { closeSync, constants, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
 import { resolve } from "node:path";
 import {
-  BLKGETSIZE64, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, mmapAnonymous, munmap,
+  BLKGETSIZE64, BLKROGET, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, mmapAnonymous, munmap,
   O_DIRECT, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, RWF_DSYNC,
 } from "../ffi/libc.ts";
 import { EINVAL, EIO, EOPNOTSUPP, ErrnoError, errnoText } from "../ffi/errno.ts";
@@ -22,6 +22,8 @@ interface Backing {
   sizeBytes: number;
   logicalBlockBytes: number;
   isBlockDevice: boolean;
+  /** A block device marked read-only (root may still open it for writing; the writes would fail). */
+  readOnlyDevice: boolean;
 }
 
 /** Size and block size of an open backing file or block device. */
@@ -30,10 +32,13 @@ function inspect(fd: number, path: string): Backing {
   if (stat.isBlockDevice()) {
     const size = new BigUint64Array(1);
     const blockBytes = new Int32Array(1);
-    if (ioctl(fd, BLKGETSIZE64, size) < 0 || ioctl(fd, BLKSSZGET, blockBytes) < 0) throw new Error(`file: cannot read the size of ${path}`);
-    return { sizeBytes: Number(size[0]), logicalBlockBytes: blockBytes[0]!, isBlockDevice: true };
+    const readOnly = new Int32Array(1);
+    if (ioctl(fd, BLKGETSIZE64, size) < 0 || ioctl(fd, BLKSSZGET, blockBytes) < 0 || ioctl(fd, BLKROGET, readOnly) < 0) {
+      throw new Error(`file: cannot read the size of ${path}`);
+    }
+    return { sizeBytes: Number(size[0]), logicalBlockBytes: blockBytes[0]!, isBlockDevice: true, readOnlyDevice: readOnly[0] !== 0 };
   }
-  return { sizeBytes: stat.size, logicalBlockBytes: 512, isBlockDevice: false };
+  return { sizeBytes: stat.size, logicalBlockBytes: 512, isBlockDevice: false, readOnlyDevice: false };
 }
 
 /** Whether O_DIRECT works on `path`, and with which alignment (some file systems want 4 KiB). */
@@ -82,6 +87,7 @@ export const fileTarget: Target = {
     let backing: Backing;
     try {
       backing = inspect(fd, path);
+      if (backing.readOnlyDevice && !readOnly) throw new Error(`file: ${path} is not writable (EROFS); add --read-only to serve it read-only`);
       const logicalBlockBytes = Math.max(options.logicalBlockBytes ?? 512, backing.logicalBlockBytes);
       let sizeBytes = options.sizeBytes ?? backing.sizeBytes;
       if (sizeBytes > backing.sizeBytes) {

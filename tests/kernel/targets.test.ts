@@ -138,6 +138,20 @@ describe("file target", () => {
     expectClean();
   });
 
+  test("a read-only block device is refused unless --read-only is given", () => {
+    const loopPath = Bun.spawnSync(["losetup", "-r", "-f", "--show", backing]).stdout.toString().trim();
+    expect(loopPath).toStartWith("/dev/loop");
+    try {
+      const run = cli(["add", "-t", "file", "-f", loopPath]);
+      expect(run.status).not.toBe(0);
+      expect(run.stderr.trim().split("\n")).toHaveLength(1);
+      expect(run.stderr).toMatch(/is not writable \(EROFS\); add --read-only/);
+      expectClean();
+    } finally {
+      Bun.spawnSync(["losetup", "-d", loopPath]);
+    }
+  });
+
   test("a loop block device as backing, read-only serving", () => {
     const losetup = Bun.spawnSync(["losetup", "-f", "--show", backing]);
     const loopPath = losetup.stdout.toString().trim();
@@ -147,6 +161,7 @@ describe("file target", () => {
       try {
         const listed = JSON.parse(cliOk(["list", "-n", String(devId), "--json"]))[0];
         expect(listed.devSectors).toBe((64 << 20) / 512);
+        expect(listed.params.basic.attrs & 1).toBe(1); // UBLK_ATTR_READ_ONLY, as the kernel reports it
         expect(readFileSync(`/sys/block/ublkb${devId}/ro`, "utf8").trim()).toBe("1");
         expect(Bun.spawnSync(["cmp", "-n", String(4 << 20), `/dev/ublkb${devId}`, backing]).exitCode).toBe(0);
       } finally {
