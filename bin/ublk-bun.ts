@@ -117,7 +117,7 @@ async function add(flags: Flags): Promise<void> {
     await serve(spec, flags);
   } catch (error) {
     // The daemon removed the device; what prepare() made outside it (a /dev/shm file …) goes too.
-    target.destroy?.(spec.target);
+    await target.destroy?.(spec.target);
     throw error;
   }
 }

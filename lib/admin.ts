@@ -309,7 +309,7 @@ async function removeRecordAndState(devId: number, record: DeviceRecord | null):
   if (!record) return;
   try {
     const target = await loadTarget(record.target.type);
-    target.destroy?.(record.target);
+    await target.destroy?.(record.target);
   } catch { /* the target's state cannot be found; nothing more to remove */ }
 }
 

@@ -62,7 +62,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
         await device.stop();
         removeRecord(device.devId);
         const target = await loadTarget(spec.target.type);
-        target.destroy?.(spec.target);
+        await target.destroy?.(spec.target);
       })();
       return stopping;
     },

@@ -77,7 +77,7 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
   try {
     served = await startServing({ config, target: record }, { onFatal: options.onFatal });
   } catch (error) {
-    target.destroy?.(record);
+    await target.destroy?.(record);
     throw error;
   }
   const { device } = served;

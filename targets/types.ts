@@ -96,5 +96,5 @@ export interface Target {
   /** Required; queue Worker. Opens what serving one queue needs (files, mappings) and returns its handler. */
   openQueue(record: TargetRecord, queue: QueueContext): QueueHandler | Promise<QueueHandler>;
   /** Optional; the process that deletes the device. Removes state kept outside the server (shm files …). */
-  destroy?(record: TargetRecord): void;
+  destroy?(record: TargetRecord): void | Promise<void>;
 }
