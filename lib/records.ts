@@ -3,7 +3,7 @@
  * server after a crash (the kernel keeps no target configuration). Written atomically (temporary file +
  * rename), mode 0600, and never read or written through a symlink.
  */
-import { closeSync, constants, fstatSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, constants, fstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import type { DeviceConfig, QueueInfo } from "./device.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -113,13 +113,4 @@ export function recordedDevIds(): number[] {
     return [];
   }
   return names.map((name) => /^(\d+)\.json$/.exec(name)).filter((m) => m !== null).map((m) => Number(m![1])).sort((a, b) => a - b);
-}
-
-/** True when `path` exists as a symlink (used to refuse records planted as links). */
-export function isSymlink(path: string): boolean {
-  try {
-    return lstatSync(path).isSymbolicLink();
-  } catch {
-    return false;
-  }
 }

@@ -3,9 +3,6 @@
  * (`./my-target.ts`, an absolute path or a package name) whose default export (or `target` export) is a Target.
  */
 import { isAbsolute, resolve } from "node:path";
-import { fileTarget } from "./file.ts";
-import { memoryTarget } from "./memory.ts";
-import { nullTarget } from "./null.ts";
 import type { Target } from "./types.ts";
 
 const BUILT_IN: Record<string, string> = {
@@ -16,8 +13,6 @@ const BUILT_IN: Record<string, string> = {
 };
 /** Names accepted as aliases (ublksrv calls the file target "loop"). */
 const ALIASES: Record<string, string> = { loop: "file" };
-
-export const builtInTargets: readonly Target[] = [nullTarget, memoryTarget, fileTarget];
 
 export function isBuiltIn(type: string): boolean {
   return type in BUILT_IN || type in ALIASES;
