@@ -99,6 +99,7 @@ export class Device {
       charFd = await openCharDevice(info.devId);
       queues = await startQueues(ctrl, info, target, charFd, false, events);
       ctrl.setParams(info.devId, paramsOf(target, info));
+      await pauseForTest("before-start-dev");
       ctrl.startDev(info.devId, getpid());
       const started = ctrl.getDevInfo(info.devId);
       return new Device(ctrl, started, { ...config, devId: info.devId }, target, charFd, queues);
