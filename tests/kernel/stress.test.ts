@@ -20,7 +20,8 @@ describe("stress (short forms)", () => {
       { env: { ...process.env, UBLK_BUN_TEST_PAUSE: "before-start-dev:60000", UBLK_BUN_DEBUG: "1" }, stdout: "pipe", stderr: "pipe" });
     let victim = 0;
     await waitFor("the daemon to pause before START_DEV", () => {
-      const log = readFileSync("/run/ublk-bun/daemon.log", "utf8");
+      let log = "";
+      try { log = readFileSync("/run/ublk-bun/daemon.log", "utf8"); } catch { /* not written yet */ }
       const match = [...log.matchAll(/ublk-bun\[(\d+)\]: pausing \d+ ms at before-start-dev/g)].at(-1);
       victim = match ? Number(match[1]) : 0;
       return victim > 0 && readdirSync("/proc").includes(String(victim));
@@ -46,7 +47,9 @@ describe("stress (short forms)", () => {
       const json = JSON.parse((await new Response(run.stdout).text()).replace(/^[^{]*/, ""));
       expect(json.jobs[0].error).toBe(0);
     })).then(() => {
-      expect(cli(["del", "-a"]).status).toBe(0);
+      const del = cli(["del", "-a"]);
+      expect(del.stderr).toBe("");
+      expect(del.status).toBe(0);
       expectClean();
     });
   });
