@@ -12,14 +12,11 @@ import {
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueReply, QueueStart } from "./queue-worker.ts";
 import { wakeQueueForStop } from "./queue-worker.ts";
+import { debug } from "./debug.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export const DEFAULT_QUEUE_DEPTH = 128;
 
-/** Step-by-step log on stderr when UBLK_BUN_DEBUG is set (the daemon's stderr is its log file). */
-export function debug(message: string): void {
-  if (process.env.UBLK_BUN_DEBUG) console.error(`${new Date().toISOString()} ublk-bun[${process.pid}]: ${message}`);
-}
 export const DEFAULT_NR_HW_QUEUES = 1;
 export const DEFAULT_MAX_IO_BUF_BYTES = 512 * 1024;
 

@@ -23,6 +23,7 @@ import {
   ublkDescMmapOffset, ublkUserCopyOffset, ublksrv_io_cmd, ublksrv_io_desc,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { loadTarget } from "../targets/registry.ts";
+import { debug } from "./debug.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
 /** The message that starts a queue Worker. JSON-safe. */
@@ -179,7 +180,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
         else if (res === UBLK_IO_RES_NEED_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
         else {
           // -ENODEV: the queue is being torn down; anything else means the kernel refused this tag's command.
-          if (retiredTags === 0 && process.env.UBLK_BUN_DEBUG) console.error(`${new Date().toISOString()} queue ${qId}: first tag retired (${res})`);
+          if (retiredTags === 0) debug(`queue ${qId}: first tag retired (${res})`);
           if (res !== -ENODEV) console.error(`ublk-bun: queue ${qId} tag ${userDataLow}: io command failed with ${res}`);
           retiredTags++;
         }
@@ -193,7 +194,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     if (usesEventLoop && pendingAsync > 0) await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
-  if (process.env.UBLK_BUN_DEBUG) console.error(`${new Date().toISOString()} queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}`);
+  debug(`queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}`);
   handler.close?.();
   ring.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
   munmap(descAddress, descBytes);
