@@ -19,6 +19,25 @@ const kernelOnly = args.has("--kernel");
 const hostOnly = args.has("--host");
 const totals = { passed: 0, failed: 0, skipped: 0 };
 const failedSteps: string[] = [];
+/** Why each test failed, repeated at the end: CI shows only the tail of a long run. */
+const failureDetails = new Set<string>();
+
+/** bun test prints a failing test's error and stack just before its "(fail) name" line. */
+function collectFailures(text: string): void {
+  const lines = text.split("\n");
+  let blockStart = 0;
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i]!;
+    if (/^failed tests:$|^\d+ tests? failed:$/.test(line)) break; // summaries repeat the names without the reasons
+    if (/^\(fail\) /.test(line)) {
+      const why = lines.slice(blockStart, i)
+        .filter((l) => /^(error|Expected|Received|\s+at .*\.test\.ts)|^\s*[-+] /.test(l))
+        .slice(0, 8);
+      failureDetails.add([line, ...why.map((l) => `    ${l.trim()}`)].join("\n"));
+    }
+    if (/^\((pass|fail|skip)\) |^tests\/.*\.test\.ts:$/.test(line)) blockStart = i + 1;
+  }
+}
 
 /** Runs a command, streaming its output, and adds any bun-test counts it prints to the totals. */
 async function step(name: string, command: string[], env: Record<string, string> = {}): Promise<boolean> {
@@ -46,6 +65,7 @@ async function step(name: string, command: string[], env: Record<string, string>
       else totals.skipped += Number(count);
     }
   }
+  collectFailures(text);
   if (status !== 0) failedSteps.push(`${name} (exit ${status})`);
   return status === 0;
 }
@@ -76,6 +96,7 @@ if (!hostOnly) {
 }
 
 console.log("");
+if (failureDetails.size > 0) console.log(`failed tests:\n${[...failureDetails].join("\n")}`);
 for (const failure of failedSteps) console.log(`FAILED: ${failure}`);
 console.log(`tests: ${totals.passed} passed, ${totals.failed} failed, ${totals.skipped} skipped`);
 process.exit(failedSteps.length === 0 && totals.failed === 0 ? 0 : 1);
