@@ -1,6 +1,6 @@
 // Shared helpers for the kernel suite: run the CLI and fio as a user would, and check that nothing is left.
 import { expect } from "bun:test";
-import { existsSync, readdirSync, readlinkSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
 
 export const ROOT = join(import.meta.dir, "../..");
@@ -102,4 +102,22 @@ export async function waitFor(what: string, condition: () => boolean, timeoutMs 
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await Bun.sleep(50);
   }
+}
+
+/**
+ * Starts `ublk-bun ARGS…` with its daemon told to pause `pauseMs` at `step` (UBLK_BUN_TEST_PAUSE) and waits until
+ * a daemon other than `notPid` logs that pause; returns the CLI process and the paused daemon's pid.
+ */
+export async function spawnPaused(args: string[], step: string, notPid = 0, pauseMs = 60_000) {
+  const child = Bun.spawn([process.execPath, CLI, ...args],
+    { env: { ...process.env, UBLK_BUN_TEST_PAUSE: `${step}:${pauseMs}`, UBLK_BUN_DEBUG: "1" }, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  let daemonPid = 0;
+  await waitFor(`the daemon to pause at ${step}`, () => {
+    let log = "";
+    try { log = readFileSync("/run/ublk-bun/daemon.log", "utf8"); } catch { /* not written yet */ }
+    const match = [...log.matchAll(new RegExp(`ublk-bun\\[(\\d+)\\]: pausing \\d+ ms at ${step}`, "g"))].at(-1);
+    daemonPid = match ? Number(match[1]) : 0;
+    return daemonPid > 0 && daemonPid !== notPid && readdirSync("/proc").includes(String(daemonPid));
+  }, 60_000);
+  return { child, daemonPid };
 }

@@ -2,7 +2,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, waitFor } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, spawnPaused, waitFor } from "./helpers.ts";
 
 const work = "/tmp/ublk-bun-recovery";
 beforeAll(() => {
@@ -59,18 +59,25 @@ async function killAndRecover(devId: number, pauseMs = 500): Promise<KillTiming>
   return { killToQuiescedMs: quiescedAt - killedAt, recoverToLiveMs: liveAt - recoverAt, recoverToFirstIoMs: firstIoAt - recoverAt };
 }
 
-/** Waits for a time-based fio to finish by itself (stopping it by signal makes fio exit 128). */
+/** Waits for fio to end (by itself, or after our SIGINT); "hung" if it does not within `timeoutMs`. */
 async function fioResult(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, timeoutMs = 120_000): Promise<{ status: number | string; stdout: string; stderr: string }> {
   const status = await Promise.race([fio.exited, Bun.sleep(timeoutMs).then(() => "hung")]);
   if (status === "hung") fio.kill("SIGKILL");
   return { status, stdout: await new Response(fio.stdout).text(), stderr: await new Response(fio.stderr).text() };
 }
 
-/** fio ran to its end with exit 0, no error in its JSON or on stderr, and real I/O done. */
-async function expectFioClean(fio: Bun.Subprocess<"ignore", "pipe", "pipe">): Promise<void> {
+/**
+ * Lets a long fio read on for `afterMs` more (I/O after the last recovery), stops it with SIGINT — fio then
+ * writes its JSON and exits 128 — and checks it saw no error and did real I/O. Stopping by signal instead of
+ * `--runtime` keeps the test independent of how long the kills took on a slow machine.
+ */
+async function expectFioClean(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, afterMs = 2000): Promise<void> {
+  await Bun.sleep(afterMs);
+  expect(fio.exitCode).toBeNull(); // it must not have ended by itself (that would be an error)
+  fio.kill("SIGINT");
   const { status, stdout, stderr } = await fioResult(fio);
   expect(stderr).not.toMatch(/verify|error/i);
-  expect(status).toBe(0);
+  expect(status).toBe(128);
   const result = fioJson(stdout);
   expect(result.errors).toBe(0);
   expect(result.ios).toBeGreaterThan(1000);
@@ -100,7 +107,7 @@ describe("recovery", () => {
       const devId = addDevice(["-t", "null", "-d", "4", "-i", "1"]);
       expect(devId).toBe(0);
       // The reference command (buffered psync reads), shortened.
-      const fio = Bun.spawn(["fio", "--name=ref", "--bs=4k", `--filename=/dev/ublkb${devId}`, "--runtime=40s", "--rw=read",
+      const fio = Bun.spawn(["fio", "--name=ref", "--bs=4k", `--filename=/dev/ublkb${devId}`, "--runtime=300s", "--rw=read",
         "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
       for (let kill = 0; kill < kills; kill++) {
         await Bun.sleep(1000);
@@ -124,7 +131,7 @@ describe("recovery", () => {
       if (target === "file") writeFileSync(backing, Buffer.alloc(64 << 20));
       const devId = addDevice(target === "file" ? ["-t", "file", "-f", backing, "-i", "1", "-q", "2"] : ["-t", "memory", "-s", "64M", "-i", "1", "-q", "2"]);
       const fio = Bun.spawn(["fio", "--name=verify", `--filename=/dev/ublkb${devId}`, "--rw=randwrite", "--bs=4k", "--direct=1",
-        "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--time_based", "--runtime=25", "--verify=crc32c", "--verify_backlog=256",
+        "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--time_based", "--runtime=300", "--verify=crc32c", "--verify_backlog=256",
         "--verify_fatal=1", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
       const timings: KillTiming[] = [];
       for (let kill = 0; kill < 3; kill++) {
@@ -142,7 +149,7 @@ describe("recovery", () => {
   test("-r 1 without REISSUE: requests the dead daemon held fail with EIO (6.12); later I/O waits for recover", async () => {
     const devId = addDevice(["-t", "null", "-r", "1", "-d", "32"]);
     const fio = Bun.spawn(["fio", "--name=eio", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-      "--ioengine=io_uring", "--iodepth=32", "--runtime=60", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      "--ioengine=io_uring", "--iodepth=32", "--runtime=20", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     await Bun.sleep(1500);
     await killAndRecover(devId);
     const { status, stderr } = await fioResult(fio, 30_000);
@@ -158,33 +165,58 @@ describe("recovery", () => {
     test(`the daemon killed during recover (${step}): a second recover succeeds, fio sees no error`, async () => {
       const devId = addDevice(["-t", "null", "-i", "1", "-q", "2", "-d", "16"]);
       const fio = Bun.spawn(["fio", "--name=r", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-        "--ioengine=psync", "--runtime=40", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+        "--ioengine=psync", "--runtime=300", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
       await Bun.sleep(1000);
       const oldPid = daemonPidOf(devId);
       process.kill(oldPid, "SIGKILL");
       await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
-      const slow = Bun.spawn([process.execPath, join(ROOT, "bin/ublk-bun.ts"), "recover", "-n", String(devId)],
-        { env: { ...process.env, UBLK_BUN_TEST_PAUSE: `${step}:60000`, UBLK_BUN_DEBUG: "1" }, stdout: "pipe", stderr: "pipe" });
-      // Find the recovering daemon and kill it while it pauses at `step`.
-      let victim = 0;
-      await waitFor(`the recovering daemon to reach ${step}`, () => {
-        const log = readFileSync("/run/ublk-bun/daemon.log", "utf8");
-        const match = [...log.matchAll(new RegExp(`ublk-bun\\[(\\d+)\\]: pausing \\d+ ms at ${step}`, "g"))].at(-1);
-        victim = match ? Number(match[1]) : 0;
-        return victim > 0 && victim !== oldPid && readdirSync("/proc").includes(String(victim));
-      }, 60_000);
+      // Kill the recovering daemon while it pauses at `step`.
+      const { child: slow, daemonPid: victim } = await spawnPaused(["recover", "-n", String(devId)], step, oldPid);
       process.kill(victim, "SIGKILL");
       expect(await slow.exited).not.toBe(0);
       const again = cli(["recover", "-n", String(devId)]);
       expect(again.stderr).toBe("");
       expect(again.status).toBe(0);
       expect(state(devId)).toBe("LIVE");
-      expect(fio.exitCode).toBeNull();
       await expectFioClean(fio);
       cliOk(["del", "-n", String(devId)]);
       expectClean();
     });
   }
+
+  test("a second recover while one runs is refused in one line; another device recovers meanwhile; after a kill, recover works", async () => {
+    const busyId = addDevice(["-t", "null", "-i", "1", "-d", "16"]);
+    const otherId = addDevice(["-t", "memory", "-s", "16M", "-i", "1"]);
+    const fio = Bun.spawn(["fio", "--name=r", `--filename=/dev/ublkb${busyId}`, "--rw=randread", "--bs=4k", "--direct=1",
+      "--ioengine=psync", "--runtime=300", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    await Bun.sleep(1000);
+    const oldPid = daemonPidOf(busyId);
+    process.kill(oldPid, "SIGKILL");
+    await waitFor("QUIESCED", () => state(busyId) === "QUIESCED", 60_000);
+    const { child: first, daemonPid: recovering } = await spawnPaused(["recover", "-n", String(busyId)], "after-start-recovery", oldPid);
+
+    const second = cli(["recover", "-n", String(busyId)]);
+    expect(second.status).not.toBe(0);
+    expect(second.stderr.trim().split("\n")).toHaveLength(1);
+    expect(second.stderr).toContain(`device ${busyId} is busy: pid ${recovering} is serving or recovering it`);
+
+    // An unrelated device dies and is recovered while the first recover still holds its own device.
+    process.kill(daemonPidOf(otherId), "SIGKILL");
+    await waitFor("QUIESCED", () => state(otherId) === "QUIESCED", 60_000);
+    cliOk(["recover", "-n", String(otherId)]);
+    expect(state(otherId)).toBe("LIVE");
+    expect(state(busyId)).toBe("QUIESCED");
+
+    process.kill(recovering, "SIGKILL");
+    expect(await first.exited).not.toBe(0);
+    const third = cli(["recover", "-n", String(busyId)]);
+    expect(third.stderr).toBe("");
+    expect(third.status).toBe(0);
+    expect(state(busyId)).toBe("LIVE");
+    await expectFioClean(fio);
+    expect(cli(["del", "-a"]).status).toBe(0);
+    expectClean();
+  });
 
   test("--auto-recover: three kills under fio, no operator command, no fio error", async () => {
     const devId = addDevice(["-t", "memory", "-s", "32M", "-i", "1", "--auto-recover"]);
@@ -192,7 +224,7 @@ describe("recovery", () => {
     expect(listed).toMatch(/\tauto-recover supervisor: \d+\n/);
     const supervisor = Number(/auto-recover supervisor: (\d+)/.exec(listed)![1]);
     const fio = Bun.spawn(["fio", "--name=auto", `--filename=/dev/ublkb${devId}`, "--rw=randrw", "--bs=4k", "--direct=1",
-      "--ioengine=io_uring", "--iodepth=8", "--runtime=35", "--time_based", "--verify=crc32c", "--verify_backlog=256", "--output-format=json"],
+      "--ioengine=io_uring", "--iodepth=8", "--runtime=300", "--time_based", "--verify=crc32c", "--verify_backlog=256", "--output-format=json"],
       { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     const recoveredMs: number[] = [];
     for (let kill = 0; kill < 3; kill++) {
@@ -246,7 +278,7 @@ export default target;
     const dd = Bun.spawnSync(["dd", `if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=100", "iflag=direct", "skip=1000"]);
     expect(dd.exitCode).toBe(0);
     const fio = Bun.spawn(["fio", "--name=c", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
-      "--runtime=25", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      "--runtime=300", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     await waitFor("the daemon to exit", () => !readdirSync("/proc").includes(String(pid)), 30_000);
     await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
     expect(readFileSync("/run/ublk-bun/daemon.log", "utf8")).toContain("deliberate failure");
