@@ -22,6 +22,7 @@ const lib = dlopen("libc.so.6", {
   pwrite: { args: [i32, pointer, u64, i64], returns: i64Fast },
   fsync: { args: [i32], returns: i32 },
   fallocate: { args: [i32, i32, i64, i64], returns: i32 },
+  flock: { args: [i32, i32], returns: i32 },
   memcpy: { args: [pointer, pointer, u64], returns: pointer },
   memset: { args: [pointer, i32, u64], returns: pointer },
   ioctl: { args: [i32, u64, pointer], returns: i32 },
@@ -121,6 +122,12 @@ export function fsync(fd: number): number {
 /** fallocate(2): `mode` 0 reserves blocks; FALLOC_FL_* punch holes or zero ranges. */
 export function fallocate(fd: number, mode: number, offsetBytes: number, lengthBytes: number): number {
   return check(fn.fallocate(fd, mode, offsetBytes, lengthBytes));
+}
+export const LOCK_EX = 2;
+export const LOCK_NB = 4;
+/** flock(2): an advisory lock the kernel drops when the process dies, however it dies. */
+export function flock(fd: number, operation: number): number {
+  return check(fn.flock(fd, operation));
 }
 /** Copies between two native addresses (mmapped memory); cannot fail. */
 export function memcpy(destinationAddress: number, sourceAddress: number, lengthBytes: number): void {

@@ -8,9 +8,9 @@
  *   READY <json>         the device is started; json = the DeviceRecord
  *   ERROR <message>      start failed and everything was cleaned up
  */
-import { writeSync } from "node:fs";
+import { closeSync, writeSync } from "node:fs";
 import { Device, type DeviceConfig, type DeviceEvents } from "./device.ts";
-import { removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
+import { lockDevice, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
@@ -38,9 +38,26 @@ export interface ServedDevice {
 
 /** Creates and starts the device and writes its record (used by the daemon, --foreground and createDevice). */
 export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}): Promise<ServedDevice> {
-  const device = spec.mode === "recover"
-    ? await Device.recover(spec.config, spec.target, events)
-    : await Device.create(spec.config, spec.target, events);
+  // The device lock is held for the life of the serving process: a second recover of the device is refused
+  // instead of racing this one; the kernel drops it however this process dies.
+  let lockFd = spec.mode === "recover" ? lockDevice(spec.config.devId, "recover") : -1;
+  let device: Device;
+  try {
+    device = spec.mode === "recover"
+      ? await Device.recover(spec.config, spec.target, events)
+      : await Device.create(spec.config, spec.target, events);
+  } catch (error) {
+    if (lockFd >= 0) closeSync(lockFd);
+    throw error;
+  }
+  if (lockFd < 0) {
+    try {
+      lockFd = lockDevice(device.devId, "add");
+    } catch (error) {
+      await device.stop();
+      throw error;
+    }
+  }
   const supervisorPid = Number(process.env[SUPERVISOR_PID_ENV] ?? 0);
   const record: DeviceRecord = {
     version: RECORD_VERSION, devId: device.devId, config: device.config, target: spec.target, pid: process.pid,
@@ -51,6 +68,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
     writeRecord(record);
   } catch (error) {
     await device.stop();
+    closeSync(lockFd);
     throw error;
   }
   let stopping: Promise<void> | undefined;
@@ -61,6 +79,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
       stopping ??= (async () => {
         await device.stop();
         removeRecord(device.devId);
+        closeSync(lockFd);
         const target = await loadTarget(spec.target.type);
         await target.destroy?.(spec.target);
       })();

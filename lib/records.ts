@@ -3,10 +3,12 @@
  * server after a crash (the kernel keeps no target configuration). Written atomically (temporary file +
  * rename), mode 0600, and never read or written through a symlink.
  */
-import { closeSync, constants, fstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, constants, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import type { DeviceConfig, QueueInfo } from "./device.ts";
 import type { TargetRecord } from "../targets/types.ts";
+import { flock, LOCK_EX, LOCK_NB } from "../ffi/libc.ts";
+import { EAGAIN, ErrnoError } from "../ffi/errno.ts";
 
 export const RECORD_VERSION = 1;
 
@@ -97,11 +99,37 @@ function isRecord(value: unknown): value is DeviceRecord {
 
 /** Removes a record if present (a symlink in its place is removed, not followed). */
 export function removeRecord(devId: number): void {
-  try {
-    unlinkSync(recordPath(devId));
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+  for (const path of [recordPath(devId), lockPath(devId)]) {
+    try {
+      unlinkSync(path);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+    }
   }
+}
+
+function lockPath(devId: number): string {
+  return join(runDir(), `${devId}.lock`);
+}
+
+/**
+ * Takes the device's lock for the life of this process (a recovering or serving daemon), so two recovers of one
+ * device cannot interleave. Returns the fd (close it to release); throws a one-line reason naming the holder.
+ */
+export function lockDevice(devId: number, purpose: string): number {
+  mkdirSync(runDir(), { recursive: true, mode: 0o700 });
+  const path = lockPath(devId);
+  const fd = openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_NOFOLLOW, 0o600);
+  const result = flock(fd, LOCK_EX | LOCK_NB);
+  if (result < 0) {
+    const holder = readFileSync(path, "utf8").trim();
+    closeSync(fd);
+    if (-result === EAGAIN /* EWOULDBLOCK */) throw new Error(`${purpose}: device ${devId} is busy: pid ${holder || "?"} is serving or recovering it`);
+    throw new ErrnoError(`flock ${path}`, -result);
+  }
+  ftruncateSync(fd, 0);
+  writeSync(fd, `${process.pid}\n`, 0);
+  return fd;
 }
 
 /** Device ids that have a record file. */
