@@ -5,9 +5,9 @@
  */
 import { cac } from "cac";
 import {
-  addDevice, allDevIds, deleteDevice, formatListing, kernelFeatures, listDevices, listingJson, recoverDevice, runForeground, SUPERVISOR_PATH,
+  addDevice, allDevIds, deleteDevice, findOrphans, formatListing, kernelFeatures, listDevices, listingJson, recoverDevice, runForeground, SUPERVISOR_PATH,
 } from "../lib/admin.ts";
-import { UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl } from "../lib/ctrl.ts";
 import { dataModeFlags, DEFAULT_MAX_IO_BUF_BYTES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, recoveryFlags } from "../lib/device.ts";
 import {
@@ -40,6 +40,7 @@ cli
   .option("--read-only", "file target: serve the backing store read-only")
   .option("--grow", "file target: extend a regular file to -s SIZE")
   .option("-o, --option <key=value>", "An option for a user-written target (repeatable)")
+  .option("--unprivileged", "UNPRIVILEGED_DEV: a device owned by the calling user (needs /dev/ublk-control open to them and the udev rule)")
   .option("-e, --recovery-fail-io <0|1>", "USER_RECOVERY + FAIL_IO: I/O fails fast while no daemon (kernel ≥ 6.13)")
   .option("--auto-recover", "Watch the daemon and recover the device by itself when it dies (needs -r 1 or -i 1)")
   .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
@@ -94,6 +95,11 @@ async function add(flags: Flags): Promise<void> {
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0) throw new UsageError("--auto-recover needs -r 1 or -i 1");
   if (flags.autoRecover && flags.foreground) throw new UsageError("--auto-recover and --foreground cannot be combined");
+  if (flags.unprivileged === true) {
+    // ublk_drv clears the recovery flags of unprivileged devices (a user's daemon could stall recovery forever).
+    if ((config.flags & UBLK_F_USER_RECOVERY) !== 0 || failIo) throw new UsageError("--unprivileged: the kernel allows no recovery (-r, -i, -e) for unprivileged devices");
+    config.flags |= UBLK_F_UNPRIVILEGED_DEV;
+  }
   // Fail fast, before any process is started: driver present, rights, target options valid.
   const ctrl = Ctrl.open();
   try {
@@ -170,6 +176,9 @@ async function del(flags: Flags): Promise<void> {
     for (const devId of allDevIds()) {
       try { await deleteDevice(devId); } catch (error) { failures.push((error as Error).message); }
     }
+    for (const orphan of await findOrphans()) {
+      try { await orphan.remove(); } catch (error) { failures.push(`${orphan.description}: ${(error as Error).message}`); }
+    }
     if (failures.length > 0) throw new Error(failures.join("; "));
     return;
   }
@@ -177,11 +186,13 @@ async function del(flags: Flags): Promise<void> {
   await deleteDevice(parseDevId("-n", single("-n", flags.number)));
 }
 
-function list(flags: Flags): void {
+async function list(flags: Flags): Promise<void> {
   const devId = flags.number === undefined ? undefined : parseDevId("-n", single("-n", flags.number));
   const listings = listDevices(devId);
   if (flags.json) console.log(JSON.stringify(listings.map(listingJson), null, 2));
   else for (const listing of listings) console.log(formatListing(listing));
+  // Leftovers go to stderr so that stdout stays what ublksrv prints; "del -a" removes them.
+  if (devId === undefined) for (const orphan of await findOrphans()) console.error(`orphan: ${orphan.description} (del -a removes it)`);
 }
 
 function features(flags: Flags): void {

@@ -5,13 +5,14 @@
 import { spawn } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { ENODEV, ErrnoError } from "../ffi/errno.ts";
+import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
 import { UBLK_F_NAMES, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
 import { waitForState } from "./device.ts";
-import { readRecord, recordedDevIds, removeRecord, runDir, type DeviceRecord } from "./records.ts";
-import { loadTarget } from "../targets/registry.ts";
+import { readRecord, recordedDevIds, recordPath, removeRecord, runDir, type DeviceRecord } from "./records.ts";
+import { builtInTypes, loadTarget } from "../targets/registry.ts";
+import type { TargetRecord } from "../targets/types.ts";
 
 /** Everything `list` shows about one device. */
 export interface DeviceListing {
@@ -150,7 +151,8 @@ export function listDevices(devId?: number): DeviceListing[] {
       try {
         info = ctrl.getDevInfo(id);
       } catch (error) {
-        if (devId === undefined && error instanceof ErrnoError && error.errno === ENODEV) continue; // went away meanwhile
+        // Listing all: skip devices that went away meanwhile, and (not root) other users' devices.
+        if (devId === undefined && error instanceof ErrnoError && [ENODEV, EPERM, EACCES].includes(error.errno)) continue;
         throw error;
       }
       let params: DeviceParams | null = null;
@@ -187,8 +189,12 @@ export function formatListing(listing: DeviceListing): string {
   if (listing.record) lines.push(`\ttarget ${JSON.stringify(listing.record.target)}`);
   else lines.push(`\ttarget ${listing.recordProblem ? `(record unusable: ${listing.recordProblem})` : "(no record)"}`);
   const supervisor = listing.record?.supervisorPid ?? 0;
-  // No "pid" in this line: scripts find the daemon's pid as the 7th field of the one line containing "pid".
+  // No "pid" in these lines: scripts find the daemon's pid as the 7th field of the one line containing "pid".
   if (supervisor > 0) lines.push(`\tauto-recover supervisor: ${supervisor}${processAlive(supervisor) ? "" : " (not running)"}`);
+  if (!processAlive(info.ublksrvPid) && !(supervisor > 0 && processAlive(supervisor))) {
+    const recoverable = (info.flags & UBLK_F_USER_RECOVERY) !== 0 && info.state !== UBLK_S_DEV_DEAD && listing.record !== null;
+    lines.push(`\torphan: no daemon serves it; ${recoverable ? `"recover -n ${info.devId}" or ` : ""}"del -n ${info.devId}"`);
+  }
   return lines.join("\n");
 }
 
@@ -311,6 +317,34 @@ async function removeRecordAndState(devId: number, record: DeviceRecord | null):
     const target = await loadTarget(record.target.type);
     await target.destroy?.(record.target);
   } catch { /* the target's state cannot be found; nothing more to remove */ }
+}
+
+export interface Orphan {
+  description: string;
+  remove(): void | Promise<void>;
+}
+
+/**
+ * Leftovers no device stands behind: records of ids the kernel no longer has, and state the built-in targets
+ * find unreferenced (memory-target /dev/shm files). `list` shows them; `del -a` removes them.
+ */
+export async function findOrphans(): Promise<Orphan[]> {
+  const inKernel = new Set(kernelDevIds());
+  const orphans: Orphan[] = [];
+  const inUse: TargetRecord[] = [];
+  for (const devId of recordedDevIds()) {
+    let record: DeviceRecord | null = null;
+    try { record = readRecord(devId); } catch { /* unreadable: still an orphan if the kernel has no such device */ }
+    if (record) inUse.push(record.target);
+    if (!inKernel.has(devId) && !(record && processAlive(record.pid))) {
+      orphans.push({ description: `record ${recordPath(devId)}: the kernel has no ublk device ${devId}`, remove: () => deleteDevice(devId) });
+    }
+  }
+  for (const type of builtInTypes()) {
+    const target = await loadTarget(type);
+    for (const orphan of target.orphans?.(inUse) ?? []) orphans.push(orphan);
+  }
+  return orphans;
 }
 
 /** Every device id known to the kernel or to a record. */

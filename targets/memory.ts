@@ -4,16 +4,19 @@
  * The whole size is reserved when the device is created (fallocate), so a full tmpfs can never surprise a
  * write later (a mapped write to a page tmpfs cannot supply would kill the daemon with SIGBUS).
  */
-import { closeSync, existsSync, openSync, statfsSync, unlinkSync } from "node:fs";
+import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, statfsSync, unlinkSync } from "node:fs";
 import { randomUUID } from "node:crypto";
 import { join } from "node:path";
 import { close, fallocate, MAP_SHARED, memcpy, memset, mmap, munmap, O_RDWR, open, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
 import { ErrnoError, ENOSPC, errnoText } from "../ffi/errno.ts";
 import { UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from "../ffi/uapi/ublk_cmd.ts";
 import { EINVAL, EOPNOTSUPP } from "../ffi/errno.ts";
-import type { QueueHandler, Target, TargetRecord } from "./types.ts";
+import type { QueueHandler, Target, TargetOrphan, TargetRecord } from "./types.ts";
 
 const MEMORY_DEFAULT_BYTES = 256 * 1024 ** 2;
+const SHM_PREFIX = "ublk-bun-memory-";
+/** An unreferenced file younger than this may belong to an `add` that has not written its record yet. */
+const ORPHAN_MIN_AGE_MS = 60_000;
 
 /** Where the shared files go; UBLK_BUN_SHM_DIR overrides it. */
 function shmDir(): string {
@@ -32,7 +35,7 @@ export const memoryTarget: Target = {
     if (sizeBytes > availableBytes) {
       throw new Error(`memory: ${sizeBytes} bytes asked but ${dir} has only ${availableBytes} bytes free`);
     }
-    const shmPath = join(dir, `ublk-bun-memory-${randomUUID()}`);
+    const shmPath = join(dir, `${SHM_PREFIX}${randomUUID()}`);
     const fd = openSync(shmPath, "wx", 0o600);
     try {
       const reserved = fallocate(fd, 0, 0, sizeBytes);
@@ -96,9 +99,36 @@ export const memoryTarget: Target = {
   destroy(record) {
     // Only ever remove a file this target created: a record is data, and data can be wrong.
     const shmPath = String(record.options.shmPath ?? "");
-    const ours = shmPath.startsWith(join(shmDir(), "ublk-bun-memory-")) && !shmPath.includes("/../");
+    const ours = shmPath.startsWith(join(shmDir(), SHM_PREFIX)) && !shmPath.includes("/../");
     if (ours && existsSync(shmPath)) unlinkSync(shmPath);
   },
+
+  orphans(inUse) {
+    const dir = shmDir();
+    const used = new Set(inUse.map((record) => String(record.options.shmPath ?? "")));
+    let names: string[];
+    try { names = readdirSync(dir).filter((name) => name.startsWith(SHM_PREFIX)); } catch { return []; }
+    const found: TargetOrphan[] = [];
+    for (const name of names) {
+      const path = join(dir, name);
+      let stat;
+      try { stat = lstatSync(path); } catch { continue; }
+      if (used.has(path) || !stat.isFile() || Date.now() - stat.mtimeMs < ORPHAN_MIN_AGE_MS || mappedByAnyProcess(path)) continue;
+      found.push({ description: `${path} (${stat.size} bytes of memory-target data that no device uses)`, remove: () => unlinkSync(path) });
+    }
+    return found;
+  },
 };
+
+/** True when some process maps `path` (a daemon whose record is unreadable still serves from it). */
+function mappedByAnyProcess(path: string): boolean {
+  for (const pid of readdirSync("/proc")) {
+    if (!/^\d+$/.test(pid)) continue;
+    try {
+      if (readFileSync(`/proc/${pid}/maps`, "utf8").includes(path)) return true;
+    } catch { /* gone, or not ours to read */ }
+  }
+  return false;
+}
 
 export default memoryTarget;

@@ -14,6 +14,10 @@ const BUILT_IN: Record<string, string> = {
 /** Names accepted as aliases (ublksrv calls the file target "loop"). */
 const ALIASES: Record<string, string> = { loop: "file" };
 
+export function builtInTypes(): string[] {
+  return Object.keys(BUILT_IN);
+}
+
 export function isBuiltIn(type: string): boolean {
   return type in BUILT_IN || type in ALIASES;
 }

@@ -97,4 +97,15 @@ export interface Target {
   openQueue(record: TargetRecord, queue: QueueContext): QueueHandler | Promise<QueueHandler>;
   /** Optional; the process that deletes the device. Removes state kept outside the server (shm files …). */
   destroy?(record: TargetRecord): void | Promise<void>;
+  /**
+   * Optional; `list` and `del -a`. State this target left outside any server (a crash between creating it and
+   * writing the record, a record removed by hand) that no record in `inUse` refers to.
+   */
+  orphans?(inUse: TargetRecord[]): TargetOrphan[];
+}
+
+/** Something a target left behind: shown by `list`, removed by `del -a`. */
+export interface TargetOrphan {
+  description: string;
+  remove(): void;
 }

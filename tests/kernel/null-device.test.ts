@@ -78,23 +78,6 @@ describe("null target through the CLI", () => {
     expectClean();
   });
 
-  test("del while fio runs: fio sees errors, nothing hangs, device and record are gone", async () => {
-    const devId = addDevice(["-t", "null"]);
-    // psync: on 6.12 a deleted ublk disk fails blocking I/O with EIO at once, while fio's io_uring engine keeps
-    // resubmitting the -EAGAIN its NOWAIT reads get until its runtime ends (kernel + fio behaviour, not ours).
-    const fioProcess = Bun.spawn(["fio", "--name=busy", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-      "--ioengine=psync", "--numjobs=4", "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
-    await Bun.sleep(1500);
-    const started = Date.now();
-    const del = cli(["del", "-n", String(devId)]);
-    expect(del.status).toBe(0);
-    const fioStatus = await Promise.race([fioProcess.exited, Bun.sleep(30_000).then(() => "hung")]);
-    expect(fioStatus).not.toBe("hung");
-    expect(fioStatus).not.toBe(0); // the device vanished under it
-    expect(Date.now() - started).toBeLessThan(40_000);
-    expectClean();
-  });
-
   test("SIGTERM to the daemon stops and deletes the device", async () => {
     const devId = addDevice(["-t", "null"]);
     const pid = daemonPidOf(devId);
@@ -166,7 +149,7 @@ describe("bad input: one line, non-zero exit, nothing left", () => {
     const stderr = run.stderr.toString();
     expect(run.exitCode).not.toBe(0);
     expect(stderr.trim().split("\n")).toHaveLength(1);
-    expect(stderr).toMatch(/permission denied \(run as root\)/);
+    expect(stderr).toMatch(/permission denied \(run as root, or open it to users for --unprivileged\)/);
     expectClean();
   });
 });

@@ -1,8 +1,12 @@
 // Short forms of the stress tests: many devices, many cycles, kills at awkward moments, bad records.
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
+import { Ctrl } from "../../lib/ctrl.ts";
 import { join } from "node:path";
-import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, ROOT, waitFor } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, ROOT, spawnPaused, waitFor } from "./helpers.ts";
+
+/** bench/stress.sh runs this file with a larger scale (the long forms); CI runs scale 1. */
+const SCALE = Math.max(1, Number(process.env.UBLK_BUN_STRESS_SCALE ?? 1));
 
 beforeAll(() => cleanUp());
 afterEach(() => cleanUp());
@@ -16,16 +20,7 @@ function rssKiB(pid: number): number {
 
 describe("stress (short forms)", () => {
   test("kill -9 during add (after ADD_DEV, before START_DEV): add fails cleanly, del -a finds nothing to do", async () => {
-    const add = Bun.spawn([process.execPath, join(ROOT, "bin/ublk-bun.ts"), "add", "-t", "null", "-q", "2"],
-      { env: { ...process.env, UBLK_BUN_TEST_PAUSE: "before-start-dev:60000", UBLK_BUN_DEBUG: "1" }, stdout: "pipe", stderr: "pipe" });
-    let victim = 0;
-    await waitFor("the daemon to pause before START_DEV", () => {
-      let log = "";
-      try { log = readFileSync("/run/ublk-bun/daemon.log", "utf8"); } catch { /* not written yet */ }
-      const match = [...log.matchAll(/ublk-bun\[(\d+)\]: pausing \d+ ms at before-start-dev/g)].at(-1);
-      victim = match ? Number(match[1]) : 0;
-      return victim > 0 && readdirSync("/proc").includes(String(victim));
-    }, 60_000);
+    const { child: add, daemonPid: victim } = await spawnPaused(["add", "-t", "null", "-q", "2"], "before-start-dev");
     expect(readdirSync("/dev").some((name) => name.startsWith("ublkc"))).toBe(true); // ADD_DEV happened
     process.kill(victim, "SIGKILL");
     expect(await add.exited).not.toBe(0);
@@ -41,7 +36,7 @@ describe("stress (short forms)", () => {
     const ids = Array.from({ length: 8 }, (_, index) => addDevice(["-t", index % 2 ? "memory" : "null", "-s", "16M", "-q", "1", "-d", "16"]));
     expect(new Set(ids).size).toBe(8);
     const runs = ids.map((devId) => Bun.spawn(["fio", "--name=many", `--filename=/dev/ublkb${devId}`, "--rw=randrw", "--bs=4k", "--direct=1",
-      "--ioengine=io_uring", "--iodepth=4", "--runtime=3", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" }));
+      "--ioengine=io_uring", "--iodepth=4", `--runtime=${3 * SCALE}`, "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" }));
     return Promise.all(runs.map(async (run) => {
       expect(await run.exited).toBe(0);
       const json = JSON.parse((await new Response(run.stdout).text()).replace(/^[^{]*/, ""));
@@ -61,7 +56,7 @@ describe("stress (short forms)", () => {
       "--iodepth=32", "--runtime=4", "--time_based", "--numjobs=2"]);
     expect(load().errors).toBe(0); // warm up: buffers touched, JIT settled
     const fdsBefore = fdCount(pid), rssBefore = rssKiB(pid);
-    for (let round = 0; round < 3; round++) expect(load().errors).toBe(0);
+    for (let round = 0; round < 3 * SCALE; round++) expect(load().errors).toBe(0);
     const fdsAfter = fdCount(pid), rssAfter = rssKiB(pid);
     console.log(`soak: fds ${fdsBefore} → ${fdsAfter}, RSS ${rssBefore} → ${rssAfter} KiB`);
     expect(fdsAfter).toBe(fdsBefore);
@@ -70,13 +65,47 @@ describe("stress (short forms)", () => {
     expectClean();
   });
 
-  test("50 add/del cycles with 2 queues leave nothing behind", () => {
-    for (let cycle = 0; cycle < 50; cycle++) {
+  test(`${50 * SCALE} add/del cycles with 2 queues leave nothing behind`, () => {
+    for (let cycle = 0; cycle < 50 * SCALE; cycle++) {
       const devId = addDevice(["-t", "null", "-q", "2", "-d", "8"]);
       cliOk(["del", "-n", String(devId)]);
     }
     expectClean();
   });
+});
+
+describe("del while fio runs: fio sees errors, nothing hangs, everything is gone", () => {
+  const backing = "/tmp/ublk-bun-stress-backing.img";
+  const cases: Array<[string, string[]]> = [
+    ["null", ["-t", "null"]],
+    ["null -i 1", ["-t", "null", "-i", "1"]],
+    ["memory", ["-t", "memory", "-s", "64M", "-q", "2"]],
+    ["file", ["-t", "file", "-f", backing]],
+    ["fault (base=memory, delayMs=2)", ["-t", "fault", "-o", "base=memory", "-o", "delayMs=2", "-s", "64M"]],
+  ];
+  for (const [name, args] of cases) {
+    test(name, async () => {
+      writeFileSync(backing, Buffer.alloc(64 << 20));
+      const devId = addDevice(args);
+      // psync: on 6.12 a deleted ublk disk fails blocking I/O with EIO at once, while fio's io_uring engine keeps
+      // resubmitting the -EAGAIN its NOWAIT reads get until its runtime ends (kernel + fio behaviour, not ours).
+      const fioProcess = Bun.spawn(["fio", "--name=busy", `--filename=/dev/ublkb${devId}`, "--rw=randrw", "--bs=4k", "--direct=1",
+        "--ioengine=psync", "--numjobs=4", "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
+      await Bun.sleep(1500);
+      expect(fioProcess.exitCode).toBeNull();
+      const started = Date.now();
+      const del = cli(["del", "-n", String(devId)]);
+      expect(del.stderr).toBe("");
+      expect(del.status).toBe(0);
+      const fioStatus = await Promise.race([fioProcess.exited, Bun.sleep(30_000).then(() => "hung")]);
+      expect(fioStatus).not.toBe("hung");
+      expect(fioStatus).not.toBe(0); // the device vanished under it
+      expect(Date.now() - started).toBeLessThan(40_000);
+      expectClean();
+      expect(readdirSync("/dev/shm").filter((file) => file.startsWith("ublk-bun-memory-"))).toEqual([]);
+      rmSync(backing, { force: true });
+    });
+  }
 });
 
 describe("records that cannot be trusted", () => {
@@ -111,4 +140,43 @@ describe("records that cannot be trusted", () => {
       expectClean();
     });
   }
+});
+
+describe("orphans", () => {
+  test("a dead daemon, a record without a device and an unused /dev/shm file: list shows each, del -a removes all, twice is fine", async () => {
+    // A device whose daemon died (recoverable), and one whose kernel device vanished behind our back.
+    const deadId = addDevice(["-t", "memory", "-s", "8M", "-r", "1"]);
+    const staleId = addDevice(["-t", "memory", "-s", "8M", "-r", "1"]);
+    for (const devId of [deadId, staleId]) process.kill(daemonPidOf(devId), "SIGKILL");
+    await waitFor("QUIESCED", () => [deadId, staleId].every((devId) => cliOk(["list", "-n", String(devId)]).includes("state QUIESCED")), 60_000);
+    const ctrl = Ctrl.open();
+    try {
+      ctrl.stopDev(staleId);
+      ctrl.delDev(staleId);
+    } finally {
+      ctrl.close();
+    }
+    // A memory file nobody refers to, old enough not to belong to an `add` in progress.
+    const leftover = "/dev/shm/ublk-bun-memory-orphan-test";
+    writeFileSync(leftover, Buffer.alloc(4096));
+    const twoMinutesAgo = new Date(Date.now() - 120_000);
+    utimesSync(leftover, twoMinutesAgo, twoMinutesAgo);
+
+    const list = cli(["list"]);
+    expect(list.status).toBe(0);
+    expect(list.stdout).toContain(`\torphan: no daemon serves it; "recover -n ${deadId}" or "del -n ${deadId}"`);
+    expect(list.stdout).not.toContain(`dev id ${staleId}:`);
+    expect(list.stderr).toContain(`orphan: record /run/ublk-bun/${staleId}.json: the kernel has no ublk device ${staleId} (del -a removes it)`);
+    expect(list.stderr).toContain(`orphan: ${leftover} (4096 bytes of memory-target data that no device uses) (del -a removes it)`);
+    expect(list.stderr.trim().split("\n")).toHaveLength(2); // the dead device's memory file is in use by its record
+
+    for (let round = 0; round < 2; round++) {
+      const del = cli(["del", "-a"]);
+      expect(del.stderr).toBe("");
+      expect(del.status).toBe(0);
+      expectClean();
+      expect(readdirSync("/dev/shm").filter((name) => name.startsWith("ublk-bun-memory-"))).toEqual([]);
+      expect(cli(["list"])).toEqual({ status: 0, stdout: "", stderr: "" });
+    }
+  });
 });
