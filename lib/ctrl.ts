@@ -5,10 +5,10 @@
  */
 import { close, memoryAt, mmapAnonymous, munmap, O_RDWR, open, PAGE_BYTES } from "../ffi/libc.ts";
 import { CQE_RES, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
-import { EACCES, EBUSY, EEXIST, ENODEV, ENOENT, EOPNOTSUPP, EPERM, ETIME, ErrnoError, errnoName, errnoText } from "../ffi/errno.ts";
+import { EACCES, EBUSY, EEXIST, EINVAL, ENODEV, ENOENT, EOPNOTSUPP, EPERM, ETIME, ErrnoError, errnoName, errnoText } from "../ffi/errno.ts";
 import { IORING_SETUP_SQE128 } from "../ffi/uapi/io_uring.ts";
 import {
-  UBLK_F_CMD_IOCTL_ENCODE, UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DEVT, UBLK_PARAM_TYPE_DISCARD, UBLK_U_CMD_ADD_DEV,
+  UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_UNPRIVILEGED_DEV, UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DEVT, UBLK_PARAM_TYPE_DISCARD, UBLK_U_CMD_ADD_DEV,
   UBLK_U_CMD_DEL_DEV, UBLK_U_CMD_END_USER_RECOVERY, UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_GET_DEV_INFO2,
   UBLK_U_CMD_GET_FEATURES, UBLK_U_CMD_GET_PARAMS, UBLK_U_CMD_GET_QUEUE_AFFINITY, UBLK_U_CMD_SET_PARAMS,
   UBLK_U_CMD_START_DEV, UBLK_U_CMD_START_USER_RECOVERY, UBLK_U_CMD_STOP_DEV, ublk_param_basic, ublk_param_devt,
@@ -96,6 +96,8 @@ export class Ctrl {
   private readonly u32: Uint32Array;
   private sequence = 0;
   private closed = false;
+  /** Which devices are UBLK_F_UNPRIVILEGED_DEV: their commands must start the buffer with /dev/ublkcN. */
+  private readonly unprivileged = new Map<number, boolean>();
 
   /** Opens /dev/ublk-control. Throws ErrnoError with advice when the driver is missing or we lack rights. */
   static open(path = controlPath()): Ctrl {
@@ -107,7 +109,7 @@ export class Ctrl {
           `${path} does not exist: ublk_drv is not loaded (modprobe ublk_drv; needs kernel ≥ 6.0 with CONFIG_BLK_DEV_UBLK)`);
       }
       if (errno === EACCES || errno === EPERM) {
-        throw new ErrnoError("open " + path, errno, `cannot open ${path}: permission denied (run as root)`);
+        throw new ErrnoError("open " + path, errno, `cannot open ${path}: permission denied (run as root, or open it to users for --unprivileged)`);
       }
       throw new ErrnoError("open " + path, errno);
     }
@@ -149,6 +151,7 @@ export class Ctrl {
    */
   private command(op: string, cmdOp: number, devId: number, fields: { len?: number; addr?: number; data?: number; queueId?: number; devPathLen?: number },
                   options: CommandOptions = {}): number {
+    if (fields.devPathLen) fields = { ...fields, addr: this.bufferAddress, len: fields.devPathLen + (fields.len ?? 0) };
     const base = this.ring.getSqe();
     if (base < 0) throw new ErrnoError(op, EBUSY, `${op}: control ring is full`);
     const userData = (this.sequence = (this.sequence + 1) >>> 0);
@@ -188,7 +191,10 @@ export class Ctrl {
     switch (errno) {
       case EPERM:
       case EACCES:
-        return new ErrnoError(op, errno, `${prefix}: permission denied (ublk control commands need root / CAP_SYS_ADMIN)`);
+        if (this.unprivileged.get(devId)) {
+          return new ErrnoError(op, errno, `${prefix}: permission denied on /dev/ublkc${devId} (an unprivileged device's nodes must belong to you)`);
+        }
+        return new ErrnoError(op, errno, `${prefix}: permission denied (ublk control commands need root / CAP_SYS_ADMIN, or --unprivileged)`);
       case ENODEV:
         return new ErrnoError(op, errno, `${prefix}: no such ublk device`);
       case EEXIST:
@@ -198,6 +204,31 @@ export class Ctrl {
       default:
         return new ErrnoError(op, errno, `${prefix}: ${errnoText(errno)} (${errnoName(errno)})`);
     }
+  }
+
+  /**
+   * For an unprivileged device the kernel checks the caller's rights on the char device named at the start of
+   * the buffer (padded here to 8 bytes so the payload after it stays aligned). Returns the payload's offset.
+   */
+  private pathPrefix(devId: number): number {
+    let unprivileged = this.unprivileged.get(devId);
+    if (unprivileged === undefined) {
+      try {
+        unprivileged = (this.getDevInfo(devId).flags & UBLK_F_UNPRIVILEGED_DEV) !== 0;
+      } catch {
+        unprivileged = false; // the command itself will report why
+      }
+    }
+    if (!unprivileged) return 0;
+    return this.writePath(devId);
+  }
+
+  private writePath(devId: number): number {
+    const path = Buffer.from(`/dev/ublkc${devId}`);
+    const pathBytes = Math.ceil((path.byteLength + 1) / 8) * 8;
+    this.u8.fill(0, 0, pathBytes);
+    this.u8.set(path, 0);
+    return pathBytes;
   }
 
   // ---- commands -----------------------------------------------------------------------------------------
@@ -224,44 +255,48 @@ export class Ctrl {
     this.u32[L.ublksrv_flags / 4] = ublksrvFlags >>> 0;
     this.u32[L.ublksrv_flags / 4 + 1] = Math.floor(ublksrvFlags / TWO_POW_32);
     this.command("ADD_DEV", UBLK_U_CMD_ADD_DEV, request.devId, { len: L.SIZE, addr: this.bufferAddress });
-    return this.readDevInfo(0);
+    const info = this.readDevInfo(0);
+    this.unprivileged.set(info.devId, (info.flags & UBLK_F_UNPRIVILEGED_DEV) !== 0);
+    return info;
   }
 
   /** UBLK_U_CMD_DEL_DEV: removes the device; the kernel waits until /dev/ublkcN is released. */
   delDev(devId: number, options: CommandOptions = {}): void {
-    this.command("DEL_DEV", UBLK_U_CMD_DEL_DEV, devId, {}, options);
+    this.command("DEL_DEV", UBLK_U_CMD_DEL_DEV, devId, { devPathLen: this.pathPrefix(devId) }, options);
+    this.unprivileged.delete(devId);
   }
 
   /** UBLK_U_CMD_START_DEV: needs every queue FETCHed; adds the disk and scans partitions before returning. */
   startDev(devId: number, daemonPid: number, options: CommandOptions = { timeoutMs: 120_000 }): void {
-    this.command("START_DEV", UBLK_U_CMD_START_DEV, devId, { data: daemonPid }, options);
+    this.command("START_DEV", UBLK_U_CMD_START_DEV, devId, { data: daemonPid, devPathLen: this.pathPrefix(devId) }, options);
   }
 
   /** UBLK_U_CMD_STOP_DEV: removes the disk; outstanding FETCHes complete with -ENODEV. */
   stopDev(devId: number, options: CommandOptions = {}): void {
-    this.command("STOP_DEV", UBLK_U_CMD_STOP_DEV, devId, {}, options);
+    this.command("STOP_DEV", UBLK_U_CMD_STOP_DEV, devId, { devPathLen: this.pathPrefix(devId) }, options);
   }
 
   /** UBLK_U_CMD_GET_DEV_INFO, falling back to GET_DEV_INFO2 (which names /dev/ublkcN) where the first is refused. */
   getDevInfo(devId: number): DevInfo {
+    let info: DevInfo;
     this.u8.fill(0, 0, ublksrv_ctrl_dev_info.SIZE);
     try {
       this.command("GET_DEV_INFO", UBLK_U_CMD_GET_DEV_INFO, devId, { len: ublksrv_ctrl_dev_info.SIZE, addr: this.bufferAddress });
-      return this.readDevInfo(0);
+      info = this.readDevInfo(0);
     } catch (error) {
-      if (!(error instanceof ErrnoError) || (error.errno !== EPERM && error.errno !== EACCES)) throw error;
-      return this.getDevInfo2(devId);
+      // EPERM: not root; EINVAL: an unprivileged device, which wants its path even from root.
+      if (!(error instanceof ErrnoError) || ![EPERM, EACCES, EINVAL].includes(error.errno)) throw error;
+      info = this.getDevInfo2(devId);
     }
+    this.unprivileged.set(devId, (info.flags & UBLK_F_UNPRIVILEGED_DEV) !== 0);
+    return info;
   }
 
   /** UBLK_U_CMD_GET_DEV_INFO2: the buffer starts with the char device's path; the answer follows it. */
   getDevInfo2(devId: number): DevInfo {
-    const path = Buffer.from(`/dev/ublkc${devId}\0`);
-    const pathBytes = path.byteLength;
-    this.u8.fill(0, 0, pathBytes + ublksrv_ctrl_dev_info.SIZE + 8);
-    this.u8.set(path, 0);
-    this.command("GET_DEV_INFO2", UBLK_U_CMD_GET_DEV_INFO2, devId,
-      { len: pathBytes + ublksrv_ctrl_dev_info.SIZE, addr: this.bufferAddress, devPathLen: pathBytes });
+    const pathBytes = this.writePath(devId);
+    this.u8.fill(0, pathBytes, pathBytes + ublksrv_ctrl_dev_info.SIZE);
+    this.command("GET_DEV_INFO2", UBLK_U_CMD_GET_DEV_INFO2, devId, { len: ublksrv_ctrl_dev_info.SIZE, devPathLen: pathBytes });
     return this.readDevInfo(pathBytes);
   }
 
@@ -286,8 +321,9 @@ export class Ctrl {
   /** UBLK_U_CMD_SET_PARAMS (only before START_DEV). The DEVT part is read-only and never sent. */
   setParams(devId: number, params: DeviceParams): void {
     const P = ublk_params, B = ublk_param_basic, D = ublk_param_discard;
-    this.u8.fill(0, 0, P.SIZE);
-    const view = new DataView(this.buffer, 0, P.SIZE);
+    const at = this.pathPrefix(devId);
+    this.u8.fill(0, at, at + P.SIZE);
+    const view = new DataView(this.buffer, at, P.SIZE);
     let types = UBLK_PARAM_TYPE_BASIC;
     const b = params.basic;
     view.setUint32(P.basic + B.attrs, b.attrs, true);
@@ -312,16 +348,17 @@ export class Ctrl {
     }
     view.setUint32(P.len, P.SIZE, true);
     view.setUint32(P.types, types, true);
-    this.command("SET_PARAMS", UBLK_U_CMD_SET_PARAMS, devId, { len: P.SIZE, addr: this.bufferAddress });
+    this.command("SET_PARAMS", UBLK_U_CMD_SET_PARAMS, devId, { len: P.SIZE, addr: this.bufferAddress, devPathLen: at });
   }
 
   /** UBLK_U_CMD_GET_PARAMS: what SET_PARAMS stored, plus the DEVT numbers once the disk exists. */
   getParams(devId: number): DeviceParams {
     const P = ublk_params, B = ublk_param_basic, D = ublk_param_discard, T = ublk_param_devt;
-    this.u8.fill(0, 0, P.SIZE);
-    const view = new DataView(this.buffer, 0, P.SIZE);
+    const at = this.pathPrefix(devId);
+    this.u8.fill(0, at, at + P.SIZE);
+    const view = new DataView(this.buffer, at, P.SIZE);
     view.setUint32(P.len, P.SIZE, true);
-    this.command("GET_PARAMS", UBLK_U_CMD_GET_PARAMS, devId, { len: P.SIZE, addr: this.bufferAddress });
+    this.command("GET_PARAMS", UBLK_U_CMD_GET_PARAMS, devId, { len: P.SIZE, addr: this.bufferAddress, devPathLen: at });
     const types = view.getUint32(P.types, true);
     const u64 = (offset: number) => view.getUint32(offset, true) + view.getUint32(offset + 4, true) * TWO_POW_32;
     const params: DeviceParams = {
@@ -360,21 +397,22 @@ export class Ctrl {
   /** UBLK_U_CMD_GET_QUEUE_AFFINITY: the CPUs queue `qId` should run on, as a cpu_set_t byte mask. */
   getQueueAffinity(devId: number, qId: number): Uint8Array {
     const maskBytes = 512; // 4096 CPUs; the kernel wants at least nr_cpu_ids bits, a multiple of 8 bytes
-    this.u8.fill(0, 0, maskBytes);
-    this.command("GET_QUEUE_AFFINITY", UBLK_U_CMD_GET_QUEUE_AFFINITY, devId, { len: maskBytes, addr: this.bufferAddress, data: qId });
+    const at = this.pathPrefix(devId);
+    this.u8.fill(0, at, at + maskBytes);
+    this.command("GET_QUEUE_AFFINITY", UBLK_U_CMD_GET_QUEUE_AFFINITY, devId, { len: maskBytes, addr: this.bufferAddress, data: qId, devPathLen: at });
     let lastByte = maskBytes;
-    while (lastByte > 8 && this.u8[lastByte - 1] === 0) lastByte--;
-    return this.u8.slice(0, Math.ceil(lastByte / 8) * 8);
+    while (lastByte > 8 && this.u8[at + lastByte - 1] === 0) lastByte--;
+    return this.u8.slice(at, at + Math.ceil(lastByte / 8) * 8);
   }
 
   /** UBLK_U_CMD_START_USER_RECOVERY: -EBUSY until the device is quiesced and /dev/ublkcN released. */
   startUserRecovery(devId: number): void {
-    this.command("START_USER_RECOVERY", UBLK_U_CMD_START_USER_RECOVERY, devId, {});
+    this.command("START_USER_RECOVERY", UBLK_U_CMD_START_USER_RECOVERY, devId, { devPathLen: this.pathPrefix(devId) });
   }
 
   /** UBLK_U_CMD_END_USER_RECOVERY: waits until every queue of the new daemon has FETCHed. */
   endUserRecovery(devId: number, daemonPid: number, options: CommandOptions = { timeoutMs: 120_000 }): void {
-    this.command("END_USER_RECOVERY", UBLK_U_CMD_END_USER_RECOVERY, devId, { data: daemonPid }, options);
+    this.command("END_USER_RECOVERY", UBLK_U_CMD_END_USER_RECOVERY, devId, { data: daemonPid, devPathLen: this.pathPrefix(devId) }, options);
   }
 }
 

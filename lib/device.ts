@@ -5,7 +5,7 @@
  * `stop()` undoes it all. The daemon, the CLI's --foreground mode and the embedding API all use this class.
  */
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
-import { EBUSY, EINVAL, ErrnoError } from "../ffi/errno.ts";
+import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
   UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
@@ -208,7 +208,13 @@ export async function openCharDevice(devId: number, timeoutMs = 10_000): Promise
   for (;;) {
     const fd = open(path, O_RDWR);
     if (fd >= 0) return fd;
-    if (-fd !== EBUSY || Date.now() > deadline) throw new ErrnoError(`open ${path}`, -fd);
+    // EBUSY: the old daemon's fd is still closing. EACCES/ENOENT: udev has not yet made the node of an
+    // unprivileged device ours (or created it).
+    const retry = -fd === EBUSY || -fd === EACCES || -fd === ENOENT;
+    if (!retry || Date.now() > deadline) {
+      const hint = -fd === EACCES && process.getuid?.() !== 0 ? ` as uid ${process.getuid?.()} (an unprivileged device needs the udev rule in the README to give you its nodes)` : "";
+      throw new ErrnoError(`open ${path}`, -fd, `open ${path}: ${errnoText(-fd)}${hint}`);
+    }
     await Bun.sleep(50);
   }
 }

@@ -25,9 +25,12 @@ export interface DeviceRecord {
   createdAt: string;
 }
 
-/** The directory records live in; UBLK_BUN_RUN_DIR overrides it (tests use private ones). */
+/** The directory records live in (root: /run/ublk-bun); UBLK_BUN_RUN_DIR overrides it. */
 export function runDir(): string {
-  return process.env.UBLK_BUN_RUN_DIR || "/run/ublk-bun";
+  if (process.env.UBLK_BUN_RUN_DIR) return process.env.UBLK_BUN_RUN_DIR;
+  const uid = process.getuid?.() ?? 0;
+  // A user serving unprivileged devices keeps records in their own runtime directory.
+  return uid === 0 ? "/run/ublk-bun" : join(process.env.XDG_RUNTIME_DIR || `/run/user/${uid}`, "ublk-bun");
 }
 
 export function recordPath(devId: number): string {
