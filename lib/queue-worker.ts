@@ -96,11 +96,14 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     return base;
   }
 
+  /** Bytes between two tags' buffers: 0 when the target ignores the data and all tags share one. */
+  let tagStrideBytes = maxIoBufBytes;
+
   /** Queues one io command for `tag` (FETCH, COMMIT_AND_FETCH or NEED_GET_DATA). */
   function queueIoCmd(cmdOp: number, tag: number, result: number): void {
     const base = nextSqe();
     const cmd = ring.prepUringCmd(base, charFd, cmdOp, tag, IO_CMD_USER_DATA);
-    const address = userCopy ? 0 : bufferAddress + tag * maxIoBufBytes;
+    const address = userCopy ? 0 : bufferAddress + tag * tagStrideBytes;
     sqe[cmd + CMD_QID_TAG] = qId | (tag << 16);
     sqe[cmd + CMD_RESULT] = result;
     sqe[cmd + CMD_ADDR_LO] = address >>> 0;
@@ -110,7 +113,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   /** Sends a request's result to the kernel (after USER_COPY's copy-out of read data) and fetches the next one. */
   function commit(tag: number, result: number): void {
     if (userCopy && tagOp[tag] === UBLK_IO_OP_READ && result > 0) {
-      const copied = pwrite(charFd, bufferAddress + tag * maxIoBufBytes, result, ublkUserCopyOffset(qId, tag, 0));
+      const copied = pwrite(charFd, bufferAddress + tag * tagStrideBytes, result, ublkUserCopyOffset(qId, tag, 0));
       if (copied !== result) result = -EIO;
     }
     queueIoCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
@@ -128,6 +131,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   };
   const handler: QueueHandler = await target.openQueue(start.target, context);
   const usesEventLoop = handler.needsEventLoop === true;
+  if (handler.ignoresData === true) tagStrideBytes = 0;
 
   /** Serves the request now in `tag`'s descriptor. */
   function serveRequest(tag: number): void {
@@ -140,7 +144,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     servedIos++;
     if (userCopy && op === UBLK_IO_OP_WRITE) {
       const lengthBytes = nrSectors << 9;
-      const copied = pread(charFd, bufferAddress + tag * maxIoBufBytes, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
+      const copied = pread(charFd, bufferAddress + tag * tagStrideBytes, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
       if (copied !== lengthBytes) {
         commit(tag, -EIO);
         return;
@@ -160,7 +164,10 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
 
   let retiredTags = 0;
   let stopRequested = false;
+  // How well completions batch: I/O commands completed and io_uring_enter calls made (reported in the debug log).
+  let enters = 0, ioCqes = 0;
   while (retiredTags < depth && !stopRequested) {
+    enters++;
     // Sends every commit queued by the previous round and waits for at least one completion. While requests
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
     const entered = usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
@@ -176,6 +183,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
       const kind = cqe[at + CQE_USER_DATA_HI]!;
       head = (head + 1) >>> 0;
       if (kind === IO_CMD_USER_DATA) {
+        ioCqes++;
         if (res === UBLK_IO_RES_OK) serveRequest(userDataLow);
         else if (res === UBLK_IO_RES_NEED_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
         else {
@@ -194,7 +202,8 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     if (usesEventLoop && pendingAsync > 0) await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
-  debug(`queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}`);
+  debug(`queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}; served ${servedIos} requests ` +
+    `in ${enters} io_uring_enter calls, ${(ioCqes / Math.max(enters, 1)).toFixed(2)} ublk CQEs per enter`);
   handler.close?.();
   ring.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
   munmap(descAddress, descBytes);

@@ -24,6 +24,7 @@ export const nullTarget: Target = {
   },
   openQueue(): QueueHandler {
     return {
+      ignoresData: true,
       handleIo(_tag, op, _opFlags, _startSector, nrSectors) {
         // Reads and writes report their length; flush, discard and write-zeroes report success.
         return op <= UBLK_IO_OP_WRITE ? nrSectors << 9 : 0;

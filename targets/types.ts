@@ -81,6 +81,11 @@ export interface QueueHandler {
    * leave it unset and the queue blocks in io_uring_enter.
    */
   needsEventLoop?: boolean;
+  /**
+   * Optional. True when the target never reads or writes request data (null): all tags then share one buffer,
+   * so large writes do not grow the daemon's memory by depth × request size.
+   */
+  ignoresData?: boolean;
   /** Optional. The queue is going away: release what openQueue took. */
   close?(): void;
 }
