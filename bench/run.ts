@@ -47,6 +47,7 @@ const JOBS: Record<string, Job> = {
   randwrite64: { name: "4k randwrite QD64", rw: "randwrite", bs: "4k", depth: 64 },
   read128k: { name: "128k seq read QD64", rw: "read", bs: "128k", depth: 64 },
   write128k: { name: "128k seq write QD64", rw: "write", bs: "128k", depth: 64 },
+  randread64x2: { name: "4k randread QD64 ×2 jobs", rw: "randread", bs: "4k", depth: 64, jobs: 2 },
 };
 
 interface Sample { iops: number; mbps: number; p50us: number; p99us: number; cpuUsPerIo: number | null; raw: unknown }
@@ -84,6 +85,14 @@ type Summary = ReturnType<typeof summarize>;
 interface Row { group: string; case: string; ours: string; kernel: string; oursResult: Summary; kernelResult: Summary | null; ratio: number | null; metric: "IOPS" | "MB/s" }
 const rows: Row[] = [];
 const raw: Record<string, unknown[]> = {};
+/** Resident memory of each server after its runs: now and at its peak (VmHWM), MiB. */
+const serverMemory: Array<{ label: string; rssMiB: number; peakMiB: number }> = [];
+
+function recordMemory(label: string, pid: number): void {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const kib = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)![1]);
+  serverMemory.push({ label, rssMiB: kib("VmRSS") / 1024, peakMiB: kib("VmHWM") / 1024 });
+}
 
 function addDevice(args: string[]): { devId: number; pid: number } {
   const out = cli(["add", ...args]);
@@ -112,6 +121,8 @@ function compare(group: string, ours: { label: string; path: string; pid: number
   }
 }
 
+let batching = "not measured";
+process.env.UBLK_BUN_DEBUG = "1"; // the daemons log their queue counters when they stop
 cli(["del", "-a"]);
 // The machine itself: fio's own overhead on /dev/null (no O_DIRECT there), to compare boots.
 const machine = fio("/dev/null", { ...JOBS.randread64!, rw: "write", buffered: true }, null);
@@ -123,12 +134,20 @@ if (groups.has("null")) {
   const one = addDevice(["-t", "null", "-q", "1", "-d", "128"]);
   compare("null", { label: "ublk-bun null 1q", path: `/dev/ublkb${one.devId}`, pid: one.pid }, { label: "null_blk", path: "/dev/nullb0" },
     ["randread1", "randread64"]);
+  recordMemory("null, 1 queue, depth 128", one.pid);
   cli(["del", "-n", String(one.devId)]);
   const two = addDevice(["-t", "null", "-q", "2", "-d", "128"]);
-  const twoJob = { ...JOBS.randread64!, name: "4k randread QD64 ×2 jobs", jobs: 2 };
-  JOBS.randread64x2 = twoJob;
   compare("null-2q", { label: "ublk-bun null 2q", path: `/dev/ublkb${two.devId}`, pid: two.pid }, null, ["randread64x2"]);
+  recordMemory("null, 2 queues, depth 128", two.pid);
   cli(["del", "-n", String(two.devId)]);
+  // Batching: a fresh device, one QD64 run, then the queue's counters from its debug log.
+  const counted = addDevice(["-t", "null", "-q", "1", "-d", "128"]);
+  fio(`/dev/ublkb${counted.devId}`, JOBS.randread64!, null);
+  cli(["del", "-n", String(counted.devId)]);
+  const log = readFileSync("/run/ublk-bun/daemon.log", "utf8");
+  const counters = new RegExp(`ublk-bun\\[${counted.pid}\\]: queue 0: .* served (\\d+) requests in (\\d+) io_uring_enter calls, ([\\d.]+) ublk CQEs per enter`).exec(log);
+  batching = counters ? `null 1 queue, 4k randread QD64: ${counters[1]} requests in ${counters[2]} io_uring_enter calls, ${counters[3]} requests per enter` : "not found in the log";
+  console.log(`batching: ${batching}`);
   sh("rmdir /sys/kernel/config/nullb/nullb0; modprobe -r null_blk; true"); // best effort: the VM is thrown away anyway
 }
 
@@ -138,7 +157,11 @@ if (groups.has("file")) {
   const file = addDevice(["-t", "file", "-f", "/tmp/bench/backing.img"]);
   compare("file", { label: "ublk-bun file", path: `/dev/ublkb${file.devId}`, pid: file.pid }, { label: "loop", path: loop },
     ["randread1", "randread64", "randwrite64", "read128k", "write128k"]);
+  recordMemory("file, 1 queue, depth 128", file.pid);
   cli(["del", "-n", String(file.devId)]);
+  const fileTwo = addDevice(["-t", "file", "-f", "/tmp/bench/backing.img", "-q", "2"]);
+  compare("file-2q", { label: "ublk-bun file 2q", path: `/dev/ublkb${fileTwo.devId}`, pid: fileTwo.pid }, { label: "loop", path: loop }, ["randread64x2"]);
+  cli(["del", "-n", String(fileTwo.devId)]);
   sh(`/usr/sbin/losetup -d ${loop}`);
 }
 
@@ -146,7 +169,11 @@ if (groups.has("memory")) {
   const memory = addDevice(["-t", "memory", "-s", "1G"]);
   compare("memory", { label: "ublk-bun memory", path: `/dev/ublkb${memory.devId}`, pid: memory.pid }, null,
     ["randread1", "randread64", "randwrite64", "read128k", "write128k"]);
+  recordMemory("memory, 1 queue, depth 128", memory.pid);
   cli(["del", "-n", String(memory.devId)]);
+  const memoryTwo = addDevice(["-t", "memory", "-s", "1G", "-q", "2"]);
+  compare("memory-2q", { label: "ublk-bun memory 2q", path: `/dev/ublkb${memoryTwo.devId}`, pid: memoryTwo.pid }, null, ["randread64x2"]);
+  cli(["del", "-n", String(memoryTwo.devId)]);
 }
 
 const fmt = (value: number | null | undefined, digits = 0) => (value === null || value === undefined ? "—" : value.toFixed(digits));
@@ -161,9 +188,13 @@ const lines = [
     `${fmt(r.oursResult.cpuUsPerIo, 1)} | ${r.kernel} | ${fmt(r.kernelResult?.iops)} | ${fmt(r.kernelResult?.mbps, 1)} | ${fmt(r.kernelResult?.p50us)} | ` +
     `${fmt(r.kernelResult?.p99us)} | ${r.ratio === null ? "—" : `${r.ratio.toFixed(2)} (${r.metric})`} |`),
   "",
+  `Batching (${batching}).`,
+  "",
+  "Server memory after its runs (resident now / peak, MiB): " + serverMemory.map((m) => `${m.label}: ${fmt(m.rssMiB)} / ${fmt(m.peakMiB)}`).join("; ") + ".",
+  "",
 ];
 writeFileSync(join(outDir, "results.md"), lines.join("\n"));
-writeFileSync(join(outDir, "results.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, rows, raw }, null, 1));
+writeFileSync(join(outDir, "results.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, rows, serverMemory, raw }, null, 1));
 writeFileSync(join(outDir, "results.svg"), renderSvg(rows.map((r) => ({ label: `${r.group}: ${r.case}`, ours: r.oursResult.iops, kernel: r.kernelResult?.iops ?? null,
   oursP99us: r.oursResult.p99us, kernelP99us: r.kernelResult?.p99us ?? null }))));
 console.log(lines.join("\n"));
