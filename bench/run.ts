@@ -30,7 +30,7 @@ if (!existsSync("/dev/ublk-control")) {
 const outDir = process.env.UBLK_BUN_VM === "1" ? "/out" : join(root, "bench/results");
 mkdirSync(outDir, { recursive: true });
 const cli = (args: string[]) => {
-  const run = Bun.spawnSync([process.execPath, join(root, "bin/ublk-bun.ts"), ...args], { stdin: "ignore" });
+  const run = Bun.spawnSync([process.execPath, join(root, "bin/ublk-bun.ts"), ...args], { stdin: "ignore", env: { ...process.env } });
   if (run.exitCode !== 0) throw new Error(`ublk-bun ${args.join(" ")}: ${run.stderr}`);
   return run.stdout.toString();
 };

@@ -4,7 +4,7 @@
  * when its CQE arrives, so requests overlap. Through the page cache (--buffered, or a file system that refuses
  * O_DIRECT, with a notice) reads and writes are copied inline instead.
  */
-import { closeSync, constants, fstatSync, ftruncateSync, openSync, statSync } from "node:fs";
+import { closeSync, constants, fstatSync, ftruncateSync, openSync, statfsSync, statSync } from "node:fs";
 import { resolve } from "node:path";
 import {
   BLKGETSIZE64, BLKROGET, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, mmapAnonymous, munmap,
@@ -57,6 +57,18 @@ function directAlignment(path: string, readOnly: boolean): number {
   }
 }
 
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+function inMemoryFileSystem(path: string): boolean {
+  try {
+    const type = statfsSync(path).type;
+    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+  } catch {
+    return false;
+  }
+}
+
 export const fileTarget: Target = {
   name: "file",
   description: "serves a regular file or a block device (-f PATH [--buffered] [--read-only] [--grow]; alias: loop)",
@@ -101,7 +113,9 @@ export const fileTarget: Target = {
         throw new Error(`file: ${path} has ${sizeBytes} bytes, not a multiple of the ${logicalBlockBytes}-byte block size; give -s`);
       }
       let alignment = 0;
-      if (options.buffered !== true) {
+      // In a tmpfs file the page cache is the storage: O_DIRECT (which tmpfs accepts since 6.6) only adds a trip
+      // through the ring, so such files are served inline like --buffered ones. (Device nodes sit on devtmpfs.)
+      if (options.buffered !== true && !(stat.isFile() && inMemoryFileSystem(path))) {
         alignment = directAlignment(path, readOnly);
         if (alignment === 0) console.error(`ublk-bun: notice: ${path} does not support O_DIRECT; using the page cache`);
       }
