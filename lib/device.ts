@@ -82,9 +82,13 @@ export class Device {
   static async create(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}): Promise<Device> {
     const ctrl = Ctrl.open();
     let info: DevInfo;
+    let flags = config.flags;
     try {
+      if (target.prefersUserCopy && (flags & (UBLK_F_USER_COPY | UBLK_F_NEED_GET_DATA)) === 0 && (ctrl.getFeatures() & UBLK_F_USER_COPY) !== 0) {
+        flags |= UBLK_F_USER_COPY;
+      }
       info = ctrl.addDev({ devId: config.devId, nrHwQueues: config.nrHwQueues, queueDepth: config.queueDepth,
-        maxIoBufBytes: config.maxIoBufBytes, flags: config.flags });
+        maxIoBufBytes: config.maxIoBufBytes, flags });
     } catch (error) {
       ctrl.close();
       throw error;
@@ -99,7 +103,7 @@ export class Device {
       await pauseForTest("before-start-dev");
       ctrl.startDev(info.devId, getpid());
       const started = ctrl.getDevInfo(info.devId);
-      return new Device(ctrl, started, { ...config, devId: info.devId }, target, charFd, queues);
+      return new Device(ctrl, started, { ...config, devId: info.devId, flags }, target, charFd, queues);
     } catch (error) {
       await stopQueues(queues);
       if (charFd >= 0) close(charFd);

@@ -110,10 +110,13 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     sqe[cmd + CMD_ADDR_HI] = Math.floor(address / TWO_POW_32);
   }
 
+  /** USER_COPY: where each tag's request data is copied from/to (its buffer, or the target's own memory). */
+  const tagDataAddress = new Float64Array(depth);
+
   /** Sends a request's result to the kernel (after USER_COPY's copy-out of read data) and fetches the next one. */
   function commit(tag: number, result: number): void {
     if (userCopy && tagOp[tag] === UBLK_IO_OP_READ && result > 0) {
-      const copied = pwrite(charFd, bufferAddress + tag * tagStrideBytes, result, ublkUserCopyOffset(qId, tag, 0));
+      const copied = pwrite(charFd, tagDataAddress[tag]!, result, ublkUserCopyOffset(qId, tag, 0));
       if (copied !== result) result = -EIO;
     }
     queueIoCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
@@ -123,7 +126,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   let servedIos = 0;
   const context: QueueContext = {
     devId: start.devId, qId, queueDepth: depth, maxIoBufBytes, bufferAddress,
-    buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering, getSqe: nextSqe,
+    buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering, userCopy, getSqe: nextSqe,
     complete(tag, result) {
       pendingAsync--;
       commit(tag, result);
@@ -132,6 +135,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   const handler: QueueHandler = await target.openQueue(start.target, context);
   const usesEventLoop = handler.needsEventLoop === true;
   if (handler.ignoresData === true) tagStrideBytes = 0;
+  const directData = userCopy && handler.dataAddress !== undefined;
 
   /** Serves the request now in `tag`'s descriptor. */
   function serveRequest(tag: number): void {
@@ -142,9 +146,13 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     const startSector = iod[at + IOD_START_LO]! + iod[at + IOD_START_HI]! * TWO_POW_32;
     tagOp[tag] = op;
     servedIos++;
+    if (userCopy) {
+      tagDataAddress[tag] = (directData && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)
+        ? handler.dataAddress!(tag, op, startSector, nrSectors) : 0) || bufferAddress + tag * tagStrideBytes;
+    }
     if (userCopy && op === UBLK_IO_OP_WRITE) {
       const lengthBytes = nrSectors << 9;
-      const copied = pread(charFd, bufferAddress + tag * tagStrideBytes, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
+      const copied = pread(charFd, tagDataAddress[tag]!, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
       if (copied !== lengthBytes) {
         commit(tag, -EIO);
         return;

@@ -7,8 +7,8 @@
 import { closeSync, constants, fstatSync, ftruncateSync, openSync, statfsSync, statSync } from "node:fs";
 import { resolve } from "node:path";
 import {
-  BLKGETSIZE64, BLKROGET, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, mmapAnonymous, munmap,
-  O_DIRECT, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, pwrite, RWF_DSYNC,
+  BLKGETSIZE64, BLKROGET, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, MAP_SHARED, mmap,
+  mmapAnonymous, munmap, O_DIRECT, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, PROT_READ, PROT_WRITE, pwrite, RWF_DSYNC,
 } from "../ffi/libc.ts";
 import { EINVAL, EIO, EOPNOTSUPP, ErrnoError, errnoText } from "../ffi/errno.ts";
 import { IORING_FSYNC_DATASYNC } from "../ffi/uapi/io_uring.ts";
@@ -113,9 +113,11 @@ export const fileTarget: Target = {
         throw new Error(`file: ${path} has ${sizeBytes} bytes, not a multiple of the ${logicalBlockBytes}-byte block size; give -s`);
       }
       let alignment = 0;
-      // In a tmpfs file the page cache is the storage: O_DIRECT (which tmpfs accepts since 6.6) only adds a trip
-      // through the ring, so such files are served inline like --buffered ones. (Device nodes sit on devtmpfs.)
-      if (options.buffered !== true && !(stat.isFile() && inMemoryFileSystem(path))) {
+      // In a tmpfs file the page cache is the storage: O_DIRECT (which tmpfs accepts since 6.6) would only add a
+      // trip through the ring. Such a file is mapped and served like the memory target instead: one kernel copy
+      // per request with USER_COPY. (Device nodes sit on devtmpfs: not them.)
+      const inMemory = stat.isFile() && inMemoryFileSystem(path);
+      if (options.buffered !== true && !inMemory) {
         alignment = directAlignment(path, readOnly);
         if (alignment === 0) console.error(`ublk-bun: notice: ${path} does not support O_DIRECT; using the page cache`);
       }
@@ -130,7 +132,8 @@ export const fileTarget: Target = {
         // Writes may sit in the page cache or the disk's cache until a flush: say so, and honour FUA.
         attrs: UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA | (readOnly ? UBLK_ATTR_READ_ONLY : 0),
         discard: readOnly ? undefined : { granularityBytes: 4096, maxSectors: 1 << 21, maxWriteZeroesSectors: 1 << 21 },
-        options: { path, direct, readOnly, blockDevice: backing.isBlockDevice },
+        options: { path, direct, readOnly, blockDevice: backing.isBlockDevice, inMemory },
+        prefersUserCopy: inMemory,
       };
     } finally {
       closeSync(fd);
@@ -151,10 +154,19 @@ export const fileTarget: Target = {
     // through the ring per request (and tmpfs writes a hop to io-wq), as the kernel's loop driver does for
     // buffered files. With O_DIRECT the device's latency is real, so requests go through the ring and overlap.
     const inline = record.options.direct !== true;
+    // A tmpfs file on a USER_COPY device: the queue copies between the device and the mapped file directly.
+    let mappedAddress = 0;
+    if (record.options.inMemory === true && queue.userCopy) {
+      const protection = record.options.readOnly ? PROT_READ : PROT_READ | PROT_WRITE;
+      mappedAddress = mmap(record.sizeBytes, protection, MAP_SHARED, fd, 0);
+      if (mappedAddress < 0) throw new ErrnoError(`mmap ${path}`, -mappedAddress, `file: cannot map ${path}: ${errnoText(-mappedAddress)}`);
+    }
     return {
+      dataAddress: mappedAddress > 0 ? (_tag, _op, startSector) => mappedAddress + startSector * 512 : undefined,
       handleIo(tag, op, opFlags, startSector, nrSectors) {
         const lengthBytes = nrSectors * 512;
         const offsetBytes = startSector * 512;
+        if (mappedAddress > 0 && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)) return lengthBytes; // copied by the queue
         if (inline && (op === UBLK_IO_OP_READ || (op === UBLK_IO_OP_WRITE && (opFlags & UBLK_IO_F_FUA) === 0))) {
           const address = bufferAddress + tag * maxIoBufBytes;
           const done = op === UBLK_IO_OP_READ ? pread(fd, address, lengthBytes, offsetBytes) : pwrite(fd, address, lengthBytes, offsetBytes);
@@ -193,6 +205,7 @@ export const fileTarget: Target = {
         queue.complete(tag, result);
       },
       close() {
+        if (mappedAddress > 0) munmap(mappedAddress, record.sizeBytes);
         close(fd);
       },
     };

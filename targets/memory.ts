@@ -58,6 +58,7 @@ export const memoryTarget: Target = {
       attrs: 0,
       discard: { granularityBytes: 4096, maxSectors: 1 << 16, maxWriteZeroesSectors: 1 << 16 },
       options: { shmPath },
+      prefersUserCopy: true,
     };
   },
 
@@ -68,17 +69,20 @@ export const memoryTarget: Target = {
     const dataAddress = mmap(record.sizeBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd); // the mapping keeps the file
     if (dataAddress < 0) throw new ErrnoError(`mmap ${shmPath}`, -dataAddress);
-    const { bufferAddress, maxIoBufBytes } = queue;
+    const { bufferAddress, maxIoBufBytes, userCopy } = queue;
     return {
+      // With USER_COPY the queue copies between the device and the mapped image itself: reads and writes
+      // are then already done when handleIo sees them.
+      dataAddress: userCopy ? (_tag, _op, startSector) => dataAddress + startSector * 512 : undefined,
       handleIo(tag, op, _opFlags, startSector, nrSectors) {
         const lengthBytes = nrSectors * 512;
         const at = dataAddress + startSector * 512;
         switch (op) {
           case UBLK_IO_OP_READ:
-            memcpy(bufferAddress + tag * maxIoBufBytes, at, lengthBytes);
+            if (!userCopy) memcpy(bufferAddress + tag * maxIoBufBytes, at, lengthBytes);
             return lengthBytes;
           case UBLK_IO_OP_WRITE:
-            memcpy(at, bufferAddress + tag * maxIoBufBytes, lengthBytes);
+            if (!userCopy) memcpy(at, bufferAddress + tag * maxIoBufBytes, lengthBytes);
             return lengthBytes;
           case UBLK_IO_OP_FLUSH:
             return 0; // nothing volatile: every write is already in the shared pages

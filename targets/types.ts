@@ -26,6 +26,11 @@ export interface TargetRecord {
   discard?: { granularityBytes: number; maxSectors: number; maxWriteZeroesSectors: number };
   /** Target-specific settings (file path, shm name …). */
   options: { [key: string]: JsonValue };
+  /**
+   * The target keeps the disk image mapped and gives its queues a dataAddress(): a new device then uses
+   * USER_COPY (when the kernel has it and no data mode was asked for), so each request is one kernel copy.
+   */
+  prefersUserCopy?: boolean;
 }
 
 /** Options a user gave for a new device, before the target validates them. */
@@ -56,6 +61,8 @@ export interface QueueContext {
   getSqe(): number;
   /** True when this queue is being rebuilt by `recover` after the previous server died. */
   recovering: boolean;
+  /** True on a USER_COPY device (-u): the queue moves request data with pread/pwrite on /dev/ublkcN. */
+  userCopy: boolean;
   /** Completes `tag` later with bytes done or -errno, for requests whose handleIo returned IO_PENDING. */
   complete(tag: number, result: number): void;
 }
@@ -86,6 +93,12 @@ export interface QueueHandler {
    * so large writes do not grow the daemon's memory by depth × request size.
    */
   ignoresData?: boolean;
+  /**
+   * Optional; USER_COPY devices only. Where a READ's or WRITE's bytes live in the target's own memory (a mapped
+   * disk image): the queue then copies between the device and there directly — one copy instead of two through
+   * the tag's buffer — and handleIo only confirms. Return 0 to use the tag's buffer for this request.
+   */
+  dataAddress?(tag: number, op: number, startSector: number, nrSectors: number): number;
   /** Optional. The queue is going away: release what openQueue took. */
   close?(): void;
 }

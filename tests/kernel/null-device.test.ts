@@ -112,6 +112,15 @@ describe("bad input: one line, non-zero exit, nothing left", () => {
     ["del of a missing id", ["del", "-n", "4242"], /no ublk device 4242/],
     ["del without id", ["del"], /-n ID or -a is required/],
     ["bad id", ["list", "-n", "abc"], /-n: "abc" is not a whole number/],
+    ["id out of range", ["add", "-t", "null", "-n", "1048576"], /-n: 1048576 is out of range \(0\.\.1048575\)/],
+    ["recover of an id out of range", ["recover", "-n", "99999999"], /-n: 99999999 is out of range/],
+    ["del of a bad id", ["del", "-n", "x"], /-n: "x" is not a whole number/],
+    ["size with a bad suffix", ["add", "-t", "null", "-s", "10Q"], /-s: "10Q" is not a size/],
+    ["block size not a power of two", ["add", "-t", "null", "-b", "1000"], /-b: 1000 is not a power of two/],
+    ["zero max I/O size", ["add", "-t", "null", "--max-io-size", "0"], /--max-io-size: size must be greater than zero/],
+    ["-r 2", ["add", "-t", "null", "-r", "2"], /-r: 2 is out of range \(0\.\.1\)/],
+    ["-i yes", ["add", "-t", "null", "-i", "yes"], /-i: "yes" is not a whole number/],
+    ["a flag given twice", ["add", "-t", "null", "-d", "12", "-d", "14"], /-d given more than once/],
   ];
   for (const [name, args, message] of cases) {
     test(name, () => {

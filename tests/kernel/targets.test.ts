@@ -79,6 +79,22 @@ describe("memory target", () => {
     expect(readdirSync("/dev/shm").filter((name) => name.startsWith("ublk-bun-memory-"))).toEqual([]);
   });
 
+  test("by default USER_COPY copies straight between the device and the image; -g goes through tag buffers; both verify", () => {
+    verifyMatrix(["-t", "memory", "-s", "64M", "-g"]);
+    const devId = addDevice(["-t", "memory", "-s", "16M"]);
+    expect(JSON.parse(cliOk(["list", "-n", String(devId), "--json"]))[0].flags & (1 << 7)).toBe(1 << 7); // USER_COPY chosen
+    try {
+      writePattern(`/dev/ublkb${devId}`, 1 << 20, 64 * 1024);
+      const shmPath = JSON.parse(cliOk(["list", "-n", String(devId), "--json"]))[0].target.options.shmPath as string;
+      const image = readFileSync(shmPath);
+      expect(image.subarray(1 << 20, (1 << 20) + 64 * 1024).every((byte) => byte === 0xa5)).toBe(true);
+      expect(readDevice(`/dev/ublkb${devId}`, 1 << 20, 64 * 1024).every((byte) => byte === 0xa5)).toBe(true);
+    } finally {
+      cliOk(["del", "-n", String(devId)]);
+    }
+    expectClean();
+  });
+
   test("discard and write-zeroes read back as zeros", () => {
     const devId = addDevice(["-t", "memory", "-s", "16M"]);
     try {
@@ -106,8 +122,26 @@ describe("file target", () => {
     Bun.spawnSync(["truncate", "-s", "64M", backing]);
   });
 
+  // The three ways the file target moves data: a file in memory (tmpfs/ramfs, as here) mapped and copied by the
+  // kernel with USER_COPY; the same inline through the page cache (-g rules out USER_COPY); O_DIRECT through
+  // the queue's ring (a block device).
   test("fio crc32c verify: 4k random and 128k sequential, QD1/QD32, 1 and 2 queues", () => {
+    const devId = addDevice(["-t", "file", "-f", backing]);
+    expect(JSON.parse(cliOk(["list", "-n", String(devId), "--json"]))[0].flags & (1 << 7)).toBe(1 << 7); // USER_COPY chosen
+    cliOk(["del", "-n", String(devId)]);
     verifyMatrix(["-t", "file", "-f", backing]);
+    expectClean();
+  });
+
+  test("the same verify runs inline through the page cache and with O_DIRECT through the ring", () => {
+    verifyMatrix(["-t", "file", "-f", backing, "-g"]);
+    const loopPath = Bun.spawnSync(["losetup", "-f", "--show", backing]).stdout.toString().trim();
+    expect(loopPath).toStartWith("/dev/loop");
+    try {
+      verifyMatrix(["-t", "file", "-f", loopPath]);
+    } finally {
+      Bun.spawnSync(["losetup", "-d", loopPath]);
+    }
     expectClean();
   });
 
@@ -171,6 +205,31 @@ describe("file target", () => {
       Bun.spawnSync(["losetup", "-d", loopPath]);
     }
     expectClean();
+  });
+
+  test("bad input: a symlink to a block device another program holds exclusively", async () => {
+    const loopPath = Bun.spawnSync(["losetup", "-f", "--show", backing]).stdout.toString().trim();
+    expect(loopPath).toStartWith("/dev/loop");
+    // Like a mounted disk: someone has it open with O_EXCL.
+    const holder = Bun.spawn([process.execPath, "-e",
+      `require("fs").openSync(${JSON.stringify(loopPath)}, require("fs").constants.O_RDONLY | require("fs").constants.O_EXCL); console.log("held"); setTimeout(() => {}, 60000);`],
+      { stdout: "pipe" });
+    try {
+      const reader = holder.stdout.getReader();
+      expect(new TextDecoder().decode((await reader.read()).value)).toContain("held");
+      const link = join(work, "disk-link");
+      rmSync(link, { force: true });
+      symlinkSync(loopPath, link);
+      const run = cli(["add", "-t", "file", "-f", link]);
+      expect(run.status).not.toBe(0);
+      expect(run.stderr.trim().split("\n")).toHaveLength(1);
+      expect(run.stderr).toMatch(/is in use \(mounted or held by another driver\)/);
+      expectClean();
+    } finally {
+      holder.kill("SIGKILL");
+      await holder.exited;
+      Bun.spawnSync(["losetup", "-d", loopPath]);
+    }
   });
 
   const odd = join(work, "odd.img");
