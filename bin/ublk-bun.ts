@@ -98,6 +98,7 @@ async function add(flags: Flags): Promise<void> {
   if (flags.unprivileged === true) {
     // ublk_drv clears the recovery flags of unprivileged devices (a user's daemon could stall recovery forever).
     if ((config.flags & UBLK_F_USER_RECOVERY) !== 0 || failIo) throw new UsageError("--unprivileged: the kernel allows no recovery (-r, -i, -e) for unprivileged devices");
+    if (userCopy) throw new UsageError("--unprivileged: the kernel allows no USER_COPY (-u) for unprivileged devices");
     config.flags |= UBLK_F_UNPRIVILEGED_DEV;
   }
   // Fail fast, before any process is started: driver present, rights, target options valid.

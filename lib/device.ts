@@ -7,7 +7,7 @@
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
-  UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueReply, QueueStart } from "./queue-worker.ts";
@@ -84,7 +84,9 @@ export class Device {
     let info: DevInfo;
     let flags = config.flags;
     try {
-      if (target.prefersUserCopy && (flags & (UBLK_F_USER_COPY | UBLK_F_NEED_GET_DATA)) === 0 && (ctrl.getFeatures() & UBLK_F_USER_COPY) !== 0) {
+      // ublk_drv refuses USER_COPY on unprivileged devices (EINVAL): they keep the copy mode.
+      const dataModeChosen = (flags & (UBLK_F_USER_COPY | UBLK_F_NEED_GET_DATA | UBLK_F_UNPRIVILEGED_DEV)) !== 0;
+      if (target.prefersUserCopy && !dataModeChosen && (ctrl.getFeatures() & UBLK_F_USER_COPY) !== 0) {
         flags |= UBLK_F_USER_COPY;
       }
       info = ctrl.addDev({ devId: config.devId, nrHwQueues: config.nrHwQueues, queueDepth: config.queueDepth,

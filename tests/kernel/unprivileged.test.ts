@@ -107,6 +107,9 @@ describe("unprivileged devices", () => {
     const recovery = asUser(["add", "-t", "null", "--unprivileged", "-i", "1"]);
     expect(recovery.status).not.toBe(0);
     expect(recovery.stderr.trim()).toBe("ublk-bun: --unprivileged: the kernel allows no recovery (-r, -i, -e) for unprivileged devices");
+    const userCopy = asUser(["add", "-t", "null", "--unprivileged", "-u"]);
+    expect(userCopy.status).not.toBe(0);
+    expect(userCopy.stderr.trim()).toBe("ublk-bun: --unprivileged: the kernel allows no USER_COPY (-u) for unprivileged devices");
     expect(cli(["del", "-n", String(rootId)]).status).toBe(0);
     expectClean();
   });
