@@ -30,12 +30,26 @@ interface KillTiming {
   recoverToFirstIoMs: number;
 }
 
+/** Starts fio on the device in the background with JSON output; see expectFioClean for how it ends. */
+function startFio(devId: number, args: string[]) {
+  return Bun.spawn(["fio", `--filename=/dev/ublkb${devId}`, ...args, "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+}
+
+/** A reader that runs until stopped: 4k direct random reads, one at a time. */
+const PSYNC_READER = ["--name=r", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync", "--runtime=300", "--time_based"];
+
+/** kill -9 the device's daemon and wait until the kernel has quiesced the device; returns the pid and kill time. */
+async function killDaemon(devId: number): Promise<{ pid: number; killedAt: number }> {
+  const pid = daemonPidOf(devId);
+  const killedAt = performance.now();
+  process.kill(pid, "SIGKILL");
+  await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+  return { pid, killedAt };
+}
+
 /** kill -9 the daemon, wait for QUIESCED, run `recover`, and time it all; expects LIVE with a new pid. */
 async function killAndRecover(devId: number, pauseMs = 500): Promise<KillTiming> {
-  const oldPid = daemonPidOf(devId);
-  const killedAt = performance.now();
-  process.kill(oldPid, "SIGKILL");
-  await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+  const { pid: oldPid, killedAt } = await killDaemon(devId);
   const quiescedAt = performance.now();
   await Bun.sleep(pauseMs);
   const readsBefore = readsCompleted(devId);
@@ -107,8 +121,7 @@ describe("recovery", () => {
       const devId = addDevice(["-t", "null", "-d", "4", "-i", "1"]);
       expect(devId).toBe(0);
       // The reference command (buffered psync reads), shortened.
-      const fio = Bun.spawn(["fio", "--name=ref", "--bs=4k", `--filename=/dev/ublkb${devId}`, "--runtime=300s", "--rw=read",
-        "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      const fio = startFio(devId, ["--name=ref", "--bs=4k", "--runtime=300s", "--rw=read", "--time_based"]);
       for (let kill = 0; kill < kills; kill++) {
         await Bun.sleep(1000);
         expect(fio.exitCode).toBeNull(); // the kill lands while fio reads
@@ -130,9 +143,8 @@ describe("recovery", () => {
       const backing = join(work, "verify.img");
       if (target === "file") writeFileSync(backing, Buffer.alloc(64 << 20));
       const devId = addDevice(target === "file" ? ["-t", "file", "-f", backing, "-i", "1", "-q", "2"] : ["-t", "memory", "-s", "64M", "-i", "1", "-q", "2"]);
-      const fio = Bun.spawn(["fio", "--name=verify", `--filename=/dev/ublkb${devId}`, "--rw=randwrite", "--bs=4k", "--direct=1",
-        "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--time_based", "--runtime=300", "--verify=crc32c", "--verify_backlog=256",
-        "--verify_fatal=1", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      const fio = startFio(devId, ["--name=verify", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=16",
+        "--size=32M", "--time_based", "--runtime=300", "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1"]);
       const timings: KillTiming[] = [];
       for (let kill = 0; kill < 3; kill++) {
         await Bun.sleep(1500);
@@ -148,8 +160,8 @@ describe("recovery", () => {
 
   test("-r 1 without REISSUE: requests the dead daemon held fail with EIO (6.12); later I/O waits for recover", async () => {
     const devId = addDevice(["-t", "null", "-r", "1", "-d", "32"]);
-    const fio = Bun.spawn(["fio", "--name=eio", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-      "--ioengine=io_uring", "--iodepth=32", "--runtime=20", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    const fio = startFio(devId, ["--name=eio", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=32",
+      "--runtime=20", "--time_based"]);
     await Bun.sleep(1500);
     await killAndRecover(devId);
     const { status, stderr } = await fioResult(fio, 30_000);
@@ -164,12 +176,9 @@ describe("recovery", () => {
   for (const step of ["after-start-recovery", "before-end-recovery"]) {
     test(`the daemon killed during recover (${step}): a second recover succeeds, fio sees no error`, async () => {
       const devId = addDevice(["-t", "null", "-i", "1", "-q", "2", "-d", "16"]);
-      const fio = Bun.spawn(["fio", "--name=r", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-        "--ioengine=psync", "--runtime=300", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      const fio = startFio(devId, PSYNC_READER);
       await Bun.sleep(1000);
-      const oldPid = daemonPidOf(devId);
-      process.kill(oldPid, "SIGKILL");
-      await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+      const { pid: oldPid } = await killDaemon(devId);
       // Kill the recovering daemon while it pauses at `step`.
       const { child: slow, daemonPid: victim } = await spawnPaused(["recover", "-n", String(devId)], step, oldPid);
       process.kill(victim, "SIGKILL");
@@ -187,12 +196,9 @@ describe("recovery", () => {
   test("a second recover while one runs is refused in one line; another device recovers meanwhile; after a kill, recover works", async () => {
     const busyId = addDevice(["-t", "null", "-i", "1", "-d", "16"]);
     const otherId = addDevice(["-t", "memory", "-s", "16M", "-i", "1"]);
-    const fio = Bun.spawn(["fio", "--name=r", `--filename=/dev/ublkb${busyId}`, "--rw=randread", "--bs=4k", "--direct=1",
-      "--ioengine=psync", "--runtime=300", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    const fio = startFio(busyId, PSYNC_READER);
     await Bun.sleep(1000);
-    const oldPid = daemonPidOf(busyId);
-    process.kill(oldPid, "SIGKILL");
-    await waitFor("QUIESCED", () => state(busyId) === "QUIESCED", 60_000);
+    const { pid: oldPid } = await killDaemon(busyId);
     const { child: first, daemonPid: recovering } = await spawnPaused(["recover", "-n", String(busyId)], "after-start-recovery", oldPid);
 
     const second = cli(["recover", "-n", String(busyId)]);
@@ -201,8 +207,7 @@ describe("recovery", () => {
     expect(second.stderr).toContain(`device ${busyId} is busy: pid ${recovering} is serving or recovering it`);
 
     // An unrelated device dies and is recovered while the first recover still holds its own device.
-    process.kill(daemonPidOf(otherId), "SIGKILL");
-    await waitFor("QUIESCED", () => state(otherId) === "QUIESCED", 60_000);
+    await killDaemon(otherId);
     cliOk(["recover", "-n", String(otherId)]);
     expect(state(otherId)).toBe("LIVE");
     expect(state(busyId)).toBe("QUIESCED");
@@ -223,9 +228,8 @@ describe("recovery", () => {
     const listed = cliOk(["list", "-n", String(devId)]);
     expect(listed).toMatch(/\tauto-recover supervisor: \d+\n/);
     const supervisor = Number(/auto-recover supervisor: (\d+)/.exec(listed)![1]);
-    const fio = Bun.spawn(["fio", "--name=auto", `--filename=/dev/ublkb${devId}`, "--rw=randrw", "--bs=4k", "--direct=1",
-      "--ioengine=io_uring", "--iodepth=8", "--runtime=300", "--time_based", "--verify=crc32c", "--verify_backlog=256", "--output-format=json"],
-      { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    const fio = startFio(devId, ["--name=auto", "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=8",
+      "--runtime=300", "--time_based", "--verify=crc32c", "--verify_backlog=256"]);
     const recoveredMs: number[] = [];
     for (let kill = 0; kill < 3; kill++) {
       await Bun.sleep(1500);
@@ -248,8 +252,7 @@ describe("recovery", () => {
 
   test("del works on a QUIESCED device whose daemon is gone", async () => {
     const devId = addDevice(["-t", "null", "-i", "1"]);
-    process.kill(daemonPidOf(devId), "SIGKILL");
-    await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+    await killDaemon(devId);
     cliOk(["del", "-n", String(devId)]);
     expectClean();
   });
@@ -277,8 +280,7 @@ export default target;
     const pid = daemonPidOf(devId);
     const dd = Bun.spawnSync(["dd", `if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=100", "iflag=direct", "skip=1000"]);
     expect(dd.exitCode).toBe(0);
-    const fio = Bun.spawn(["fio", "--name=c", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
-      "--runtime=300", "--time_based", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    const fio = startFio(devId, PSYNC_READER);
     await waitFor("the daemon to exit", () => !readdirSync("/proc").includes(String(pid)), 30_000);
     await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
     expect(readFileSync("/run/ublk-bun/daemon.log", "utf8")).toContain("deliberate failure");
@@ -327,8 +329,7 @@ describe("recover: clear errors", () => {
     run = cli(["recover", "-n", String(devId)]);
     expect(run.status).not.toBe(0);
     expect(run.stderr).toMatch(/is LIVE with daemon pid \d+; nothing to recover/);
-    process.kill(daemonPidOf(devId), "SIGKILL");
-    await waitFor("QUIESCED", () => state(devId) === "QUIESCED", 60_000);
+    await killDaemon(devId);
     const recordPath = `/run/ublk-bun/${devId}.json`;
     const original = readFileSync(recordPath, "utf8");
     const tampered = JSON.parse(original);
