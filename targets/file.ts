@@ -167,8 +167,8 @@ export const fileTarget: Target = {
         const lengthBytes = nrSectors * 512;
         const offsetBytes = startSector * 512;
         if (mappedAddress > 0 && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)) return lengthBytes; // copied by the queue
+        const address = bufferAddress + tag * maxIoBufBytes;
         if (inline && (op === UBLK_IO_OP_READ || (op === UBLK_IO_OP_WRITE && (opFlags & UBLK_IO_F_FUA) === 0))) {
-          const address = bufferAddress + tag * maxIoBufBytes;
           const done = op === UBLK_IO_OP_READ ? pread(fd, address, lengthBytes, offsetBytes) : pwrite(fd, address, lengthBytes, offsetBytes);
           return done === 0 ? -EIO : done; // short transfers are passed on; -errno as is
         }
@@ -176,10 +176,10 @@ export const fileTarget: Target = {
         expectedBytes[tag] = op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE ? lengthBytes : 0;
         switch (op) {
           case UBLK_IO_OP_READ:
-            ring.prepRead(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            ring.prepRead(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
             break;
           case UBLK_IO_OP_WRITE:
-            ring.prepWrite(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            ring.prepWrite(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
             if (opFlags & UBLK_IO_F_FUA) ring.setOpFlags(base, RWF_DSYNC);
             break;
           case UBLK_IO_OP_FLUSH:
