@@ -10,7 +10,7 @@
  *
  *   BENCH_SECONDS=10 BENCH_REPEATS=3 BENCH_CASES=null,file,memory npm run bench
  */
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { renderSvg } from "./svg.ts";
 
@@ -50,16 +50,49 @@ const JOBS: Record<string, Job> = {
   randread64x2: { name: "4k randread QD64 ×2 jobs", rw: "randread", bs: "4k", depth: 64, jobs: 2 },
 };
 
-interface Sample { iops: number; mbps: number; p50us: number; p99us: number; cpuUsPerIo: number | null; raw: unknown }
+/** Server CPU per I/O in µs, split by where it went: queue threads in user space, queue threads and io_uring
+ * workers in the kernel, JSC's JIT compiler threads, everything else (main thread, GC, allocator). */
+interface CpuSplit { queueUser: number; queueSys: number; jit: number; other: number }
+interface Sample { iops: number; mbps: number; p50us: number; p99us: number; cpuUsPerIo: number | null; cpuSplit: CpuSplit | null; raw: unknown }
 
-function cpuTicks(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+/** utime and stime (clock ticks) of one thread or, for a pid's own stat, of the whole process. */
+function statTicks(statPath: string): { comm: string; user: number; sys: number } {
+  const stat = readFileSync(statPath, "utf8");
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return Number(fields[11]) + Number(fields[12]); // utime + stime of all threads
+  return { comm: stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")")), user: Number(fields[11]), sys: Number(fields[12]) };
+}
+function cpuTicks(pid: number): number {
+  const { user, sys } = statTicks(`/proc/${pid}/stat`);
+  return user + sys;
+}
+/** Ticks per part of the server; threads that ended between two snapshots fall out of the split. */
+function threadTicks(pid: number): Map<string, { part: keyof CpuSplit; user: number; sys: number }> {
+  const threads = new Map<string, { part: keyof CpuSplit; user: number; sys: number }>();
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const { comm, user, sys } = statTicks(`/proc/${pid}/task/${tid}/stat`);
+      // io_uring's own workers (iou-wrk-*) run blocking file I/O for the queue rings: kernel time of the queues.
+      const part = /^ublk\d+q\d+$/.test(comm) ? "queueUser" : comm.startsWith("iou-wrk") ? "queueSys" : /JIT/.test(comm) ? "jit" : "other";
+      threads.set(tid, { part, user, sys });
+    } catch { /* the thread ended meanwhile */ }
+  }
+  return threads;
+}
+function cpuSplit(before: ReturnType<typeof threadTicks>, after: ReturnType<typeof threadTicks>, usPerTick: number): CpuSplit {
+  const split: CpuSplit = { queueUser: 0, queueSys: 0, jit: 0, other: 0 };
+  for (const [tid, now] of after) {
+    const then = before.get(tid) ?? { user: 0, sys: 0 };
+    if (now.part === "queueUser") {
+      split.queueUser += (now.user - then.user) * usPerTick;
+      split.queueSys += (now.sys - then.sys) * usPerTick;
+    } else split[now.part] += (now.user - then.user + now.sys - then.sys) * usPerTick;
+  }
+  return split;
 }
 
 function fio(path: string, job: Job, serverPid: number | null): Sample {
   const ticksBefore = serverPid ? cpuTicks(serverPid) : 0;
+  const threadsBefore = serverPid ? threadTicks(serverPid) : null;
   const started = performance.now();
   const out = sh(`fio --name=bench --filename=${path} --rw=${job.rw} --bs=${job.bs} --iodepth=${job.depth} --numjobs=${job.jobs ?? 1} ` +
     `--size=1g --direct=${job.buffered ? 0 : 1} --ioengine=io_uring --time_based --runtime=${seconds} --ramp_time=2 --group_reporting --output-format=json`);
@@ -71,14 +104,21 @@ function fio(path: string, job: Job, serverPid: number | null): Sample {
   const cpuS = serverPid ? (cpuTicks(serverPid) - ticksBefore) / 100 : 0;
   // CPU is measured over the whole fio run (ramp included); scale it to the measured part.
   const cpuUsPerIo = serverPid ? (cpuS * (seconds / wallS) * 1e6) / ios : null;
-  return { iops: result.iops, mbps: result.bw / 1024, p50us: percentile("50.000000"), p99us: percentile("99.000000"), cpuUsPerIo, raw: json };
+  const split = serverPid ? cpuSplit(threadsBefore!, threadTicks(serverPid), ((seconds / wallS) * 1e4) / ios) : null;
+  return { iops: result.iops, mbps: result.bw / 1024, p50us: percentile("50.000000"), p99us: percentile("99.000000"), cpuUsPerIo,
+    cpuSplit: split, raw: json };
 }
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
+const cpuSplitMedian = (splits: CpuSplit[]): CpuSplit | null => splits.length === 0 ? null : {
+  queueUser: median(splits.map((s) => s.queueUser)), queueSys: median(splits.map((s) => s.queueSys)),
+  jit: median(splits.map((s) => s.jit)), other: median(splits.map((s) => s.other)),
+};
 function summarize(samples: Sample[]) {
   const cpu = samples.map((s) => s.cpuUsPerIo).filter((v): v is number => v !== null);
   return { iops: median(samples.map((s) => s.iops)), mbps: median(samples.map((s) => s.mbps)), p50us: median(samples.map((s) => s.p50us)),
-    p99us: median(samples.map((s) => s.p99us)), cpuUsPerIo: cpu.length ? median(cpu) : null };
+    p99us: median(samples.map((s) => s.p99us)), cpuUsPerIo: cpu.length ? median(cpu) : null,
+    cpuSplit: cpuSplitMedian(samples.map((s) => s.cpuSplit).filter((v): v is CpuSplit => v !== null)) };
 }
 type Summary = ReturnType<typeof summarize>;
 
@@ -187,6 +227,15 @@ const lines = [
   ...rows.map((r) => `| ${r.case} | ${r.ours} | ${fmt(r.oursResult.iops)} | ${fmt(r.oursResult.mbps, 1)} | ${fmt(r.oursResult.p50us)} | ${fmt(r.oursResult.p99us)} | ` +
     `${fmt(r.oursResult.cpuUsPerIo, 1)} | ${r.kernel} | ${fmt(r.kernelResult?.iops)} | ${fmt(r.kernelResult?.mbps, 1)} | ${fmt(r.kernelResult?.p50us)} | ` +
     `${fmt(r.kernelResult?.p99us)} | ${r.ratio === null ? "—" : `${r.ratio.toFixed(2)} (${r.metric})`} |`),
+  "",
+  "Where the server's CPU goes, µs per I/O (median of the runs): queue threads in user space (our JS loop and",
+  "target) / queue threads and io_uring workers in the kernel (ublk_drv, io_uring, block layer, wake-ups) / JSC's JIT",
+  "compiler threads / all other threads:",
+  "",
+  ...rows.filter((r) => r.oursResult.cpuSplit).map((r) => {
+    const c = r.oursResult.cpuSplit!;
+    return `- ${r.group}: ${r.case}: ${fmt(c.queueUser, 1)} / ${fmt(c.queueSys, 1)} / ${fmt(c.jit, 1)} / ${fmt(c.other, 1)}`;
+  }),
   "",
   `Batching (${batching}).`,
   "",

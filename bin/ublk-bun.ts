@@ -11,7 +11,7 @@ import { UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAI
 import { Ctrl } from "../lib/ctrl.ts";
 import { dataModeFlags, DEFAULT_MAX_IO_BUF_BYTES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, recoveryFlags } from "../lib/device.ts";
 import {
-  parseDevId, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
+  parseDevId, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, parsePollUs, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
 } from "../lib/options.ts";
 import { canonicalType, loadTarget } from "../targets/registry.ts";
 import type { DaemonSpec } from "../lib/daemon.ts";
@@ -31,6 +31,7 @@ cli
   .option("-s, --size <size>", "Device size, e.g. 1G (default: the target's)")
   .option("-b, --logical-block-size <bytes>", "Logical block size: 512, 1024, 2048 or 4096")
   .option("--max-io-size <size>", "Largest request, 4K..32M (default 512K)")
+  .option("--poll-us <us>", "Poll each queue this long after its last request before sleeping: lower latency, busier CPU (default 0)")
   .option("-r, --recovery <0|1>", "USER_RECOVERY: survive a daemon crash (in-flight I/O fails)")
   .option("-i, --recovery-reissue <0|1>", "USER_RECOVERY + REISSUE: in-flight I/O is reissued after recover")
   .option("-u, --user-copy", "USER_COPY data mode (pread/pwrite on /dev/ublkcN)")
@@ -91,6 +92,7 @@ async function add(flags: Flags): Promise<void> {
     maxIoBufBytes: flags.maxIoSize === undefined ? DEFAULT_MAX_IO_BUF_BYTES : parseMaxIoBytes("--max-io-size", single("--max-io-size", flags.maxIoSize)),
     flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
       dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
+    pollUs: flags.pollUs === undefined ? 0 : parsePollUs("--poll-us", single("--poll-us", flags.pollUs)),
   };
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0) throw new UsageError("--auto-recover needs -r 1 or -i 1");

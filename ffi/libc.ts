@@ -146,6 +146,11 @@ export function eventfd(initialValue: number, flags: number): number {
 export function prctl(option: number, arg2 = 0, arg3 = 0, arg4 = 0, arg5 = 0): number {
   return check(fn.prctl(option, arg2, arg3, arg4, arg5));
 }
+/** Names the calling thread (15 bytes at most) for ps, top and /proc/PID/task/TID/comm. */
+export function setThreadName(name: string): number {
+  const cName = Buffer.from(`${name.slice(0, 15)}\0`, "utf8");
+  return prctl(PR_SET_NAME, Number(ptr(cName)));
+}
 export function getpid(): number {
   return fn.getpid();
 }

@@ -29,6 +29,9 @@ export interface DeviceConfig {
   maxIoBufBytes: number;
   /** UBLK_F_* asked for (USER_RECOVERY, REISSUE, USER_COPY, NEED_GET_DATA …). */
   flags: number;
+  /** After its last completion a queue thread keeps polling its ring this long before it sleeps: no wake-up
+   * for a request that arrives meanwhile, at the cost of a busy CPU (0 or absent: sleep at once). */
+  pollUs?: number;
 }
 
 /** Where a queue runs: reported by its Worker, shown by `list`. */
@@ -100,7 +103,7 @@ export class Device {
     let queues: QueueWorker[] = [];
     try {
       charFd = await openCharDevice(info.devId);
-      queues = await startQueues(ctrl, info, target, charFd, false, events);
+      queues = await startQueues(ctrl, info, target, charFd, false, events, config.pollUs ?? 0);
       ctrl.setParams(info.devId, paramsOf(target, info));
       await pauseForTest("before-start-dev");
       ctrl.startDev(info.devId, getpid());
@@ -137,7 +140,7 @@ export class Device {
       await pauseForTest("after-start-recovery");
       checkParams(ctrl.getParams(devId), target, info);
       charFd = await openCharDevice(devId, waitTimeoutMs);
-      queues = await startQueues(ctrl, info, target, charFd, true, events);
+      queues = await startQueues(ctrl, info, target, charFd, true, events, config.pollUs ?? 0);
       await pauseForTest("before-end-recovery");
       ctrl.endUserRecovery(devId, getpid());
       debug(`device ${devId}: END_USER_RECOVERY done`);
@@ -227,7 +230,7 @@ export async function openCharDevice(devId: number, timeoutMs = 10_000): Promise
 
 /** Starts one Worker per queue and resolves once every queue has FETCHed every tag. */
 export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, charFd: number, recovering: boolean,
-                                  events: DeviceEvents): Promise<QueueWorker[]> {
+                                  events: DeviceEvents, pollUs = 0): Promise<QueueWorker[]> {
   const queues: QueueWorker[] = [];
   const ready: Promise<void>[] = [];
   let started = false;
@@ -274,7 +277,7 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
       });
     }));
     const start: QueueStart = { devId: info.devId, qId, queueDepth: info.queueDepth, maxIoBufBytes: info.maxIoBufBytes,
-      charFd, devFlags: info.flags, target, cpuMask, recovering, stopFd };
+      charFd, devFlags: info.flags, target, cpuMask, recovering, stopFd, pollUs };
     worker.postMessage(start);
     queues.push(queue);
   }

@@ -32,6 +32,8 @@ export interface CreateDeviceOptions {
   depth?: number;
   /** Largest request in bytes (default 512 KiB). */
   maxIoBytes?: number;
+  /** Microseconds each queue keeps polling after its last request before it sleeps (default 0: sleep at once). */
+  pollUs?: number;
   /** "none" (default), "recover" (USER_RECOVERY) or "reissue" (USER_RECOVERY + REISSUE). */
   recovery?: "none" | "recover" | "reissue";
   /** How request data moves (default "copy": the kernel copies into each tag's buffer). */
@@ -72,6 +74,7 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     queueDepth: options.depth ?? DEFAULT_QUEUE_DEPTH,
     maxIoBufBytes: options.maxIoBytes ?? DEFAULT_MAX_IO_BUF_BYTES,
     flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(options.dataMode ?? "copy"),
+    pollUs: options.pollUs ?? 0,
   };
   let served;
   try {

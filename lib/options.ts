@@ -46,6 +46,8 @@ export function parseSwitch(flag: string, value: unknown): boolean {
 export const parseDevId = (flag: string, value: unknown) => parseInteger(flag, value, 0, MAX_DEV_ID);
 export const parseNrQueues = (flag: string, value: unknown) => parseInteger(flag, value, 1, UBLK_MAX_NR_QUEUES);
 export const parseQueueDepth = (flag: string, value: unknown) => parseInteger(flag, value, 1, UBLK_MAX_QUEUE_DEPTH);
+/** Up to one second: longer would only burn a CPU between bursts. */
+export const parsePollUs = (flag: string, value: unknown) => parseInteger(flag, value, 0, 1_000_000);
 
 /** Logical block sizes the kernel accepts: 512 B to one page, powers of two. */
 export function parseLogicalBlockBytes(flag: string, value: unknown): number {

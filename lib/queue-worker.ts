@@ -10,7 +10,7 @@
  */
 import {
   gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ,
-  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, write,
+  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, write,
 } from "../ffi/libc.ts";
 import { EIO, ENODEV, ETIME, ErrnoError } from "../ffi/errno.ts";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
@@ -42,6 +42,8 @@ export interface QueueStart {
   recovering: boolean;
   /** An eventfd the device writes to when this queue must leave its loop (e.g. a start that failed before START_DEV). */
   stopFd: number;
+  /** DeviceConfig.pollUs: how long to poll the ring after the last completion before sleeping in it. */
+  pollUs: number;
 }
 
 export type QueueReply =
@@ -58,6 +60,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   // This thread serves writeback: without IO_FLUSHER its own allocations could wait on the very I/O it must
   // complete. The flag is per thread, so every queue thread sets it (needs CAP_SYS_RESOURCE; best effort).
   prctl(PR_SET_IO_FLUSHER, 1);
+  setThreadName(`ublk${start.devId}q${qId}`); // so `ps -T`, top and the bench's CPU split tell queue threads apart
   if (start.cpuMask.length > 0) schedSetaffinity(0, Uint8Array.from(start.cpuMask)); // best effort
 
   const userCopy = (start.devFlags & UBLK_F_USER_COPY) !== 0;
@@ -174,11 +177,23 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   let stopRequested = false;
   // How well completions batch: I/O commands completed and io_uring_enter calls made (reported in the debug log).
   let enters = 0, ioCqes = 0;
+  const pollMs = start.pollUs / 1000;
+  let lastCompletionAtMs = 0;
   while (retiredTags < depth && !stopRequested) {
     enters++;
     // Sends every commit queued by the previous round and waits for at least one completion. While requests
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
-    const entered = usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
+    // Polling (--poll-us) enters without waiting instead: with DEFER_TASKRUN that still runs the kernel's
+    // pending work for us, so a request that comes meanwhile is served with no sleep and no wake-up.
+    let entered: number;
+    if (pollMs > 0 && performance.now() - lastCompletionAtMs < pollMs) {
+      entered = ring.submit(0);
+      if (entered < 0 && ring.cqReady() === 0) throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
+      if (ring.cqReady() === 0) continue;
+    } else {
+      entered = usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
+    }
+    if (pollMs > 0) lastCompletionAtMs = performance.now();
     if (entered < 0 && entered !== -ETIME && ring.cqReady() === 0) {
       throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
     }

@@ -96,6 +96,7 @@ function isRecord(value: unknown): value is DeviceRecord {
   return typeof r === "object" && r !== null && r.version === RECORD_VERSION && Number.isInteger(r.devId) &&
     typeof r.config === "object" && r.config !== null && Number.isInteger(r.config.nrHwQueues) && Number.isInteger(r.config.queueDepth) &&
     Number.isInteger(r.config.maxIoBufBytes) && Number.isInteger(r.config.flags) &&
+    (r.config.pollUs === undefined || (Number.isInteger(r.config.pollUs) && r.config.pollUs >= 0)) &&
     typeof r.target === "object" && r.target !== null && typeof r.target.type === "string" && Number.isFinite(r.target.sizeBytes) &&
     Number.isInteger(r.pid) && Array.isArray(r.queues);
 }

@@ -42,6 +42,10 @@ export const IORING_FEAT_NATIVE_WORKERS = 1 << 9;
 export const IORING_FEAT_RSRC_TAGS = 1 << 10;
 export const IORING_FEAT_CQE_SKIP = 1 << 11;
 export const IORING_FEAT_LINKED_FILE = 1 << 12;
+export const IORING_FEAT_REG_REG_RING = 1 << 13;
+export const IORING_FEAT_RECVSEND_BUNDLE = 1 << 14;
+/** 6.12: io_uring_getevents_arg.min_wait_usec is honoured. */
+export const IORING_FEAT_MIN_TIMEOUT = 1 << 15;
 
 // io_uring_enter flags
 export const IORING_ENTER_GETEVENTS = 1 << 0;
@@ -128,7 +132,7 @@ export const SQE128_CMD_BYTES = 80;
 export const io_uring_cqe = struct("io_uring_cqe", 16, { user_data: [0, 8], res: [8, 4], flags: [12, 4] });
 
 export const io_uring_getevents_arg = struct("io_uring_getevents_arg", 24, {
-  sigmask: [0, 8], sigmask_sz: [8, 4], pad: [12, 4], ts: [16, 8],
+  sigmask: [0, 8], sigmask_sz: [8, 4], min_wait_usec: [12, 4], ts: [16, 8],
 });
 
 export const __kernel_timespec = struct("__kernel_timespec", 16, { tv_sec: [0, 8], tv_nsec: [8, 8] });

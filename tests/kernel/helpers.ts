@@ -61,6 +61,14 @@ export function fio(args: string[], timeoutMs = 300_000): FioResult {
 }
 
 /** ublk nodes in /dev right now. */
+/** fio write-then-verify with crc32c; returns [status, errors] so a failure shows which case. */
+export function verify(devId: number, rw: string, bs: string, depth: number, sizeBytes: string): [string, number, number] {
+  const result = fio([`--name=verify-${rw}-${bs}-${depth}`, `--filename=/dev/ublkb${devId}`, `--rw=${rw}`, `--bs=${bs}`, "--direct=1",
+    "--ioengine=io_uring", `--iodepth=${depth}`, `--size=${sizeBytes}`, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]);
+  if (result.status !== 0) console.error(result.stderr);
+  return [`${rw} ${bs} QD${depth}`, result.status, result.errors];
+}
+
 export function ublkNodes(): string[] {
   return readdirSync("/dev").filter((name) => name.startsWith("ublkb") || name.startsWith("ublkc"));
 }

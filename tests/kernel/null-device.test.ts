@@ -1,6 +1,6 @@
 // The first block device: `add -t null`, fio and dd on /dev/ublkbN, list, del — through the CLI, as a user would.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, records, ublkNodes, waitFor } from "./helpers.ts";
 
 beforeAll(() => cleanUp());
@@ -72,8 +72,10 @@ describe("null target through the CLI", () => {
     const mine = json.find((entry: any) => entry.devId === devId);
     expect(mine).toMatchObject({ state: "LIVE", daemonPid: pid, nrHwQueues: 2, queueDepth: 32, devSectors: 2097152 });
     expect(mine.queues.every((queue: any) => queue.tid > 0)).toBe(true);
-    // The queue threads really are threads of the daemon.
-    for (const queue of mine.queues) expect(existsSync(`/proc/${pid}/task/${queue.tid}`)).toBe(true);
+    // The queue threads really are threads of the daemon, named after their device and queue.
+    for (const queue of mine.queues) {
+      expect(readFileSync(`/proc/${pid}/task/${queue.tid}/comm`, "utf8")).toBe(`ublk${devId}q${queue.qId}\n`);
+    }
     cliOk(["del", "-n", String(devId)]);
     expectClean();
   });
@@ -120,6 +122,8 @@ describe("bad input: one line, non-zero exit, nothing left", () => {
     ["zero max I/O size", ["add", "-t", "null", "--max-io-size", "0"], /--max-io-size: size must be greater than zero/],
     ["-r 2", ["add", "-t", "null", "-r", "2"], /-r: 2 is out of range \(0\.\.1\)/],
     ["-i yes", ["add", "-t", "null", "-i", "yes"], /-i: "yes" is not a whole number/],
+    ["negative poll time", ["add", "-t", "null", "--poll-us=-1"], /--poll-us: -1 is out of range \(0\.\.1000000\)/],
+    ["poll time in seconds", ["add", "-t", "null", "--poll-us", "2s"], /--poll-us: "2s" is not a whole number/],
     ["a flag given twice", ["add", "-t", "null", "-d", "12", "-d", "14"], /-d given more than once/],
   ];
   for (const [name, args, message] of cases) {

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { close, ioctl, O_RDWR, open } from "../../ffi/libc.ts";
-import { addDevice, cleanUp, cli, cliOk, expectClean, fio, ROOT } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, expectClean, fio, ROOT, verify } from "./helpers.ts";
 
 const work = mkdtempSync("/tmp/ublk-bun-targets-");
 beforeAll(() => cleanUp());
@@ -11,14 +11,6 @@ afterAll(() => {
   cleanUp();
   rmSync(work, { recursive: true, force: true });
 });
-
-/** fio write-then-verify with crc32c; returns [status, errors] so a failure shows which case. */
-function verify(devId: number, rw: string, bs: string, depth: number, sizeBytes: string): [string, number, number] {
-  const result = fio([`--name=verify-${rw}-${bs}-${depth}`, `--filename=/dev/ublkb${devId}`, `--rw=${rw}`, `--bs=${bs}`, "--direct=1",
-    "--ioengine=io_uring", `--iodepth=${depth}`, `--size=${sizeBytes}`, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]);
-  if (result.status !== 0) console.error(result.stderr);
-  return [`${rw} ${bs} QD${depth}`, result.status, result.errors];
-}
 
 function verifyMatrix(addArgs: string[]): void {
   for (const queues of [1, 2]) {

@@ -33,7 +33,7 @@ describe("io_uring layouts", () => {
   });
   test("io_uring_cqe, getevents_arg, timespec", () => {
     expect(plain(uring.io_uring_cqe)).toEqual({ SIZE: 16, user_data: 0, res: 8, flags: 12 });
-    expect(plain(uring.io_uring_getevents_arg)).toEqual({ SIZE: 24, sigmask: 0, sigmask_sz: 8, pad: 12, ts: 16 });
+    expect(plain(uring.io_uring_getevents_arg)).toEqual({ SIZE: 24, sigmask: 0, sigmask_sz: 8, min_wait_usec: 12, ts: 16 });
     expect(plain(uring.__kernel_timespec)).toEqual({ SIZE: 16, tv_sec: 0, tv_nsec: 8 });
   });
   test("constants", () => {
@@ -44,7 +44,8 @@ describe("io_uring layouts", () => {
     expect([uring.IORING_OP_NOP, uring.IORING_OP_FSYNC, uring.IORING_OP_POLL_ADD, uring.IORING_OP_TIMEOUT, uring.IORING_OP_ASYNC_CANCEL,
       uring.IORING_OP_FALLOCATE, uring.IORING_OP_READ, uring.IORING_OP_WRITE, uring.IORING_OP_URING_CMD]).toEqual([0, 3, 6, 11, 14, 17, 22, 23, 46]);
     expect([uring.IORING_ENTER_GETEVENTS, uring.IORING_ENTER_EXT_ARG, uring.IORING_SQ_CQ_OVERFLOW, uring.IORING_SQ_TASKRUN]).toEqual([1, 8, 2, 4]);
-    expect([uring.IORING_FEAT_SINGLE_MMAP, uring.IORING_FEAT_NODROP, uring.IORING_FEAT_EXT_ARG]).toEqual([1, 2, 256]);
+    expect([uring.IORING_FEAT_SINGLE_MMAP, uring.IORING_FEAT_NODROP, uring.IORING_FEAT_EXT_ARG, uring.IORING_FEAT_MIN_TIMEOUT])
+      .toEqual([1, 2, 256, 32768]);
   });
 });
 

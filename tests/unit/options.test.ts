@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import {
-  parseDevId, parseInteger, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
+  parseDevId, parseInteger, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, parsePollUs, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
 } from "../../lib/options.ts";
 
 describe("option parsing", () => {
@@ -24,6 +24,9 @@ describe("option parsing", () => {
     expect(() => parseInteger("-q", "2.5", 1, 8)).toThrow(/not a whole number/);
     expect(() => parseInteger("-q", "abc", 1, 8)).toThrow(/not a whole number/);
     expect(parseQueueDepth("-d", 4096)).toBe(4096);
+    expect(parsePollUs("--poll-us", "0")).toBe(0);
+    expect(parsePollUs("--poll-us", 1_000_000)).toBe(1_000_000);
+    expect(() => parsePollUs("--poll-us", 1_000_001)).toThrow(/out of range/);
     expect(() => parseQueueDepth("-d", 5000)).toThrow(/out of range/);
     expect(() => parseQueueDepth("-d", 0)).toThrow(/out of range/);
     expect(() => parseNrQueues("-q", 0)).toThrow(/out of range/);
