@@ -17,6 +17,8 @@ import { renderSvg } from "./svg.ts";
 const root = join(import.meta.dir, "..");
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const repeats = Number(process.env.BENCH_REPEATS ?? 3);
+/** --poll-us of the polling rows. */
+const POLL_US = 100;
 const groups = new Set((process.env.BENCH_CASES ?? "null,file,memory").split(","));
 
 if (!existsSync("/dev/ublk-control")) {
@@ -176,6 +178,11 @@ if (groups.has("null")) {
     ["randread1", "randread64"]);
   recordMemory("null, 1 queue, depth 128", one.pid);
   cli(["del", "-n", String(one.devId)]);
+  // Polling queues (--poll-us): no sleep and wake-up per request while requests keep coming.
+  const polling = addDevice(["-t", "null", "-q", "1", "-d", "128", "--poll-us", String(POLL_US)]);
+  compare("null-poll", { label: `ublk-bun null 1q --poll-us ${POLL_US}`, path: `/dev/ublkb${polling.devId}`, pid: polling.pid },
+    null, ["randread1", "randread64"]);
+  cli(["del", "-n", String(polling.devId)]);
   const two = addDevice(["-t", "null", "-q", "2", "-d", "128"]);
   compare("null-2q", { label: "ublk-bun null 2q", path: `/dev/ublkb${two.devId}`, pid: two.pid }, null, ["randread64x2"]);
   recordMemory("null, 2 queues, depth 128", two.pid);
