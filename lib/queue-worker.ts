@@ -189,7 +189,8 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     if (pollMs > 0 && performance.now() - lastCompletionAtMs < pollMs) {
       entered = ring.submit(0);
       if (entered < 0 && ring.cqReady() === 0) throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
-      if (ring.cqReady() === 0) continue;
+      // Nothing yet: poll again, unless requests wait on JS callbacks, which need the event loop below.
+      if (ring.cqReady() === 0 && !(usesEventLoop && pendingAsync > 0)) continue;
     } else {
       entered = usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
     }
