@@ -159,7 +159,9 @@ describe("recovery", () => {
   }
 
   test("-r 1 without REISSUE: requests the dead daemon held fail with EIO (6.12); later I/O waits for recover", async () => {
-    const devId = addDevice(["-t", "null", "-r", "1", "-d", "32"]);
+    // Requests held 20 ms by the daemon: the kill always lands while it holds some (a null target answers in
+    // microseconds, so a kill could miss them all and no EIO would be due).
+    const devId = addDevice(["-t", "fault", "-o", "base=null", "-o", "delayMs=20", "-r", "1", "-d", "32"]);
     const fio = startFio(devId, ["--name=eio", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=32",
       "--runtime=20", "--time_based"]);
     await Bun.sleep(1500);
