@@ -185,19 +185,14 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
     // Polling (--poll-us) enters without waiting instead: with DEFER_TASKRUN that still runs the kernel's
     // pending work for us, so a request that comes meanwhile is served with no sleep and no wake-up.
-    let entered: number;
-    if (pollMs > 0 && performance.now() - lastCompletionAtMs < pollMs) {
-      entered = ring.submit(0);
-      if (entered < 0 && ring.cqReady() === 0) throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
-      // Nothing yet: poll again, unless requests wait on JS callbacks, which need the event loop below.
-      if (ring.cqReady() === 0 && !(usesEventLoop && pendingAsync > 0)) continue;
-    } else {
-      entered = usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
-    }
-    if (pollMs > 0) lastCompletionAtMs = performance.now();
+    const polling = pollMs > 0 && performance.now() - lastCompletionAtMs < pollMs;
+    const entered = polling ? ring.submit(0) : usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
     if (entered < 0 && entered !== -ETIME && ring.cqReady() === 0) {
       throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
     }
+    // Polling found nothing yet: poll again, unless requests wait on JS callbacks, which need the event loop below.
+    if (polling && ring.cqReady() === 0 && !(usesEventLoop && pendingAsync > 0)) continue;
+    if (pollMs > 0) lastCompletionAtMs = performance.now();
     let head = ring.cqHead();
     const tail = ring.cqTail();
     while (head !== tail) {
