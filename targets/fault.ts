@@ -78,6 +78,10 @@ export const faultTarget: Target = {
         }, fault.delayMs + Math.random() * fault.delayJitterMs);
         return IO_PENDING;
       },
+      // Where the inner target keeps its data: on a USER_COPY device (memory) the queue copies there directly,
+      // and a target that ignores data (null) gets no copy at all.
+      dataAddress: inner.dataAddress?.bind(inner),
+      ignoresData: inner.ignoresData,
       onTargetCqe: inner.onTargetCqe?.bind(inner),
       close: inner.close?.bind(inner),
     };

@@ -1,7 +1,7 @@
 // The fault-injection target: errors, delays and daemon crashes on demand, and what the application sees.
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { readdirSync } from "node:fs";
-import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, waitFor } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, verify, waitFor } from "./helpers.ts";
 
 beforeAll(() => cleanUp());
 afterEach(() => cleanUp());
@@ -21,6 +21,18 @@ describe("fault target", () => {
     expect(job.total_err).toBeGreaterThan(ios * 0.002);
     expect(job.total_err).toBeLessThan(ios * 0.05);
     cliOk(["del", "-n", String(devId)]);
+    expectClean();
+    expect(shmLeft()).toEqual([]);
+  });
+
+  test("over memory (a USER_COPY device), with and without delays, the data written comes back", () => {
+    for (const delay of [[], ["-o", "delayMs=1"]]) {
+      const devId = addDevice(["-t", "fault", "-o", "base=memory", "-s", "16M", ...delay]);
+      expect(JSON.parse(cliOk(["list", "-n", String(devId), "--json"]))[0].flags & (1 << 7)).toBe(1 << 7); // USER_COPY, as memory
+      const [name, status, errors] = verify(devId, "randwrite", "4k", 8, "8m");
+      expect([name, delay.join(" "), status, errors]).toEqual([name, delay.join(" "), 0, 0]);
+      cliOk(["del", "-n", String(devId)]);
+    }
     expectClean();
     expect(shmLeft()).toEqual([]);
   });
