@@ -101,6 +101,8 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
 
   /** Bytes between two tags' buffers: 0 when the target ignores the data and all tags share one. */
   let tagStrideBytes = maxIoBufBytes;
+  /** USER_COPY and a target that uses the data: the queue copies each request's bytes in (writes) and out (reads). */
+  let copiesData = userCopy;
 
   /** Queues one io command for `tag` (FETCH, COMMIT_AND_FETCH or NEED_GET_DATA). */
   function queueIoCmd(cmdOp: number, tag: number, result: number): void {
@@ -118,7 +120,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
 
   /** Sends a request's result to the kernel (after USER_COPY's copy-out of read data) and fetches the next one. */
   function commit(tag: number, result: number): void {
-    if (userCopy && tagOp[tag] === UBLK_IO_OP_READ && result > 0) {
+    if (copiesData && tagOp[tag] === UBLK_IO_OP_READ && result > 0) {
       const copied = pwrite(charFd, tagDataAddress[tag]!, result, ublkUserCopyOffset(qId, tag, 0));
       if (copied !== result) result = -EIO;
     }
@@ -137,7 +139,10 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   };
   const handler: QueueHandler = await target.openQueue(start.target, context);
   const usesEventLoop = handler.needsEventLoop === true;
-  if (handler.ignoresData === true) tagStrideBytes = 0;
+  if (handler.ignoresData === true) {
+    tagStrideBytes = 0;
+    copiesData = false; // with USER_COPY the kernel then copies nothing either: reads leave the reader's buffer as it was
+  }
   const directData = userCopy && handler.dataAddress !== undefined;
 
   /** Serves the request now in `tag`'s descriptor. */
@@ -149,11 +154,11 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     const startSector = iod[at + IOD_START_LO]! + iod[at + IOD_START_HI]! * TWO_POW_32;
     tagOp[tag] = op;
     servedIos++;
-    if (userCopy) {
+    if (copiesData) {
       tagDataAddress[tag] = (directData && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)
         ? handler.dataAddress!(tag, op, startSector, nrSectors) : 0) || bufferAddress + tag * tagStrideBytes;
     }
-    if (userCopy && op === UBLK_IO_OP_WRITE) {
+    if (copiesData && op === UBLK_IO_OP_WRITE) {
       const lengthBytes = nrSectors << 9;
       const copied = pread(charFd, tagDataAddress[tag]!, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
       if (copied !== lengthBytes) {

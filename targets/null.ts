@@ -1,6 +1,7 @@
 /**
- * The null target: every request succeeds with its full length and no data is touched, as in ublksrv's
- * and kublk's null targets. Useful to measure the server itself.
+ * The null target: every request succeeds with its full length and no data is touched, as with the kernel's
+ * null_blk: on a USER_COPY device (the default) neither the kernel nor the queue copies a byte. Useful to
+ * measure the server itself.
  */
 import { UBLK_IO_OP_WRITE } from "../ffi/uapi/ublk_cmd.ts";
 import type { QueueHandler, Target, TargetRecord } from "./types.ts";
@@ -9,7 +10,7 @@ const NULL_DEFAULT_BYTES = 250 * 1024 ** 3;
 
 export const nullTarget: Target = {
   name: "null",
-  description: "discards writes and returns reads unchanged, with no storage (default size 250 GiB)",
+  description: "discards writes; reads leave the reader's buffer unchanged (no storage, default size 250 GiB)",
   prepare(options): TargetRecord {
     const logicalBlockShift = Math.log2(options.logicalBlockBytes ?? 512);
     return {
@@ -20,6 +21,8 @@ export const nullTarget: Target = {
       attrs: 0,
       discard: { granularityBytes: 4096, maxSectors: 0xffffffff >>> 9, maxWriteZeroesSectors: 0xffffffff >>> 9 },
       options: {},
+      // With USER_COPY (and ignoresData) nobody copies a byte: a read leaves the reader's buffer as it was.
+      prefersUserCopy: true,
     };
   },
   openQueue(): QueueHandler {

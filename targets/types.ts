@@ -27,8 +27,9 @@ export interface TargetRecord {
   /** Target-specific settings (file path, shm name …). */
   options: { [key: string]: JsonValue };
   /**
-   * The target keeps the disk image mapped and gives its queues a dataAddress(): a new device then uses
-   * USER_COPY (when the kernel has it and no data mode was asked for), so each request is one kernel copy.
+   * The target keeps the disk image mapped and gives its queues a dataAddress(), or ignores data (null): a new
+   * device then uses USER_COPY (when the kernel has it and no data mode was asked for), so each request is one
+   * kernel copy, or none.
    */
   prefersUserCopy?: boolean;
 }
@@ -90,7 +91,8 @@ export interface QueueHandler {
   needsEventLoop?: boolean;
   /**
    * Optional. True when the target never reads or writes request data (null): all tags then share one buffer,
-   * so large writes do not grow the daemon's memory by depth × request size.
+   * so large writes do not grow the daemon's memory by depth × request size, and on a USER_COPY device the
+   * queue copies nothing.
    */
   ignoresData?: boolean;
   /**

@@ -1,6 +1,7 @@
 // The first block device: `add -t null`, fio and dd on /dev/ublkbN, list, del — through the CLI, as a user would.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { close, memoryAt, mmapAnonymous, munmap, O_DIRECT, O_RDWR, open, PAGE_BYTES, pread, pwrite } from "../../ffi/libc.ts";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, records, ublkNodes, waitFor } from "./helpers.ts";
 
 beforeAll(() => cleanUp());
@@ -43,6 +44,26 @@ describe("null target through the CLI", () => {
       expectClean();
     });
   }
+
+  test("by default USER_COPY and no copy at all: a write is discarded, a read leaves the reader's buffer as it was", () => {
+    const devId = addDevice(["-t", "null"]);
+    const written = mmapAnonymous(PAGE_BYTES), readInto = mmapAnonymous(PAGE_BYTES);
+    const fd = open(`/dev/ublkb${devId}`, O_RDWR | O_DIRECT);
+    try {
+      expect(JSON.parse(cliOk(["list", "-n", String(devId), "--json"]))[0].flags & (1 << 7)).toBe(1 << 7);
+      new Uint8Array(memoryAt(written, PAGE_BYTES)).fill(0x5a);
+      const buffer = new Uint8Array(memoryAt(readInto, PAGE_BYTES)).fill(0xa5);
+      expect(pwrite(fd, written, PAGE_BYTES, 0)).toBe(PAGE_BYTES);
+      expect(pread(fd, readInto, PAGE_BYTES, 0)).toBe(PAGE_BYTES);
+      expect(buffer.every((byte) => byte === 0xa5)).toBe(true);
+    } finally {
+      close(fd);
+      munmap(written, PAGE_BYTES);
+      munmap(readInto, PAGE_BYTES);
+      cliOk(["del", "-n", String(devId)]);
+    }
+    expectClean();
+  });
 
   test("dd reads 1 GiB", () => {
     const devId = addDevice(["-t", "null", "-s", "2G"]);
