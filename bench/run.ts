@@ -175,7 +175,7 @@ if (groups.has("null")) {
     "echo 0 > irqmode && echo 128 > hw_queue_depth && echo 1 > submit_queues && echo 256000 > size && echo 512 > blocksize && echo 1 > power");
   const one = addDevice(["-t", "null", "-q", "1", "-d", "128"]);
   compare("null", { label: "ublk-bun null 1q", path: `/dev/ublkb${one.devId}`, pid: one.pid }, { label: "null_blk", path: "/dev/nullb0" },
-    ["randread1", "randread64"]);
+    ["randread1", "randread64", "randwrite64", "read128k", "write128k"]);
   recordMemory("null, 1 queue, depth 128", one.pid);
   cli(["del", "-n", String(one.devId)]);
   // Polling queues (--poll-us): no sleep and wake-up per request while requests keep coming.
