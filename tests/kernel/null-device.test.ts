@@ -94,9 +94,13 @@ describe("null target through the CLI", () => {
     expect(mine).toMatchObject({ state: "LIVE", daemonPid: pid, nrHwQueues: 2, queueDepth: 32, devSectors: 2097152 });
     expect(mine.queues.every((queue: any) => queue.tid > 0)).toBe(true);
     // The queue threads really are threads of the daemon, named after their device and queue.
+    // A queue whose kernel CPU set is a single CPU is not pinned there (it would take turns with the submitter).
+    const allowed = (tid: number) => /Cpus_allowed_list:\s*(\S+)/.exec(readFileSync(`/proc/${pid}/task/${tid}/status`, "utf8"))![1];
     for (const queue of mine.queues) {
       expect(readFileSync(`/proc/${pid}/task/${queue.tid}/comm`, "utf8")).toBe(`ublk${devId}q${queue.qId}\n`);
+      if (queue.cpus.length === 1) expect(allowed(queue.tid)).toBe(allowed(pid));
     }
+    if (navigator.hardwareConcurrency === 2) expect(mine.queues.map((queue: any) => queue.cpus.length)).toEqual([1, 1]);
     cliOk(["del", "-n", String(devId)]);
     expectClean();
   });
