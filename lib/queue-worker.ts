@@ -37,7 +37,7 @@ export interface QueueStart {
   /** dev_info.flags as the kernel set them. */
   devFlags: number;
   target: TargetRecord;
-  /** CPUs this queue should run on (GET_QUEUE_AFFINITY), as cpu_set_t bytes; empty = leave as is. */
+  /** CPUs this queue should run on (GET_QUEUE_AFFINITY, when several), as cpu_set_t bytes; empty = leave as is. */
   cpuMask: number[];
   recovering: boolean;
   /** An eventfd the device writes to when this queue must leave its loop (e.g. a start that failed before START_DEV). */
@@ -61,12 +61,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   // complete. The flag is per thread, so every queue thread sets it (needs CAP_SYS_RESOURCE; best effort).
   prctl(PR_SET_IO_FLUSHER, 1);
   setThreadName(`ublk${start.devId}q${qId}`); // so `ps -T`, top and the bench's CPU split tell queue threads apart
-  // Pinned to the queue's CPUs (GET_QUEUE_AFFINITY) only when they are several: a one-CPU set is the
-  // submitter's own CPU, where this thread and the application would take turns while other CPUs idle (one fio
-  // job at QD64 on a 2-queue device under qemu: 2.5x fewer IOPS pinned than free).
-  let cpus = 0;
-  for (const byte of start.cpuMask) for (let bits = byte; bits !== 0; bits &= bits - 1) cpus++;
-  if (cpus > 1) schedSetaffinity(0, Uint8Array.from(start.cpuMask)); // best effort
+  if (start.cpuMask.length > 0) schedSetaffinity(0, Uint8Array.from(start.cpuMask)); // best effort
 
   const userCopy = (start.devFlags & UBLK_F_USER_COPY) !== 0;
   const target = await loadTarget(start.target.type);
