@@ -181,6 +181,11 @@ export class Ring {
     return (this.sqeTail - Atomics.load(this.sqRing, this.sqHeadIndex)) >>> 0;
   }
 
+  /** Whether the kernel flagged task work for us (TASKRUN_FLAG rings), such as a completion a DEFER_TASKRUN ring
+   * posts only once we enter. Read from shared memory: no system call. */
+  taskWorkPending(): boolean {
+    return (Atomics.load(this.sqRing, this.sqFlagsIndex) & IORING_SQ_TASKRUN) !== 0;
+  }
   /** Space left in the SQ. */
   sqSpace(): number {
     return this.sqEntries - this.sqPending();

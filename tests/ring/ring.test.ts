@@ -9,7 +9,8 @@ import {
 } from "../../ffi/libc.ts";
 import { EBADF, ECANCELED, ETIME } from "../../ffi/errno.ts";
 import {
-  IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128, POLLIN,
+  IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128,
+  IORING_SETUP_TASKRUN_FLAG, POLLIN,
   IORING_FEAT_NODROP,
 } from "../../ffi/uapi/io_uring.ts";
 
@@ -129,6 +130,30 @@ describe("ring", () => {
     expect(completions[0]![0]).toBe(11);
     expect(completions[0]![2] & POLLIN).toBe(POLLIN);
     expect(await written).toBe(8);
+    worker.terminate();
+    ring.close();
+    close(efd);
+  });
+
+  test("with TASKRUN_FLAG a DEFER_TASKRUN ring shows waiting task work in shared memory; entering runs it", async () => {
+    // What a polling queue thread relies on: it watches the flag instead of entering the kernel in a loop.
+    const efd = eventfd(0, 0);
+    const ring = Ring.create({ entries: 4, flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG });
+    expect(ring.flags & IORING_SETUP_TASKRUN_FLAG).toBe(IORING_SETUP_TASKRUN_FLAG);
+    ring.prepPollAdd(ring.getSqe(), efd, POLLIN, 12);
+    expect(ring.submit()).toBe(1);
+    expect(ring.taskWorkPending()).toBe(false);
+    const worker = new Worker(new URL("./eventfd-waker.ts", import.meta.url).href);
+    const written = new Promise<number>((resolve) => { worker.onmessage = (event) => resolve(event.data as number); });
+    worker.postMessage({ fd: efd, delayMs: 0 });
+    expect(await written).toBe(8);
+    // The write woke the poll in the writer's thread; its completion waits for us as task work, not yet a CQE.
+    expect({ pending: ring.taskWorkPending(), ready: ring.cqReady() }).toEqual({ pending: true, ready: 0 });
+    expect(ring.submit(0)).toBe(0);
+    expect(ring.taskWorkPending()).toBe(false);
+    const completions = reap(ring);
+    expect(completions.map(([userData]) => userData)).toEqual([12]);
+    expect(completions[0]![2] & POLLIN).toBe(POLLIN);
     worker.terminate();
     ring.close();
     close(efd);
