@@ -7,6 +7,7 @@
  */
 import { dlopen, FFIType, ptr, read as readMemory, toArrayBuffer, type Pointer } from "bun:ffi";
 import { EINVAL } from "./errno.ts";
+import { struct } from "./layout.ts";
 
 const { i32, u32, i64, u64, ptr: pointer, i64_fast: i64Fast } = FFIType;
 const lib = dlopen("libc.so.6", {
@@ -31,6 +32,7 @@ const lib = dlopen("libc.so.6", {
   getpid: { args: [], returns: i32 },
   gettid: { args: [], returns: i32 },
   sched_setaffinity: { args: [i32, u64, pointer], returns: i32 },
+  getrusage: { args: [i32, pointer], returns: i32 },
   __errno_location: { args: [], returns: pointer },
 });
 const fn = lib.symbols;
@@ -161,6 +163,16 @@ export function gettid(): number {
 export function schedSetaffinity(tid: number, cpuMask: Uint8Array): number {
   if (cpuMask.byteLength === 0) return -EINVAL;
   return check(fn.sched_setaffinity(tid, cpuMask.byteLength, cpuMask));
+}
+
+/** struct rusage (x86_64): only the field we read. */
+export const rusage = struct("rusage", 144, { ru_nivcsw: [136, 8] });
+const RUSAGE_THREAD = 1;
+const rusageWords = new Int32Array(rusage.SIZE / 4);
+/** How many times the calling thread was preempted (ru_nivcsw; its low word is enough to compare two readings). */
+export function threadPreemptions(): number {
+  fn.getrusage(RUSAGE_THREAD, rusageWords);
+  return rusageWords[rusage.ru_nivcsw / 4]!;
 }
 
 /** An ArrayBuffer over `lengthBytes` of native memory at `address` (no copy; valid while it stays mapped). */

@@ -4,6 +4,8 @@ import { describe, expect, test } from "bun:test";
 import { ioc, ior, iowr, struct } from "../../ffi/layout.ts";
 import * as uring from "../../ffi/uapi/io_uring.ts";
 import * as ublk from "../../ffi/uapi/ublk_cmd.ts";
+import { rusage, threadPreemptions } from "../../ffi/libc.ts";
+import { readFileSync } from "node:fs";
 
 function plain(layout: object): Record<string, number> {
   return { ...(layout as Record<string, number>) };
@@ -116,6 +118,16 @@ describe("ublk layouts", () => {
     expect(ublk.ublkDescMmapOffset(3)).toBe(3 * 98304);
     expect(ublk.ublkUserCopyOffset(0, 0, 0)).toBe(0x80000000);
     expect(ublk.ublkUserCopyOffset(1, 2, 512)).toBe(0x80000000 + 2 ** 41 + 2 * 2 ** 25 + 512);
+  });
+});
+
+describe("libc layouts", () => {
+  test("struct rusage: ru_nivcsw is what /proc says of this thread's involuntary switches", () => {
+    expect(plain(rusage)).toEqual({ SIZE: 144, ru_nivcsw: 136 });
+    const preemptions = threadPreemptions();
+    const fromProc = Number(/nonvoluntary_ctxt_switches:\s+(\d+)/.exec(readFileSync("/proc/thread-self/status", "utf8"))![1]);
+    expect(fromProc - preemptions).toBeGreaterThanOrEqual(0);
+    expect(fromProc - preemptions).toBeLessThanOrEqual(2); // preempted in between, at most
   });
 });
 
