@@ -17,8 +17,6 @@ import { renderSvg } from "./svg.ts";
 const root = join(import.meta.dir, "..");
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const repeats = Number(process.env.BENCH_REPEATS ?? 3);
-/** --poll-us of the polling rows. */
-const POLL_US = 100;
 const groups = new Set((process.env.BENCH_CASES ?? "null,file,memory").split(","));
 
 if (!existsSync("/dev/ublk-control")) {
@@ -170,19 +168,29 @@ cli(["del", "-a"]);
 const machine = fio("/dev/null", { ...JOBS.randread64!, rw: "write", buffered: true }, null);
 console.log(`machine: fio on /dev/null 4k write QD64 ${machine.iops.toFixed(0)} IOPS`);
 
+// loop over a zero-filled 1 GiB file on tmpfs: the file target's reference, and QD1's for the null target.
+const loop = groups.has("null") || groups.has("file") ? (() => {
+  sh("mkdir -p /tmp/bench && dd if=/dev/zero of=/tmp/bench/backing.img bs=1M count=1024 2>/dev/null");
+  return sh("/usr/sbin/losetup -f --show /tmp/bench/backing.img"); // busybox sh would run its own losetup
+})() : "";
+
 if (groups.has("null")) {
   sh("modprobe null_blk nr_devices=0 && mkdir -p /sys/kernel/config/nullb/nullb0 && cd /sys/kernel/config/nullb/nullb0 && " +
     "echo 0 > irqmode && echo 128 > hw_queue_depth && echo 1 > submit_queues && echo 256000 > size && echo 512 > blocksize && echo 1 > power");
   const one = addDevice(["-t", "null", "-q", "1", "-d", "128"]);
   compare("null", { label: "ublk-bun null 1q", path: `/dev/ublkb${one.devId}`, pid: one.pid }, { label: "null_blk", path: "/dev/nullb0" },
     ["randread1", "randread64", "randwrite64", "read128k", "write128k"]);
+  // At QD1 null_blk completes inline: `loop`, which also hands each request to another thread, is the reference.
+  compare("null-loop", { label: "ublk-bun null 1q", path: `/dev/ublkb${one.devId}`, pid: one.pid }, { label: "loop", path: loop }, ["randread1"]);
   recordMemory("null, 1 queue, depth 128", one.pid);
   cli(["del", "-n", String(one.devId)]);
-  // Polling queues (--poll-us): no sleep and wake-up per request while requests keep coming.
-  const polling = addDevice(["-t", "null", "-q", "1", "-d", "128", "--poll-us", String(POLL_US)]);
-  compare("null-poll", { label: `ublk-bun null 1q --poll-us ${POLL_US}`, path: `/dev/ublkb${polling.devId}`, pid: polling.pid },
-    null, ["randread1", "randread64"]);
-  cli(["del", "-n", String(polling.devId)]);
+  // Queues that never spin (--poll-us 0, as ublksrv): every request wakes the queue thread.
+  const sleeping = addDevice(["-t", "null", "-q", "1", "-d", "128", "--poll-us", "0"]);
+  compare("null-sleep", { label: "ublk-bun null 1q --poll-us 0", path: `/dev/ublkb${sleeping.devId}`, pid: sleeping.pid },
+    { label: "loop", path: loop }, ["randread1"]);
+  compare("null-sleep", { label: "ublk-bun null 1q --poll-us 0", path: `/dev/ublkb${sleeping.devId}`, pid: sleeping.pid },
+    { label: "null_blk", path: "/dev/nullb0" }, ["randread64"]);
+  cli(["del", "-n", String(sleeping.devId)]);
   const two = addDevice(["-t", "null", "-q", "2", "-d", "128"]);
   compare("null-2q", { label: "ublk-bun null 2q", path: `/dev/ublkb${two.devId}`, pid: two.pid }, null, ["randread64x2"]);
   recordMemory("null, 2 queues, depth 128", two.pid);
@@ -199,8 +207,6 @@ if (groups.has("null")) {
 }
 
 if (groups.has("file")) {
-  sh("mkdir -p /tmp/bench && dd if=/dev/zero of=/tmp/bench/backing.img bs=1M count=1024 2>/dev/null");
-  const loop = sh("/usr/sbin/losetup -f --show /tmp/bench/backing.img"); // busybox sh would run its own losetup
   const file = addDevice(["-t", "file", "-f", "/tmp/bench/backing.img"]);
   compare("file", { label: "ublk-bun file", path: `/dev/ublkb${file.devId}`, pid: file.pid }, { label: "loop", path: loop },
     ["randread1", "randread64", "randwrite64", "read128k", "write128k"]);
@@ -209,8 +215,8 @@ if (groups.has("file")) {
   const fileTwo = addDevice(["-t", "file", "-f", "/tmp/bench/backing.img", "-q", "2"]);
   compare("file-2q", { label: "ublk-bun file 2q", path: `/dev/ublkb${fileTwo.devId}`, pid: fileTwo.pid }, { label: "loop", path: loop }, ["randread64x2"]);
   cli(["del", "-n", String(fileTwo.devId)]);
-  sh(`/usr/sbin/losetup -d ${loop}`);
 }
+if (loop) sh(`/usr/sbin/losetup -d ${loop}`);
 
 if (groups.has("memory")) {
   const memory = addDevice(["-t", "memory", "-s", "1G"]);
