@@ -31,7 +31,7 @@ cli
   .option("-s, --size <size>", "Device size, e.g. 1G (default: the target's)")
   .option("-b, --logical-block-size <bytes>", "Logical block size: 512, 1024, 2048 or 4096")
   .option("--max-io-size <size>", "Largest request, 4K..32M (default 512K)")
-  .option("--poll-us <us>", "Poll each queue this long after its last request before sleeping: lower latency, busier CPU (default 0)")
+  .option("--poll-us <us|auto>", "Spin this long for each queue's next request before sleeping; auto: only while requests come one at a time (default auto)")
   .option("-r, --recovery <0|1>", "USER_RECOVERY: survive a daemon crash (in-flight I/O fails)")
   .option("-i, --recovery-reissue <0|1>", "USER_RECOVERY + REISSUE: in-flight I/O is reissued after recover")
   .option("-u, --user-copy", "USER_COPY data mode (pread/pwrite on /dev/ublkcN)")
@@ -92,7 +92,7 @@ async function add(flags: Flags): Promise<void> {
     maxIoBufBytes: flags.maxIoSize === undefined ? DEFAULT_MAX_IO_BUF_BYTES : parseMaxIoBytes("--max-io-size", single("--max-io-size", flags.maxIoSize)),
     flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
       dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
-    pollUs: flags.pollUs === undefined ? 0 : parsePollUs("--poll-us", single("--poll-us", flags.pollUs)),
+    pollUs: flags.pollUs === undefined ? "auto" : parsePollUs("--poll-us", single("--poll-us", flags.pollUs)),
   };
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0) throw new UsageError("--auto-recover needs -r 1 or -i 1");

@@ -13,6 +13,7 @@ import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueReply, QueueStart } from "./queue-worker.ts";
 import { wakeQueueForStop } from "./queue-worker.ts";
 import { debug } from "./debug.ts";
+import type { PollSetting } from "./options.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export const DEFAULT_QUEUE_DEPTH = 128;
@@ -29,9 +30,9 @@ export interface DeviceConfig {
   maxIoBufBytes: number;
   /** UBLK_F_* asked for (USER_RECOVERY, REISSUE, USER_COPY, NEED_GET_DATA …). */
   flags: number;
-  /** After its last completion a queue thread keeps polling its ring this long before it sleeps: no wake-up
-   * for a request that arrives meanwhile, at the cost of a busy CPU (0 or absent: sleep at once). */
-  pollUs?: number;
+  /** How long a queue thread spins for its next request before it sleeps: µs (0: sleep at once), or "auto"
+   * (absent too): spin only while requests come one at a time, and back off when spinning stops paying. */
+  pollUs?: PollSetting;
 }
 
 /** Where a queue runs: reported by its Worker, shown by `list`. */
@@ -103,7 +104,7 @@ export class Device {
     let queues: QueueWorker[] = [];
     try {
       charFd = await openCharDevice(info.devId);
-      queues = await startQueues(ctrl, info, target, charFd, false, events, config.pollUs ?? 0);
+      queues = await startQueues(ctrl, info, target, charFd, false, events, config.pollUs ?? "auto");
       ctrl.setParams(info.devId, paramsOf(target, info));
       await pauseForTest("before-start-dev");
       ctrl.startDev(info.devId, getpid());
@@ -140,7 +141,7 @@ export class Device {
       await pauseForTest("after-start-recovery");
       checkParams(ctrl.getParams(devId), target, info);
       charFd = await openCharDevice(devId, waitTimeoutMs);
-      queues = await startQueues(ctrl, info, target, charFd, true, events, config.pollUs ?? 0);
+      queues = await startQueues(ctrl, info, target, charFd, true, events, config.pollUs ?? "auto");
       await pauseForTest("before-end-recovery");
       ctrl.endUserRecovery(devId, getpid());
       debug(`device ${devId}: END_USER_RECOVERY done`);
@@ -230,7 +231,7 @@ export async function openCharDevice(devId: number, timeoutMs = 10_000): Promise
 
 /** Starts one Worker per queue and resolves once every queue has FETCHed every tag. */
 export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, charFd: number, recovering: boolean,
-                                  events: DeviceEvents, pollUs = 0): Promise<QueueWorker[]> {
+                                  events: DeviceEvents, pollUs: PollSetting): Promise<QueueWorker[]> {
   const queues: QueueWorker[] = [];
   const ready: Promise<void>[] = [];
   let started = false;

@@ -13,6 +13,7 @@ import { startServing } from "./daemon.ts";
 import { canonicalType, loadTarget } from "../targets/registry.ts";
 import type { Target, TargetOptions, TargetRecord } from "../targets/types.ts";
 import type { DevInfo } from "./ctrl.ts";
+import { parsePollUs, type PollSetting } from "./options.ts";
 
 export interface CreateDeviceOptions {
   /**
@@ -32,8 +33,9 @@ export interface CreateDeviceOptions {
   depth?: number;
   /** Largest request in bytes (default 512 KiB). */
   maxIoBytes?: number;
-  /** Microseconds each queue keeps polling after its last request before it sleeps (default 0: sleep at once). */
-  pollUs?: number;
+  /** How long each queue spins for its next request before it sleeps: µs (0: sleep at once, as ublksrv), or
+   * "auto" (default): spin up to 100 µs only while requests come one at a time (QD1), backing off when it misses. */
+  pollUs?: PollSetting;
   /** "none" (default), "recover" (USER_RECOVERY) or "reissue" (USER_RECOVERY + REISSUE). */
   recovery?: "none" | "recover" | "reissue";
   /** How request data moves (default "copy": the kernel copies into each tag's buffer). */
@@ -56,6 +58,7 @@ export interface BlockDevice {
 
 export async function createDevice(options: CreateDeviceOptions): Promise<BlockDevice> {
   const pathOf = (where: string | URL) => (where instanceof URL ? where.pathname : where);
+  const pollUs = options.pollUs === undefined ? "auto" : parsePollUs("pollUs", options.pollUs);
   let type: string;
   let target: Target;
   if (typeof options.target === "object" && !(options.target instanceof URL)) {
@@ -74,7 +77,7 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     queueDepth: options.depth ?? DEFAULT_QUEUE_DEPTH,
     maxIoBufBytes: options.maxIoBytes ?? DEFAULT_MAX_IO_BUF_BYTES,
     flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(options.dataMode ?? "copy"),
-    pollUs: options.pollUs ?? 0,
+    pollUs,
   };
   let served;
   try {
@@ -102,4 +105,5 @@ export {
 export { ErrnoError } from "../ffi/errno.ts";
 export { memcpy, memset } from "../ffi/libc.ts";
 export type { QueueInfo } from "./device.ts";
+export type { PollSetting } from "./options.ts";
 export type { DevInfo } from "./ctrl.ts";

@@ -10,12 +10,12 @@
  */
 import {
   gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ,
-  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, write,
+  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, threadPreemptions, write,
 } from "../ffi/libc.ts";
 import { EIO, ENODEV, ETIME, ErrnoError } from "../ffi/errno.ts";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
 import {
-  IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, POLLIN,
+  IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_TASKRUN_FLAG, POLLIN,
 } from "../ffi/uapi/io_uring.ts";
 import {
   UBLK_F_USER_COPY, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_OK,
@@ -24,6 +24,7 @@ import {
 } from "../ffi/uapi/ublk_cmd.ts";
 import { loadTarget } from "../targets/registry.ts";
 import { debug } from "./debug.ts";
+import type { PollSetting } from "./options.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
 /** The message that starts a queue Worker. JSON-safe. */
@@ -42,13 +43,29 @@ export interface QueueStart {
   recovering: boolean;
   /** An eventfd the device writes to when this queue must leave its loop (e.g. a start that failed before START_DEV). */
   stopFd: number;
-  /** DeviceConfig.pollUs: how long to poll the ring after the last completion before sleeping in it. */
-  pollUs: number;
+  /** DeviceConfig.pollUs: how long to spin for the next request before sleeping in the ring, or "auto". */
+  pollUs: PollSetting;
 }
 
 export type QueueReply =
   | { type: "fetched"; qId: number; tid: number }
   | { type: "exited"; qId: number; servedIos: number };
+
+/**
+ * --poll-us auto spins up to this long for the next request. Under TCG the next request of a QD1 stream came
+ * 10–40 µs after our commit and a 50 µs window missed too often; natively it comes sooner, so a hit costs less,
+ * and a miss costs at most this once before back-off.
+ */
+const AUTO_POLL_MS = 0.1;
+/** Requests served one at a time, in a row, before --poll-us auto spins: a stream like QD1, each request sent
+ * only after the previous one completed. While requests overlap, a wake-up overlaps other work and costs little. */
+const SERIAL_RUN_TO_SPIN = 32;
+/** Back-off after consecutive misses: the next 2^(misses-1) - 1 chances to spin are skipped, up to 255. */
+const MAX_MISS_STREAK = 9;
+/** Every this many spins auto checks whether the thread was preempted in a quarter of them or more: then another
+ * thread wants this CPU (often the application, which would otherwise run here and hand its requests over with
+ * no IPI), and auto backs off as after many misses. */
+const SPINS_PER_PREEMPTION_CHECK = 16;
 
 /** user_data high word of our own SQEs: ublk io commands, the target's SQEs, the stop eventfd poll. */
 const IO_CMD_USER_DATA = 0;
@@ -67,8 +84,10 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   const target = await loadTarget(start.target.type);
   const ring = Ring.create({
     entries: depth * 2,
-    flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN,
+    flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
   });
+  // With TASKRUN_FLAG the kernel flags a request waiting for us in shared memory, so polling needs no system call.
+  const seesTaskWork = (ring.flags & IORING_SETUP_TASKRUN_FLAG) !== 0;
   const descBytes = ublkDescAreaBytes(depth);
   const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
   if (descAddress < 0) throw new ErrnoError(`mmap descriptors of queue ${qId}`, -descAddress);
@@ -180,24 +199,83 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
 
   let retiredTags = 0;
   let stopRequested = false;
-  // How well completions batch: I/O commands completed and io_uring_enter calls made (reported in the debug log).
-  let enters = 0, ioCqes = 0;
-  const pollMs = start.pollUs / 1000;
-  let lastCompletionAtMs = 0;
+  // How well completions batch and spins pay: reported in the debug log.
+  let enters = 0, ioCqes = 0, spinHits = 0, spinMisses = 0;
+
+  /** Spins until the kernel has work for us or `pollMs` passes; true if work came. With TASKRUN_FLAG this reads
+   * shared memory only. (Yielding the CPU now and then, with sched_yield, measured no better.) */
+  function spinForWork(pollMs: number): boolean {
+    const deadlineMs = performance.now() + pollMs;
+    for (let rounds = 1; ; rounds++) {
+      if (!seesTaskWork) {
+        enters++;
+        ring.submit(0);
+      }
+      if (ring.cqReady() > 0 || ring.taskWorkPending()) return true;
+      if ((rounds & 15) === 0 && performance.now() >= deadlineMs) return false;
+    }
+  }
+
+  // --poll-us auto: spin only in a run of requests served one at a time, and skip chances after misses.
+  const autoPoll = start.pollUs === "auto";
+  const fixedPollMs = start.pollUs === "auto" ? 0 : start.pollUs / 1000;
+  let serialRun = 0, missStreak = 0, spinsToSkip = 0, batchIos = 0;
+  let spinsSinceCheck = 0, preemptionsAtCheck = threadPreemptions(), contendedChecks = 0;
+
+  /** How long to spin before sleeping this time (0: sleep at once). */
+  function pollWindowMs(): number {
+    if (!autoPoll) return fixedPollMs;
+    // The last batch was one request, and no other came while we served it: requests come one at a time.
+    if (batchIos > 1 || (batchIos === 1 && ring.taskWorkPending())) serialRun = 0;
+    else if (batchIos === 1) serialRun++;
+    if (serialRun < SERIAL_RUN_TO_SPIN) return 0;
+    if (spinsToSkip > 0) {
+      spinsToSkip--;
+      return 0;
+    }
+    return AUTO_POLL_MS;
+  }
+
+  /** Auto's back-off: after misses, and when the spinning thread keeps being preempted. */
+  function afterAutoSpin(found: boolean): void {
+    missStreak = found ? 0 : Math.min(missStreak + 1, MAX_MISS_STREAK);
+    if (!found) spinsToSkip = (1 << (missStreak - 1)) - 1;
+    if (++spinsSinceCheck < SPINS_PER_PREEMPTION_CHECK) return;
+    const preemptions = threadPreemptions();
+    if (preemptions - preemptionsAtCheck >= SPINS_PER_PREEMPTION_CHECK / 4) {
+      contendedChecks++;
+      missStreak = MAX_MISS_STREAK;
+      spinsToSkip = (1 << (MAX_MISS_STREAK - 1)) - 1;
+    }
+    preemptionsAtCheck = preemptions;
+    spinsSinceCheck = 0;
+  }
+
   while (retiredTags < depth && !stopRequested) {
-    enters++;
+    const pollMs = pollWindowMs();
     // Sends every commit queued by the previous round and waits for at least one completion. While requests
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
-    // Polling (--poll-us) enters without waiting instead: with DEFER_TASKRUN that still runs the kernel's
-    // pending work for us, so a request that comes meanwhile is served with no sleep and no wake-up.
-    const polling = pollMs > 0 && performance.now() - lastCompletionAtMs < pollMs;
-    const entered = polling ? ring.submit(0) : usesEventLoop && pendingAsync > 0 ? ring.submit(1, 1) : ring.submit(1);
+    // Polling first enters without waiting (with DEFER_TASKRUN that still runs the kernel's pending work for
+    // us), then spins: a request that comes meanwhile is served with no sleep and no wake-up.
+    let entered: number;
+    enters++;
+    if (usesEventLoop && pendingAsync > 0) entered = ring.submit(1, 1);
+    else if (pollMs === 0) entered = ring.submit(1);
+    else {
+      entered = ring.submit(0);
+      if (entered >= 0 && ring.cqReady() === 0) {
+        const found = spinForWork(pollMs);
+        if (found) spinHits++;
+        else spinMisses++;
+        if (autoPoll) afterAutoSpin(found);
+        enters++;
+        entered = ring.submit(1);
+      }
+    }
     if (entered < 0 && entered !== -ETIME && ring.cqReady() === 0) {
       throw new ErrnoError(`io_uring_enter on queue ${qId}`, -entered);
     }
-    // Polling found nothing yet: poll again, unless requests wait on JS callbacks, which need the event loop below.
-    if (polling && ring.cqReady() === 0 && !(usesEventLoop && pendingAsync > 0)) continue;
-    if (pollMs > 0) lastCompletionAtMs = performance.now();
+    batchIos = 0;
     let head = ring.cqHead();
     const tail = ring.cqTail();
     while (head !== tail) {
@@ -208,6 +286,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
       head = (head + 1) >>> 0;
       if (kind === IO_CMD_USER_DATA) {
         ioCqes++;
+        batchIos++;
         if (res === UBLK_IO_RES_OK) serveRequest(userDataLow);
         else if (res === UBLK_IO_RES_NEED_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
         else {
@@ -227,7 +306,8 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   }
 
   debug(`queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}; served ${servedIos} requests ` +
-    `in ${enters} io_uring_enter calls, ${(ioCqes / Math.max(enters, 1)).toFixed(2)} ublk CQEs per enter`);
+    `in ${enters} io_uring_enter calls, ${(ioCqes / Math.max(enters, 1)).toFixed(2)} ublk CQEs per enter; ` +
+    `spins: ${spinHits} found a request, ${spinMisses} did not; ${contendedChecks} back-offs for a contended CPU`);
   handler.close?.();
   ring.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
   munmap(descAddress, descBytes);

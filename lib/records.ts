@@ -9,6 +9,7 @@ import type { DeviceConfig, QueueInfo } from "./device.ts";
 import type { TargetRecord } from "../targets/types.ts";
 import { flock, LOCK_EX, LOCK_NB } from "../ffi/libc.ts";
 import { EAGAIN, ErrnoError } from "../ffi/errno.ts";
+import { isPollSetting } from "./options.ts";
 
 export const RECORD_VERSION = 1;
 
@@ -96,7 +97,7 @@ function isRecord(value: unknown): value is DeviceRecord {
   return typeof r === "object" && r !== null && r.version === RECORD_VERSION && Number.isInteger(r.devId) &&
     typeof r.config === "object" && r.config !== null && Number.isInteger(r.config.nrHwQueues) && Number.isInteger(r.config.queueDepth) &&
     Number.isInteger(r.config.maxIoBufBytes) && Number.isInteger(r.config.flags) &&
-    (r.config.pollUs === undefined || (Number.isInteger(r.config.pollUs) && r.config.pollUs >= 0)) &&
+    (r.config.pollUs === undefined || isPollSetting(r.config.pollUs)) &&
     typeof r.target === "object" && r.target !== null && typeof r.target.type === "string" && Number.isFinite(r.target.sizeBytes) &&
     Number.isInteger(r.pid) && Array.isArray(r.queues);
 }

@@ -148,7 +148,7 @@ describe("bad input: one line, non-zero exit, nothing left", () => {
     ["-r 2", ["add", "-t", "null", "-r", "2"], /-r: 2 is out of range \(0\.\.1\)/],
     ["-i yes", ["add", "-t", "null", "-i", "yes"], /-i: "yes" is not a whole number/],
     ["negative poll time", ["add", "-t", "null", "--poll-us=-1"], /--poll-us: -1 is out of range \(0\.\.1000000\)/],
-    ["poll time in seconds", ["add", "-t", "null", "--poll-us", "2s"], /--poll-us: "2s" is not a whole number/],
+    ["poll time in seconds", ["add", "-t", "null", "--poll-us", "2s"], /--poll-us: "2s" is neither auto nor a whole number of µs/],
     ["a flag given twice", ["add", "-t", "null", "-d", "12", "-d", "14"], /-d given more than once/],
   ];
   for (const [name, args, message] of cases) {

@@ -1,5 +1,6 @@
-// --poll-us: queue threads poll their ring for a while after each request instead of sleeping at once.
-// Data must stay right, an idle queue must go back to sleep, and the setting must survive kill -9 + recover.
+// --poll-us: queue threads spin for their next request for a while instead of sleeping at once (by default,
+// "auto", only while requests come one at a time). Data must stay right, an idle queue must go back to sleep,
+// and the setting must survive kill -9 + recover.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { addDevice, cleanUp, cliOk, daemonPidOf, expectClean, fio, verify, waitFor } from "./helpers.ts";
@@ -33,12 +34,53 @@ async function expectIdleQueuesAsleep(devId: number): Promise<void> {
   expect(report.filter((thread) => thread.state !== "S" || thread.ticks > 3)).toEqual([]);
 }
 
-function qd1Read(devId: number) {
+function randRead(devId: number, depth = 1) {
   return fio([`--name=poll`, `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=io_uring",
-    "--iodepth=1", "--runtime=2", "--time_based", "--size=32m"]);
+    `--iodepth=${depth}`, "--runtime=2", "--time_based", "--size=32m"]);
+}
+const qd1Read = (devId: number) => randRead(devId, 1);
+
+/** Reads at `fioDepth` for 2 s from a fresh null device (debug log on), deletes it, and returns its queue's
+ * counters as it logged them when it stopped: requests served, and spins that found the next request or gave up. */
+async function spinCounters(pollArgs: string[], fioDepth: number): Promise<{ pollUs: unknown; served: number; found: number; missed: number }> {
+  const out = cliOk(["add", "-t", "null", ...pollArgs], { UBLK_BUN_DEBUG: "1" });
+  const devId = Number(/^dev id (\d+):/m.exec(out)![1]);
+  const pid = daemonPidOf(devId);
+  let pollUs: unknown;
+  try {
+    pollUs = JSON.parse(readFileSync(`/run/ublk-bun/${devId}.json`, "utf8")).config.pollUs;
+    const run = randRead(devId, fioDepth);
+    expect({ status: run.status, errors: run.errors }).toEqual({ status: 0, errors: 0 });
+    await expectIdleQueuesAsleep(devId);
+  } finally {
+    cliOk(["del", "-n", String(devId)]);
+  }
+  const log = readFileSync("/run/ublk-bun/daemon.log", "utf8");
+  const counters = new RegExp(`ublk-bun\\[${pid}\\]: queue 0: .* served (\\d+) requests .* spins: (\\d+) found a request, (\\d+) did not`).exec(log);
+  if (!counters) throw new Error(`no counters of daemon ${pid} in the log`);
+  console.log(log.slice(log.indexOf(counters[0]) + counters[0].indexOf("served")).split("\n")[0]);
+  return { pollUs, served: Number(counters[1]), found: Number(counters[2]), missed: Number(counters[3]) };
 }
 
-describe("--poll-us", () => {
+describe("--poll-us auto (the default)", () => {
+  test("a queue serving one request at a time spins for the next; an idle one sleeps; --poll-us 0 never spins", async () => {
+    const serial = await spinCounters([], 1);
+    expect(serial.pollUs).toBe("auto");
+    expect(serial.served).toBeGreaterThan(1000);
+    // Under TCG the next QD1 request comes 10–40 µs after the commit: most spins find it (a tenth is a wide margin).
+    expect(serial.found).toBeGreaterThan(serial.served / 10);
+    // Overlapping requests: sleeping costs little there, so auto spins seldom if ever.
+    const overlapping = await spinCounters([], 32);
+    console.log(`auto: QD1 ${serial.found}/${serial.served} spins found a request, QD32 ${overlapping.found}/${overlapping.served}`);
+    expect(overlapping.found).toBeLessThan(overlapping.served / 4);
+    const off = await spinCounters(["--poll-us", "0"], 1);
+    expect(off.pollUs).toBe(0);
+    expect({ found: off.found, missed: off.missed }).toEqual({ found: 0, missed: 0 });
+    expectClean();
+  });
+});
+
+describe("--poll-us N", () => {
   test("crc32c verify on memory at QD1 and QD32 with 2 polling queues; idle queues sleep again", async () => {
     const devId = addDevice(["-t", "memory", "-s", "64M", "-q", "2", "--poll-us", String(POLL_US)]);
     try {

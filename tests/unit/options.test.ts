@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
+import { createDevice } from "../../lib/index.ts";
 import {
-  parseDevId, parseInteger, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, parsePollUs, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
+  parseDevId, parseInteger, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, isPollSetting, parsePollUs, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
 } from "../../lib/options.ts";
 
 describe("option parsing", () => {
@@ -27,6 +28,10 @@ describe("option parsing", () => {
     expect(parsePollUs("--poll-us", "0")).toBe(0);
     expect(parsePollUs("--poll-us", 1_000_000)).toBe(1_000_000);
     expect(() => parsePollUs("--poll-us", 1_000_001)).toThrow(/out of range/);
+    expect(parsePollUs("--poll-us", "auto")).toBe("auto");
+    expect(() => parsePollUs("--poll-us", "Auto")).toThrow(/^--poll-us: "Auto" is neither auto nor a whole number of µs$/);
+    expect([isPollSetting("auto"), isPollSetting(0), isPollSetting(250), isPollSetting(-1), isPollSetting("100"), isPollSetting(1.5)])
+      .toEqual([true, true, true, false, false, false]);
     expect(() => parseQueueDepth("-d", 5000)).toThrow(/out of range/);
     expect(() => parseQueueDepth("-d", 0)).toThrow(/out of range/);
     expect(() => parseNrQueues("-q", 0)).toThrow(/out of range/);
@@ -46,5 +51,12 @@ describe("option parsing", () => {
     expect(parseMaxIoBytes("--max-io-size", "1M")).toBe(1024 * 1024);
     expect(() => parseMaxIoBytes("--max-io-size", "1000")).toThrow(/multiple of 4K/);
     expect(() => single("-n", [1, 2])).toThrow(/more than once/);
+  });
+});
+
+describe("embedding options", () => {
+  test("createDevice refuses a bad pollUs before it touches the kernel", async () => {
+    await expect(createDevice({ target: "null", pollUs: -1 })).rejects.toThrow(/^pollUs: -1 is out of range \(0\.\.1000000\)$/);
+    await expect(createDevice({ target: "null", pollUs: 1.5 })).rejects.toThrow(/^pollUs: "1\.5" is neither auto nor a whole number of µs$/);
   });
 });
