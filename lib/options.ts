@@ -48,16 +48,18 @@ export const parseNrQueues = (flag: string, value: unknown) => parseInteger(flag
 export const parseQueueDepth = (flag: string, value: unknown) => parseInteger(flag, value, 1, UBLK_MAX_QUEUE_DEPTH);
 /** How long a queue thread spins for its next request before it sleeps: µs, or "auto" (see lib/queue-worker.ts). */
 export type PollSetting = number | "auto";
-/** "auto", or µs up to one second: longer would only burn a CPU between bursts. */
+/** Up to one second: longer would only burn a CPU between bursts. */
+const MAX_POLL_US = 1_000_000;
+/** "auto", or whole µs up to MAX_POLL_US. */
 export function parsePollUs(flag: string, value: unknown): PollSetting {
   const text = String(value ?? "").trim();
   if (text === "auto") return "auto";
   if (!/^-?\d+$/.test(text)) throw new UsageError(`${flag}: "${text}" is neither auto nor a whole number of µs`);
-  return parseInteger(flag, text, 0, 1_000_000);
+  return parseInteger(flag, text, 0, MAX_POLL_US);
 }
-/** A record's poll setting: absent (older records) means the default. */
+/** Whether a value read back (from a device record) is a poll setting. */
 export const isPollSetting = (value: unknown): value is PollSetting =>
-  value === "auto" || (Number.isInteger(value) && (value as number) >= 0 && (value as number) <= 1_000_000);
+  value === "auto" || (Number.isInteger(value) && (value as number) >= 0 && (value as number) <= MAX_POLL_US);
 
 /** Logical block sizes the kernel accepts: 512 B to one page, powers of two. */
 export function parseLogicalBlockBytes(flag: string, value: unknown): number {
