@@ -239,16 +239,16 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   /** Auto's back-off: after misses, and when the spinning thread keeps being preempted. */
   function afterAutoSpin(found: boolean): void {
     missStreak = found ? 0 : Math.min(missStreak + 1, MAX_MISS_STREAK);
-    if (!found) spinsToSkip = (1 << (missStreak - 1)) - 1;
-    if (++spinsSinceCheck < SPINS_PER_PREEMPTION_CHECK) return;
-    const preemptions = threadPreemptions();
-    if (preemptions - preemptionsAtCheck >= SPINS_PER_PREEMPTION_CHECK / 4) {
-      contendedChecks++;
-      missStreak = MAX_MISS_STREAK;
-      spinsToSkip = (1 << (MAX_MISS_STREAK - 1)) - 1;
+    if (++spinsSinceCheck === SPINS_PER_PREEMPTION_CHECK) {
+      const preemptions = threadPreemptions();
+      if (preemptions - preemptionsAtCheck >= SPINS_PER_PREEMPTION_CHECK / 4) {
+        contendedChecks++;
+        missStreak = MAX_MISS_STREAK; // a contended CPU counts as the longest run of misses
+      }
+      preemptionsAtCheck = preemptions;
+      spinsSinceCheck = 0;
     }
-    preemptionsAtCheck = preemptions;
-    spinsSinceCheck = 0;
+    if (missStreak > 0) spinsToSkip = (1 << (missStreak - 1)) - 1;
   }
 
   while (retiredTags < depth && !stopRequested) {
