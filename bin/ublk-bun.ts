@@ -9,9 +9,9 @@ import {
 } from "../lib/admin.ts";
 import { UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl } from "../lib/ctrl.ts";
-import { dataModeFlags, DEFAULT_MAX_IO_BUF_BYTES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, recoveryFlags } from "../lib/device.ts";
+import { dataModeFlags, recoveryFlags } from "../lib/device.ts";
 import {
-  parseDevId, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, parsePollUs, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
+  CLI_NAMES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, parseDevId, parseDeviceShape, parseSwitch, single, UsageError,
 } from "../lib/options.ts";
 import { canonicalType, loadTarget } from "../targets/registry.ts";
 import type { DaemonSpec } from "../lib/daemon.ts";
@@ -78,21 +78,17 @@ cli.version(packageJson.version);
 async function add(flags: Flags): Promise<void> {
   const type = single("-t", flags.type);
   if (type === undefined || type === true || String(type) === "") throw new UsageError("add: -t TYPE is required (null, or a path to a target module)");
-  const logicalBlockBytes = flags.logicalBlockSize === undefined ? undefined : parseLogicalBlockBytes("-b", single("-b", flags.logicalBlockSize));
-  const sizeBytes = flags.size === undefined ? undefined : parseSize("-s", single("-s", flags.size));
-  if (sizeBytes !== undefined && sizeBytes % (logicalBlockBytes ?? 512) !== 0) {
-    throw new UsageError(`-s: size must be a multiple of the logical block size (${logicalBlockBytes ?? 512})`);
-  }
+  const { sizeBytes, logicalBlockBytes, ...shape } = parseDeviceShape({
+    devId: single("-n", flags.number), queues: single("-q", flags.queues), depth: single("-d", flags.depth),
+    maxIoBytes: single("--max-io-size", flags.maxIoSize), pollUs: single("--poll-us", flags.pollUs),
+    sizeBytes: single("-s", flags.size), logicalBlockBytes: single("-b", flags.logicalBlockSize),
+  }, CLI_NAMES);
   const userCopy = flags.userCopy === true, needGetData = flags.needGetData === true;
   if (userCopy && needGetData) throw new UsageError("-u and --need-get-data cannot be combined");
   const config = {
-    devId: flags.number === undefined ? -1 : parseDevId("-n", single("-n", flags.number)),
-    nrHwQueues: flags.queues === undefined ? DEFAULT_NR_HW_QUEUES : parseNrQueues("-q", single("-q", flags.queues)),
-    queueDepth: flags.depth === undefined ? DEFAULT_QUEUE_DEPTH : parseQueueDepth("-d", single("-d", flags.depth)),
-    maxIoBufBytes: flags.maxIoSize === undefined ? DEFAULT_MAX_IO_BUF_BYTES : parseMaxIoBytes("--max-io-size", single("--max-io-size", flags.maxIoSize)),
+    ...shape,
     flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
       dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
-    pollUs: flags.pollUs === undefined ? "auto" : parsePollUs("--poll-us", single("--poll-us", flags.pollUs)),
   };
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0) throw new UsageError("--auto-recover needs -r 1 or -i 1");
@@ -221,7 +217,50 @@ function fail(error: unknown): never {
   process.exit(1);
 }
 
+/** What each option placeholder stands for, for "-n needs a device id". */
+const VALUE_NOUNS: Record<string, string> = {
+  id: "a device id", type: "a target type", count: "a number of queues", depth: "a queue depth", size: "a size",
+  bytes: "a block size in bytes", "us|auto": "a number of µs or auto", "0|1": "0 or 1", path: "a path", "key=value": "key=value",
+};
+
+/**
+ * Checks the options as typed, before cac parses them: cac reports an unknown option after its own negation and
+ * camel-casing (`--no-such-flag` becomes "`--suchFlag`"), and reads `-n -5` as two flags.
+ */
+function checkTypedOptions(args: string[]): void {
+  const commandName = args.find((arg) => !arg.startsWith("-"));
+  const command = cli.commands.find((candidate) => candidate.name === commandName || candidate.aliasNames.includes(commandName ?? ""));
+  if (!command) return; // no command, or an unknown one: reported after parsing
+  const known = new Map<string, { takesValue: boolean; placeholder: string }>();
+  for (const option of [...cli.globalCommand.options, ...command.options]) {
+    const placeholder = /<([^>]+)>/.exec(option.rawName)?.[1] ?? "";
+    for (const flag of option.rawName.match(/(?<![\w<])--?[A-Za-z][\w-]*/g) ?? []) known.set(flag, { takesValue: option.required === true, placeholder });
+  }
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--") return;
+    if (!arg.startsWith("-") || arg === "-") continue;
+    const equals = arg.indexOf("=");
+    const flag = equals > 0 ? arg.slice(0, equals) : arg;
+    const option = known.get(flag);
+    if (!option) {
+      // Bundled short switches (-ug) are fine when each one is a known switch.
+      const bundled = /^-[A-Za-z]{2,}$/.test(flag) && [...flag.slice(1)].every((letter) => known.get(`-${letter}`)?.takesValue === false);
+      if (bundled) continue;
+      throw new UsageError(`${command.name}: unknown option ${flag} (try: ublk-bun ${command.name} --help)`);
+    }
+    if (!option.takesValue || equals > 0) continue;
+    const value = args[i + 1];
+    if (value === undefined || value.startsWith("-")) {
+      const noun = VALUE_NOUNS[option.placeholder] ?? "a value";
+      throw new UsageError(`${flag} needs ${noun}${value === undefined ? "" : `, not "${value}"`}`);
+    }
+    i++;
+  }
+}
+
 try {
+  checkTypedOptions(process.argv.slice(2));
   cli.parse(process.argv, { run: false });
   if (!cli.matchedCommand) {
     if (cli.args.length > 0) fail(new UsageError(`unknown command "${cli.args[0]}" (try: ublk-bun help)`));

@@ -16,10 +16,6 @@ import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
-export const DEFAULT_QUEUE_DEPTH = 128;
-
-export const DEFAULT_NR_HW_QUEUES = 1;
-export const DEFAULT_MAX_IO_BUF_BYTES = 512 * 1024;
 
 /** How the device talks to the kernel; a JSON-safe part of the device record. */
 export interface DeviceConfig {

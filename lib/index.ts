@@ -8,12 +8,12 @@
  * Each queue runs in its own Worker, which loads the target module itself: a target is named by module path
  * (or built-in name), or passed as an object together with the module that exports it. See targets/types.ts.
  */
-import { dataModeFlags, DEFAULT_MAX_IO_BUF_BYTES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, recoveryFlags, type QueueInfo } from "./device.ts";
+import { dataModeFlags, recoveryFlags, type QueueInfo } from "./device.ts";
 import { startServing } from "./daemon.ts";
 import { canonicalType, loadTarget } from "../targets/registry.ts";
 import type { Target, TargetOptions, TargetRecord } from "../targets/types.ts";
 import type { DevInfo } from "./ctrl.ts";
-import { parsePollUs, type PollSetting } from "./options.ts";
+import { API_NAMES, parseChoice, parseDeviceShape, type PollSetting } from "./options.ts";
 
 export interface CreateDeviceOptions {
   /**
@@ -58,7 +58,14 @@ export interface BlockDevice {
 
 export async function createDevice(options: CreateDeviceOptions): Promise<BlockDevice> {
   const pathOf = (where: string | URL) => (where instanceof URL ? where.pathname : where);
-  const pollUs = options.pollUs === undefined ? "auto" : parsePollUs("pollUs", options.pollUs);
+  // The CLI's rules, before anything is created: the kernel's fields are u16/u32 and would silently wrap.
+  const targetOptions = options.targetOptions ?? {};
+  const { sizeBytes, logicalBlockBytes, ...shape } = parseDeviceShape({
+    devId: options.devId, queues: options.queues, depth: options.depth, maxIoBytes: options.maxIoBytes, pollUs: options.pollUs,
+    sizeBytes: targetOptions.sizeBytes, logicalBlockBytes: targetOptions.logicalBlockBytes,
+  }, API_NAMES);
+  const recovery = parseChoice("recovery", options.recovery ?? "none", ["none", "recover", "reissue"] as const);
+  const dataMode = parseChoice("dataMode", options.dataMode ?? "copy", ["copy", "user-copy", "need-get-data"] as const);
   let type: string;
   let target: Target;
   if (typeof options.target === "object" && !(options.target instanceof URL)) {
@@ -69,15 +76,10 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     type = canonicalType(pathOf(options.target));
     target = await loadTarget(type);
   }
-  const record = { ...(await target.prepare(options.targetOptions ?? {})), type };
-  const recovery = options.recovery ?? "none";
+  const record = { ...(await target.prepare({ ...targetOptions, sizeBytes, logicalBlockBytes })), type };
   const config = {
-    devId: options.devId ?? -1,
-    nrHwQueues: options.queues ?? DEFAULT_NR_HW_QUEUES,
-    queueDepth: options.depth ?? DEFAULT_QUEUE_DEPTH,
-    maxIoBufBytes: options.maxIoBytes ?? DEFAULT_MAX_IO_BUF_BYTES,
-    flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(options.dataMode ?? "copy"),
-    pollUs,
+    ...shape,
+    flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(dataMode),
   };
   let served;
   try {

@@ -4,6 +4,11 @@
  */
 import { UBLK_MAX_NR_QUEUES, UBLK_MAX_QUEUE_DEPTH } from "../ffi/uapi/ublk_cmd.ts";
 
+/** Defaults of a new device (ublksrv's, but for the depth: 128 as kublk). */
+export const DEFAULT_QUEUE_DEPTH = 128;
+export const DEFAULT_NR_HW_QUEUES = 1;
+export const DEFAULT_MAX_IO_BUF_BYTES = 512 * 1024;
+
 export class UsageError extends Error {
   override readonly name = "UsageError";
 }
@@ -81,4 +86,61 @@ export function parseMaxIoBytes(flag: string, value: unknown): number {
 export function single(flag: string, value: unknown): unknown {
   if (Array.isArray(value)) throw new UsageError(`${flag} given more than once`);
   return value;
+}
+
+/** A new device's shape as typed — CLI flags or createDevice() options — before validation. */
+export interface DeviceShapeInput {
+  devId?: unknown;
+  queues?: unknown;
+  depth?: unknown;
+  maxIoBytes?: unknown;
+  pollUs?: unknown;
+  sizeBytes?: unknown;
+  logicalBlockBytes?: unknown;
+}
+
+/** The name each input goes by in messages: the CLI's flag or the API's option. */
+export type DeviceShapeNames = { [K in keyof DeviceShapeInput]-?: string };
+export const CLI_NAMES: DeviceShapeNames = {
+  devId: "-n", queues: "-q", depth: "-d", maxIoBytes: "--max-io-size", pollUs: "--poll-us", sizeBytes: "-s", logicalBlockBytes: "-b",
+};
+export const API_NAMES: DeviceShapeNames = {
+  devId: "devId", queues: "queues", depth: "depth", maxIoBytes: "maxIoBytes", pollUs: "pollUs",
+  sizeBytes: "targetOptions.sizeBytes", logicalBlockBytes: "targetOptions.logicalBlockBytes",
+};
+
+export interface DeviceShape {
+  /** -1: the kernel picks. */
+  devId: number;
+  nrHwQueues: number;
+  queueDepth: number;
+  maxIoBufBytes: number;
+  pollUs: PollSetting;
+  /** Absent: the target's default. */
+  sizeBytes?: number;
+  logicalBlockBytes?: number;
+}
+
+/** Validates a new device's shape with one set of rules for the CLI and the embedding API, defaults filled in. */
+export function parseDeviceShape(input: DeviceShapeInput, names: DeviceShapeNames): DeviceShape {
+  const logicalBlockBytes = input.logicalBlockBytes === undefined ? undefined : parseLogicalBlockBytes(names.logicalBlockBytes, input.logicalBlockBytes);
+  const sizeBytes = input.sizeBytes === undefined ? undefined : parseSize(names.sizeBytes, input.sizeBytes);
+  if (sizeBytes !== undefined && sizeBytes % (logicalBlockBytes ?? 512) !== 0) {
+    throw new UsageError(`${names.sizeBytes}: size must be a multiple of the logical block size (${logicalBlockBytes ?? 512})`);
+  }
+  return {
+    devId: input.devId === undefined ? -1 : parseDevId(names.devId, input.devId),
+    nrHwQueues: input.queues === undefined ? DEFAULT_NR_HW_QUEUES : parseNrQueues(names.queues, input.queues),
+    queueDepth: input.depth === undefined ? DEFAULT_QUEUE_DEPTH : parseQueueDepth(names.depth, input.depth),
+    maxIoBufBytes: input.maxIoBytes === undefined ? DEFAULT_MAX_IO_BUF_BYTES : parseMaxIoBytes(names.maxIoBytes, input.maxIoBytes),
+    pollUs: input.pollUs === undefined ? "auto" : parsePollUs(names.pollUs, input.pollUs),
+    ...(sizeBytes === undefined ? {} : { sizeBytes }),
+    ...(logicalBlockBytes === undefined ? {} : { logicalBlockBytes }),
+  };
+}
+
+/** One of `allowed`, or a UsageError listing them. */
+export function parseChoice<T extends string>(name: string, value: unknown, allowed: readonly T[]): T {
+  if (allowed.includes(value as T)) return value as T;
+  throw new UsageError(`${name}: ${JSON.stringify(value)} is not one of ${allowed.map((choice) => `"${choice}"`).join(", ")}`);
 }

@@ -1,7 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { createDevice } from "../../lib/index.ts";
 import {
-  parseDevId, parseInteger, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, isPollSetting, parsePollUs, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
+  CLI_NAMES, parseDevId, parseDeviceShape, parseInteger, parseLogicalBlockBytes, parseMaxIoBytes, parseNrQueues, isPollSetting, parsePollUs, parseQueueDepth, parseSize, parseSwitch, single, UsageError,
 } from "../../lib/options.ts";
 
 describe("option parsing", () => {
@@ -58,5 +58,26 @@ describe("embedding options", () => {
   test("createDevice refuses a bad pollUs before it touches the kernel", async () => {
     await expect(createDevice({ target: "null", pollUs: -1 })).rejects.toThrow(/^pollUs: -1 is out of range \(0\.\.1000000\)$/);
     await expect(createDevice({ target: "null", pollUs: 1.5 })).rejects.toThrow(/^pollUs: "1\.5" is neither auto nor a whole number of µs$/);
+  });
+  test("createDevice validates with the CLI's rules before it touches the kernel", async () => {
+    // The kernel's queue_depth is a u16: 65537 would have become 1.
+    await expect(createDevice({ target: "null", depth: 65537 })).rejects.toThrow(/^depth: 65537 is out of range \(1\.\.4096\)$/);
+    await expect(createDevice({ target: "null", depth: 0 })).rejects.toThrow(/^depth: 0 is out of range/);
+    await expect(createDevice({ target: "null", queues: 1.5 })).rejects.toThrow(/^queues: "1\.5" is not a whole number$/);
+    await expect(createDevice({ target: "null", devId: 1 << 20 })).rejects.toThrow(/^devId: 1048576 is out of range/);
+    await expect(createDevice({ target: "null", maxIoBytes: 1000 })).rejects.toThrow(/^maxIoBytes: must be a multiple of 4K/);
+    await expect(createDevice({ target: "null", maxIoBytes: 64 << 20 })).rejects.toThrow(/^maxIoBytes: must be a multiple of 4K between 4K and 32M$/);
+    await expect(createDevice({ target: "null", targetOptions: { logicalBlockBytes: 3000 } })).rejects.toThrow(/^targetOptions\.logicalBlockBytes: 3000 is not a power of two/);
+    await expect(createDevice({ target: "null", targetOptions: { sizeBytes: 1000, logicalBlockBytes: 4096 } }))
+      .rejects.toThrow(/^targetOptions\.sizeBytes: size must be a multiple of the logical block size \(4096\)$/);
+    await expect(createDevice({ target: "null", targetOptions: { sizeBytes: -4096 } })).rejects.toThrow(/^targetOptions\.sizeBytes: "-4096" is not a size/);
+    await expect(createDevice({ target: "null", recovery: "always" as never })).rejects.toThrow(/^recovery: "always" is not one of "none", "recover", "reissue"$/);
+    await expect(createDevice({ target: "null", dataMode: "zero-copy" as never })).rejects.toThrow(/^dataMode: "zero-copy" is not one of/);
+  });
+  test("parseDeviceShape fills in the defaults", () => {
+    expect(parseDeviceShape({}, CLI_NAMES)).toEqual({ devId: -1, nrHwQueues: 1, queueDepth: 128, maxIoBufBytes: 512 * 1024, pollUs: "auto" });
+    expect(parseDeviceShape({ devId: "3", depth: "64", sizeBytes: "1G", logicalBlockBytes: "4096" }, CLI_NAMES))
+      .toMatchObject({ devId: 3, queueDepth: 64, sizeBytes: 1 << 30, logicalBlockBytes: 4096 });
+    expect(() => parseDeviceShape({ depth: 65537 }, CLI_NAMES)).toThrow(/^-d: 65537 is out of range/);
   });
 });
