@@ -101,28 +101,40 @@ export const fileTarget: Target = {
       backing = inspect(fd, path);
       if (backing.readOnlyDevice && !readOnly) throw new Error(`file: ${path} is not writable (EROFS); add --read-only to serve it read-only`);
       const logicalBlockBytes = Math.max(options.logicalBlockBytes ?? 512, backing.logicalBlockBytes);
-      let sizeBytes = options.sizeBytes ?? backing.sizeBytes;
-      if (sizeBytes > backing.sizeBytes) {
+      const sizeBytes = options.sizeBytes ?? backing.sizeBytes;
+      const grows = sizeBytes > backing.sizeBytes;
+      if (grows) {
         if (options.grow !== true) throw new Error(`file: -s ${sizeBytes} is larger than ${path} (${backing.sizeBytes} bytes); add --grow to extend it`);
         if (backing.isBlockDevice) throw new Error(`file: a block device cannot grow (${path} has ${backing.sizeBytes} bytes)`);
         if (readOnly) throw new Error("file: --grow and --read-only cannot be combined");
+        // Grown first so that the O_DIRECT probe below reads inside the file; undone if the file is refused.
         ftruncateSync(fd, sizeBytes);
       }
-      if (sizeBytes === 0) throw new Error(`file: ${path} is empty; give -s SIZE --grow to size it`);
-      if (sizeBytes % logicalBlockBytes !== 0) {
-        throw new Error(`file: ${path} has ${sizeBytes} bytes, not a multiple of the ${logicalBlockBytes}-byte block size; give -s`);
+      let blockBytes: number, direct: boolean, inMemory: boolean;
+      try {
+        if (sizeBytes === 0) throw new Error(`file: ${path} is empty; give -s SIZE --grow to size it`);
+        let alignment = 0;
+        // In a tmpfs file the page cache is the storage: O_DIRECT (which tmpfs accepts since 6.6) would only add a
+        // trip through the ring. Such a file is mapped and served like the memory target instead: one kernel copy
+        // per request with USER_COPY. (Device nodes sit on devtmpfs: not them.)
+        inMemory = stat.isFile() && inMemoryFileSystem(path);
+        if (options.buffered !== true && !inMemory) {
+          alignment = directAlignment(path, readOnly);
+          if (alignment === 0) console.error(`ublk-bun: notice: ${path} does not support O_DIRECT; using the page cache`);
+        }
+        direct = alignment > 0;
+        // The block size the device finally gets: raised to what O_DIRECT on this file needs.
+        blockBytes = Math.max(logicalBlockBytes, alignment);
+        if (sizeBytes % blockBytes !== 0) {
+          const raised = blockBytes > logicalBlockBytes ? ` (O_DIRECT on ${path} needs ${blockBytes}-byte blocks; --buffered allows ${logicalBlockBytes})` : "";
+          throw new Error(options.sizeBytes === undefined
+            ? `file: ${path} has ${sizeBytes} bytes, not a multiple of the ${blockBytes}-byte block size${raised}; give -s`
+            : `file: -s ${sizeBytes} is not a multiple of the ${blockBytes}-byte block size${raised}`);
+        }
+      } catch (error) {
+        if (grows) ftruncateSync(fd, backing.sizeBytes);
+        throw error;
       }
-      let alignment = 0;
-      // In a tmpfs file the page cache is the storage: O_DIRECT (which tmpfs accepts since 6.6) would only add a
-      // trip through the ring. Such a file is mapped and served like the memory target instead: one kernel copy
-      // per request with USER_COPY. (Device nodes sit on devtmpfs: not them.)
-      const inMemory = stat.isFile() && inMemoryFileSystem(path);
-      if (options.buffered !== true && !inMemory) {
-        alignment = directAlignment(path, readOnly);
-        if (alignment === 0) console.error(`ublk-bun: notice: ${path} does not support O_DIRECT; using the page cache`);
-      }
-      const direct = alignment > 0;
-      const blockBytes = Math.max(logicalBlockBytes, alignment);
       const logicalBlockShift = Math.log2(blockBytes);
       return {
         type: "file",

@@ -1,6 +1,6 @@
 // Targets that hold data: memory, file, a user-written module and the README's embedding example.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { close, ioctl, O_RDWR, open } from "../../ffi/libc.ts";
 import { addDevice, cleanUp, cli, cliOk, expectClean, fio, ROOT, verify } from "./helpers.ts";
@@ -249,6 +249,50 @@ describe("file target", () => {
     cliOk(["del", "-n", String(devId)]);
     expect(readFileSync(small).length).toBe(8 << 20);
     expectClean();
+  });
+
+  test("-s is checked against the block size O_DIRECT raises it to (a file system on a 4K-sector disk)", () => {
+    const image = join(work, "4k-sectors.img");
+    const mountPoint = join(work, "4k-mnt");
+    Bun.spawnSync(["truncate", "-s", "64M", image]);
+    const loop = Bun.spawnSync(["/usr/sbin/losetup", "-b", "4096", "-f", "--show", image]).stdout.toString().trim();
+    expect(loop).toMatch(/^\/dev\/loop\d+$/);
+    mkdirSync(mountPoint, { recursive: true });
+    try {
+      expect(Bun.spawnSync(["mke2fs", "-q", "-b", "4096", loop]).exitCode).toBe(0);
+      expect(Bun.spawnSync(["mount", "-t", "ext4", loop, mountPoint]).exitCode).toBe(0);
+      try {
+        const file = join(mountPoint, "disk.img");
+        writeFileSync(file, Buffer.alloc(1 << 20));
+        const refused = (args: string[], message: RegExp) => {
+          const run = cli(["add", "-t", "file", "-f", file, ...args]);
+          expect(run.stderr).toMatch(message);
+          expect(run.stderr.trim().split("\n")).toHaveLength(1);
+          expect(run.status).toBe(1);
+          expectClean();
+        };
+        // 512-byte multiples that are not 4 KiB multiples: fine for -b 512, not for O_DIRECT on this disk.
+        refused(["-s", String((1 << 19) + 512)], /-s 524800 is not a multiple of the 4096-byte block size \(O_DIRECT on .* needs 4096-byte blocks/);
+        refused(["-s", String((2 << 20) + 512), "--grow"], /-s 2097664 is not a multiple of the 4096-byte block size/);
+        expect(statSync(file).size).toBe(1 << 20); // the refused --grow was undone
+        writeFileSync(file, Buffer.alloc((1 << 20) + 512));
+        refused([], /has 1049088 bytes, not a multiple of the 4096-byte block size/);
+        // Through the page cache 512-byte blocks are fine.
+        const devId = addDevice(["-t", "file", "-f", file, "--buffered", "-s", String((1 << 19) + 512)]);
+        expect(cliOk(["list", "-n", String(devId)])).toContain("block size 512 dev_capacity 1025");
+        cliOk(["del", "-n", String(devId)]);
+        writeFileSync(file, Buffer.alloc(1 << 20));
+        const direct = addDevice(["-t", "file", "-f", file]);
+        expect(cliOk(["list", "-n", String(direct)])).toContain("block size 4096 dev_capacity 2048");
+        cliOk(["del", "-n", String(direct)]);
+        expectClean();
+      } finally {
+        cli(["del", "-a"]); // a device left by a failed expectation would keep the file system busy
+        Bun.spawnSync(["umount", mountPoint]);
+      }
+    } finally {
+      Bun.spawnSync(["/usr/sbin/losetup", "-d", loop]);
+    }
   });
 });
 
