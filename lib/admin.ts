@@ -6,10 +6,10 @@ import { spawn } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
-import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
+import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
-import { waitForState } from "./device.ts";
+import { RECOVERABLE_STATES, waitForState } from "./device.ts";
 import { readRecord, recordedDevIds, recordPath, removeRecord, runDir, type DeviceRecord } from "./records.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -115,7 +115,7 @@ export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, 
     if (supervisor > 0 && supervisor !== Number(extraEnv[SUPERVISOR_PID_ENV] ?? 0) && processAlive(supervisor) && isOurDaemon(supervisor)) {
       throw new Error(`recover: device ${devId} is watched by supervisor pid ${supervisor} (--auto-recover), which recovers it`);
     }
-    await waitForState(ctrl, devId, UBLK_S_DEV_QUIESCED, 60_000, "QUIESCED (the old daemon must exit first)",
+    await waitForState(ctrl, devId, RECOVERABLE_STATES, 60_000, "QUIESCED or FAIL_IO (the old daemon must exit first)",
       (elapsedMs, now) => onWait?.(elapsedMs, UBLK_S_NAMES[now.state] ?? String(now.state)));
   } finally {
     ctrl.close();
