@@ -9,6 +9,7 @@
  * On a machine without ublk_drv it runs itself in the test VM (tests/vm/vm.sh).
  *
  *   BENCH_SECONDS=10 BENCH_REPEATS=3 BENCH_CASES=null,file,memory npm run bench
+ *   npm run bench -- --kernel backports     the VM's kernel (tests/vm/vm.sh --kernel; default trixie)
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -18,11 +19,18 @@ const root = join(import.meta.dir, "..");
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const repeats = Number(process.env.BENCH_REPEATS ?? 3);
 const groups = new Set((process.env.BENCH_CASES ?? "null,file,memory").split(","));
+const kernelArg = process.argv.indexOf("--kernel");
+const vmKernel = kernelArg >= 0 ? process.argv[kernelArg + 1] : process.argv.find((arg) => arg.startsWith("--kernel="))?.slice(9);
+if (kernelArg >= 0 && !vmKernel) {
+  console.error("bench: --kernel needs trixie or backports");
+  process.exit(2);
+}
 
 if (!existsSync("/dev/ublk-control")) {
   if (process.env.UBLK_BUN_VM === "1") throw new Error("bench: ublk_drv is not loaded in the VM");
   const env = ["BENCH_SECONDS", "BENCH_REPEATS", "BENCH_CASES"].filter((k) => process.env[k]).flatMap((k) => ["--env", `${k}=${process.env[k]}`]);
-  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", "--timeout", "5400", "--out", join(root, "bench/results"), ...env, "--", "bun bench/run.ts"],
+  const kernel = vmKernel === undefined ? [] : ["--kernel", vmKernel];
+  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", ...kernel, "--timeout", "5400", "--out", join(root, "bench/results"), ...env, "--", "bun bench/run.ts"],
     { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
   process.exit(run.exitCode ?? 1);
 }

@@ -43,7 +43,7 @@ cli
   .option("-o, --option <key=value>", "An option for a user-written target (repeatable)")
   .option("--unprivileged", "UNPRIVILEGED_DEV: a device owned by the calling user (needs /dev/ublk-control open to them and the udev rule)")
   .option("-e, --recovery-fail-io <0|1>", "USER_RECOVERY + FAIL_IO: I/O fails fast while no daemon (kernel ≥ 6.13)")
-  .option("--auto-recover", "Watch the daemon and recover the device by itself when it dies (needs -r 1 or -i 1)")
+  .option("--auto-recover", "Watch the daemon and recover the device by itself when it dies (needs -r 1, -i 1 or -e 1)")
   .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
   .option("--json", "Print the device as JSON")
   .action((flags: Flags) => run(() => add(flags)));
@@ -91,7 +91,7 @@ async function add(flags: Flags): Promise<void> {
       dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
   };
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
-  if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0) throw new UsageError("--auto-recover needs -r 1 or -i 1");
+  if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0 && !failIo) throw new UsageError("--auto-recover needs -r 1, -i 1 or -e 1");
   if (flags.autoRecover && flags.foreground) throw new UsageError("--auto-recover and --foreground cannot be combined");
   if (flags.unprivileged === true) {
     // ublk_drv clears the recovery flags of unprivileged devices (a user's daemon could stall recovery forever).

@@ -6,10 +6,10 @@ import { spawn } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
-import { UBLK_F_NAMES, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
+import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
-import { waitForState } from "./device.ts";
+import { RECOVERABLE_STATES, waitForState } from "./device.ts";
 import { readRecord, recordedDevIds, recordPath, removeRecord, runDir, type DeviceRecord } from "./records.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -115,7 +115,7 @@ export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, 
     if (supervisor > 0 && supervisor !== Number(extraEnv[SUPERVISOR_PID_ENV] ?? 0) && processAlive(supervisor) && isOurDaemon(supervisor)) {
       throw new Error(`recover: device ${devId} is watched by supervisor pid ${supervisor} (--auto-recover), which recovers it`);
     }
-    await waitForState(ctrl, devId, UBLK_S_DEV_QUIESCED, 60_000, "QUIESCED (the old daemon must exit first)",
+    await waitForState(ctrl, devId, RECOVERABLE_STATES, 60_000, "QUIESCED or FAIL_IO (the old daemon must exit first)",
       (elapsedMs, now) => onWait?.(elapsedMs, UBLK_S_NAMES[now.state] ?? String(now.state)));
   } finally {
     ctrl.close();
@@ -183,6 +183,8 @@ export function formatListing(listing: DeviceListing): string {
   const lines = [
     `dev id ${info.devId}: nr_hw_queues ${info.nrHwQueues} queue_depth ${info.queueDepth} block size ${1 << (basic?.logicalBsShift ?? 9)} dev_capacity ${basic?.devSectors ?? 0}`,
     `\tmax rq size ${info.maxIoBufBytes} daemon pid ${info.ublksrvPid} flags 0x${info.flags.toString(16)} state ${listing.stateName}`,
+    // The names on a line of their own: the line above keeps ublksrv's format, which scripts parse.
+    `\tflag names: ${ublkFeatureNames(info.flags).join(" ") || "(none)"}`,
     `\tublkc: ${devt?.charMajor ?? 0}:${devt?.charMinor ?? 0} ublkb: ${devt?.diskMajor ?? 0}:${devt?.diskMinor ?? 0} owner: ${info.ownerUid}:${info.ownerGid}`,
   ];
   for (const queue of listing.queues) lines.push(`\tqueue ${queue.qId}: tid ${queue.tid} affinity(${queue.cpus.join(" ")})`);
@@ -203,6 +205,7 @@ export function listingJson(listing: DeviceListing): object {
   return {
     devId: listing.info.devId, state: listing.stateName, daemonPid: listing.info.ublksrvPid, nrHwQueues: listing.info.nrHwQueues,
     queueDepth: listing.info.queueDepth, maxIoBufBytes: listing.info.maxIoBufBytes, flags: listing.info.flags,
+    flagNames: ublkFeatureNames(listing.info.flags),
     ownerUid: listing.info.ownerUid, ownerGid: listing.info.ownerGid,
     logicalBlockBytes: 1 << (listing.params?.basic.logicalBsShift ?? 9), devSectors: listing.params?.basic.devSectors ?? 0,
     devt: listing.params?.devt ?? null, params: listing.params, queues: listing.queues, target: listing.record?.target ?? null,
@@ -357,11 +360,7 @@ export function kernelFeatures(): { mask: number; names: string[] } {
   const ctrl = Ctrl.open();
   try {
     const mask = ctrl.getFeatures();
-    const names: string[] = [];
-    for (let bit = 0; bit < 53; bit++) {
-      if (Math.floor(mask / 2 ** bit) % 2 === 1) names.push(UBLK_F_NAMES[bit] ?? `bit ${bit}`);
-    }
-    return { mask, names };
+    return { mask, names: ublkFeatureNames(mask) };
   } finally {
     ctrl.close();
   }

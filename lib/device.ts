@@ -7,7 +7,7 @@
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
-  UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueReply, QueueStart } from "./queue-worker.ts";
@@ -130,7 +130,7 @@ export class Device {
     try {
       let info = ctrl.getDevInfo(devId);
       checkRecoverable(info, config);
-      info = await waitForState(ctrl, devId, UBLK_S_DEV_QUIESCED, waitTimeoutMs, "QUIESCED (the old server must have exited)");
+      info = await waitForState(ctrl, devId, RECOVERABLE_STATES, waitTimeoutMs, "QUIESCED or FAIL_IO (the old server must have exited)");
       await pauseForTest("before-start-recovery");
       await startUserRecoveryRetrying(ctrl, devId, waitTimeoutMs);
       debug(`device ${devId}: START_USER_RECOVERY done`);
@@ -344,13 +344,20 @@ function processExists(pid: number): boolean {
   }
 }
 
-/** Polls GET_DEV_INFO until `state`; throws after `timeoutMs` naming what was awaited. */
-export async function waitForState(ctrl: Ctrl, devId: number, state: number, timeoutMs: number, what: string,
+/**
+ * The states a device without its server waits in for START_USER_RECOVERY: QUIESCED, or FAIL_IO when it was
+ * added with USER_RECOVERY_FAIL_IO (Linux ≥ 6.13 puts such a device there instead).
+ */
+export const RECOVERABLE_STATES: readonly number[] = [UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO];
+
+/** Polls GET_DEV_INFO until `state` (or one of `state`); throws after `timeoutMs` naming what was awaited. */
+export async function waitForState(ctrl: Ctrl, devId: number, state: number | readonly number[], timeoutMs: number, what: string,
                                    onWait?: (elapsedMs: number, info: DevInfo) => void): Promise<DevInfo> {
   const started = Date.now();
+  const wanted = typeof state === "number" ? [state] : state;
   for (;;) {
     const info = ctrl.getDevInfo(devId);
-    if (info.state === state) return info;
+    if (wanted.includes(info.state)) return info;
     const elapsedMs = Date.now() - started;
     if (elapsedMs > timeoutMs) {
       throw new Error(`device ${devId} did not become ${what} within ${Math.round(timeoutMs / 1000)} s (state ${UBLK_S_NAMES[info.state] ?? info.state})`);

@@ -110,14 +110,29 @@ export const UBLK_F_AUTO_BUF_REG = 1 << 11;
 export const UBLK_F_QUIESCE = 1 << 12;
 export const UBLK_F_PER_IO_DAEMON = 1 << 13;
 export const UBLK_F_BUF_REG_OFF_DAEMON = 1 << 14;
+export const UBLK_F_BATCH_IO = 1 << 15;
+export const UBLK_F_INTEGRITY = 1 << 16;
+export const UBLK_F_SAFE_STOP_DEV = 1 << 17;
+export const UBLK_F_NO_AUTO_PART_SCAN = 1 << 18;
+export const UBLK_F_SHMEM_ZC = 1 << 19;
+export const UBLK_F_IO_DESC_SIZE = 1 << 20;
 
-/** Feature bit names in bit order, for `features` and `list` output. */
+/** Feature bit names in bit order (bit 0 first), as ublk_cmd.h of Linux 7.3 spells them without `UBLK_F_`. */
 export const UBLK_F_NAMES: readonly string[] = [
   "SUPPORT_ZERO_COPY", "URING_CMD_COMP_IN_TASK", "NEED_GET_DATA", "USER_RECOVERY", "USER_RECOVERY_REISSUE",
   "UNPRIVILEGED_DEV", "CMD_IOCTL_ENCODE", "USER_COPY", "ZONED", "USER_RECOVERY_FAIL_IO", "UPDATE_SIZE",
   "AUTO_BUF_REG", "QUIESCE", "PER_IO_DAEMON", "BUF_REG_OFF_DAEMON", "BATCH_IO", "INTEGRITY", "SAFE_STOP_DEV",
-  "NO_AUTO_PART_SCAN", "SHMEM_ZC",
+  "NO_AUTO_PART_SCAN", "SHMEM_ZC", "IO_DESC_SIZE",
 ];
+
+/** Names of the bits set in a feature mask, lowest first; a bit this table does not know shows as `bit N`. */
+export function ublkFeatureNames(mask: number): string[] {
+  const names: string[] = [];
+  for (let bit = 0; bit < 53; bit++) {
+    if (Math.floor(mask / 2 ** bit) % 2 === 1) names.push(UBLK_F_NAMES[bit] ?? `bit ${bit}`);
+  }
+  return names;
+}
 
 export const UBLK_S_DEV_DEAD = 0;
 export const UBLK_S_DEV_LIVE = 1;

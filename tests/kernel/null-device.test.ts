@@ -2,6 +2,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { close, memoryAt, mmapAnonymous, munmap, O_DIRECT, O_RDWR, open, PAGE_BYTES, pread, pwrite } from "../../ffi/libc.ts";
+import { ublkFeatureNames } from "../../ffi/uapi/ublk_cmd.ts";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, records, ublkNodes, waitFor } from "./helpers.ts";
 
 beforeAll(() => cleanUp());
@@ -83,15 +84,20 @@ describe("null target through the CLI", () => {
     const lines = text.trimEnd().split("\n");
     expect(lines[0]).toBe(`dev id ${devId}: nr_hw_queues 2 queue_depth 32 block size 512 dev_capacity 2097152`);
     expect(lines[1]).toMatch(/^\tmax rq size 524288 daemon pid \d+ flags 0x[0-9a-f]+ state LIVE$/);
-    expect(lines[2]).toMatch(/^\tublkc: \d+:\d+ ublkb: \d+:\d+ owner: 0:0$/);
-    expect(lines[3]).toMatch(/^\tqueue 0: tid \d+ affinity\([\d ]+\)$/);
-    expect(lines[4]).toMatch(/^\tqueue 1: tid \d+ affinity\([\d ]+\)$/);
-    expect(lines[5]).toStartWith("\ttarget {");
+    // The flags by name, from the mask of the line above (the kernel adds some of its own, e.g. CMD_IOCTL_ENCODE).
+    const flagsMask = Number(/flags (0x[0-9a-f]+)/.exec(lines[1]!)![1]);
+    expect(lines[2]).toBe(`\tflag names: ${ublkFeatureNames(flagsMask).join(" ")}`);
+    expect(lines[2]).toContain(" CMD_IOCTL_ENCODE");
+    expect(lines[3]).toMatch(/^\tublkc: \d+:\d+ ublkb: \d+:\d+ owner: 0:0$/);
+    expect(lines[4]).toMatch(/^\tqueue 0: tid \d+ affinity\([\d ]+\)$/);
+    expect(lines[5]).toMatch(/^\tqueue 1: tid \d+ affinity\([\d ]+\)$/);
+    expect(lines[6]).toStartWith("\ttarget {");
     const pid = daemonPidOf(devId);
     expect(existsSync(`/proc/${pid}`)).toBe(true);
     const json = JSON.parse(cliOk(["list", "--json"]));
     const mine = json.find((entry: any) => entry.devId === devId);
     expect(mine).toMatchObject({ state: "LIVE", daemonPid: pid, nrHwQueues: 2, queueDepth: 32, devSectors: 2097152 });
+    expect(mine.flagNames).toEqual(ublkFeatureNames(mine.flags));
     expect(mine.queues.every((queue: any) => queue.tid > 0)).toBe(true);
     // The queue threads really are threads of the daemon, named after their device and queue.
     // A queue whose kernel CPU set is a single CPU is not pinned there (it would take turns with the submitter).

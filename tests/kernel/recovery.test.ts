@@ -1,6 +1,7 @@
 // USER_RECOVERY: kill -9 the daemon under fio, recover, and check what the application sees.
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, spawnPaused, waitFor } from "./helpers.ts";
 
@@ -14,6 +15,9 @@ afterAll(() => {
   cleanUp();
   rmSync(work, { recursive: true, force: true });
 });
+
+/** FAIL_IO (-e 1) exists from Linux 6.13; tests that need it report as skipped on older kernels. */
+const hasFailIo = JSON.parse(cliOk(["features", "--json"])).names.includes("USER_RECOVERY_FAIL_IO");
 
 function state(devId: number): string {
   const line = cliOk(["list", "-n", String(devId)]).split("\n")[1]!;
@@ -249,6 +253,24 @@ describe("recovery", () => {
     await expectFioClean(fio);
     cliOk(["del", "-n", String(devId)]);
     await waitFor("the supervisor to exit", () => !readdirSync("/proc").includes(String(supervisor)), 10_000);
+    expectClean();
+  });
+
+  test.skipIf(!hasFailIo)("--auto-recover -e 1: the supervisor recovers a device from FAIL_IO; the data is intact (needs USER_RECOVERY_FAIL_IO, Linux ≥ 6.13)", async () => {
+    const devId = addDevice(["-t", "memory", "-s", "8M", "-e", "1", "--auto-recover"]);
+    const pattern = join(work, "fail-io-pattern");
+    writeFileSync(pattern, randomBytes(1 << 20));
+    const dd = (args: string[]) => Bun.spawnSync(["dd", ...args, "bs=64k", "count=16"], { stdin: "ignore" });
+    expect(dd([`if=${pattern}`, `of=/dev/ublkb${devId}`, "oflag=direct"]).exitCode).toBe(0);
+    const oldPid = daemonPidOf(devId);
+    process.kill(oldPid, "SIGKILL");
+    await waitFor("a new daemon", () => {
+      try { return state(devId) === "LIVE" && daemonPidOf(devId) !== oldPid; } catch { return false; }
+    }, 60_000);
+    const back = join(work, "fail-io-back");
+    expect(dd([`if=/dev/ublkb${devId}`, `of=${back}`, "iflag=direct"]).exitCode).toBe(0);
+    expect(Buffer.compare(readFileSync(back), readFileSync(pattern))).toBe(0);
+    cliOk(["del", "-n", String(devId)]);
     expectClean();
   });
 

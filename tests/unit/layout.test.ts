@@ -102,8 +102,21 @@ describe("ublk layouts", () => {
     expect([ublk.UBLK_F_SUPPORT_ZERO_COPY, ublk.UBLK_F_URING_CMD_COMP_IN_TASK, ublk.UBLK_F_NEED_GET_DATA, ublk.UBLK_F_USER_RECOVERY,
       ublk.UBLK_F_USER_RECOVERY_REISSUE, ublk.UBLK_F_UNPRIVILEGED_DEV, ublk.UBLK_F_CMD_IOCTL_ENCODE, ublk.UBLK_F_USER_COPY,
       ublk.UBLK_F_ZONED, ublk.UBLK_F_USER_RECOVERY_FAIL_IO]).toEqual([1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
-    expect(ublk.UBLK_F_NAMES[3]).toBe("USER_RECOVERY");
-    expect(ublk.UBLK_F_NAMES[6]).toBe("CMD_IOCTL_ENCODE");
+    expect([ublk.UBLK_F_UPDATE_SIZE, ublk.UBLK_F_AUTO_BUF_REG, ublk.UBLK_F_QUIESCE, ublk.UBLK_F_PER_IO_DAEMON, ublk.UBLK_F_BUF_REG_OFF_DAEMON,
+      ublk.UBLK_F_BATCH_IO, ublk.UBLK_F_INTEGRITY, ublk.UBLK_F_SAFE_STOP_DEV, ublk.UBLK_F_NO_AUTO_PART_SCAN, ublk.UBLK_F_SHMEM_ZC,
+      ublk.UBLK_F_IO_DESC_SIZE]).toEqual([1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20]);
+    // Every bit up to Linux 7.3 (bits 0-20), spelled as in include/uapi/linux/ublk_cmd.h.
+    expect(ublk.UBLK_F_NAMES).toEqual([
+      "SUPPORT_ZERO_COPY", "URING_CMD_COMP_IN_TASK", "NEED_GET_DATA", "USER_RECOVERY", "USER_RECOVERY_REISSUE", "UNPRIVILEGED_DEV",
+      "CMD_IOCTL_ENCODE", "USER_COPY", "ZONED", "USER_RECOVERY_FAIL_IO", "UPDATE_SIZE", "AUTO_BUF_REG", "QUIESCE", "PER_IO_DAEMON",
+      "BUF_REG_OFF_DAEMON", "BATCH_IO", "INTEGRITY", "SAFE_STOP_DEV", "NO_AUTO_PART_SCAN", "SHMEM_ZC", "IO_DESC_SIZE",
+    ]);
+    // 7.3's GET_FEATURES answer, and the flags it gives a null device ublk-bun adds there.
+    expect(ublk.ublkFeatureNames(0x1fffff)).toEqual(ublk.UBLK_F_NAMES as string[]);
+    expect(ublk.ublkFeatureNames(0x260c2)).toEqual(["URING_CMD_COMP_IN_TASK", "CMD_IOCTL_ENCODE", "USER_COPY", "PER_IO_DAEMON",
+      "BUF_REG_OFF_DAEMON", "SAFE_STOP_DEV"]);
+    expect(ublk.ublkFeatureNames(2 ** 21 + 1)).toEqual(["SUPPORT_ZERO_COPY", "bit 21"]);
+    expect(ublk.ublkFeatureNames(0)).toEqual([]);
     expect([ublk.UBLK_S_DEV_DEAD, ublk.UBLK_S_DEV_LIVE, ublk.UBLK_S_DEV_QUIESCED, ublk.UBLK_S_DEV_FAIL_IO]).toEqual([0, 1, 2, 3]);
     expect([ublk.UBLK_IO_OP_READ, ublk.UBLK_IO_OP_WRITE, ublk.UBLK_IO_OP_FLUSH, ublk.UBLK_IO_OP_DISCARD, ublk.UBLK_IO_OP_WRITE_ZEROES]).toEqual([0, 1, 2, 3, 5]);
     expect([ublk.UBLK_IO_F_FUA, ublk.UBLK_IO_F_NOUNMAP]).toEqual([0x2000, 0x8000]);

@@ -2,9 +2,11 @@
 # shellcheck disable=SC2054,SC2317 # commas in qemu options; trap handlers
 # Run a shell command inside a throwaway Linux VM that has ublk_drv.
 #
-#   bash tests/vm/vm.sh [--timeout SEC] [--out HOSTDIR] [--env K=V]... [--] CMD...
+#   bash tests/vm/vm.sh [--kernel K] [--timeout SEC] [--out HOSTDIR] [--env K=V]... [--] CMD...
 #   npm run vm -- CMD          bun run vm -- CMD
 #
+#   --kernel K      the guest kernel: trixie (Debian 13's own, default) or
+#                   backports (the newest trixie-backports cloud kernel)
 #   --timeout SEC   kill the VM after SEC seconds of boot + CMD (default 1800)
 #   --out HOSTDIR   copy what the guest wrote under /out into HOSTDIR
 #   --env K=V       export K=V to CMD (repeatable); UBLK_BUN_VM=1 always
@@ -14,8 +16,8 @@
 # (util-linux), bun and bunx are there too; ublk_drv, loop and configfs are
 # loaded, null_blk is available to modprobe.
 #
-# The host kernel has no ublk_drv and no usable KVM, so the guest is Debian
-# trixie's cloud kernel under qemu TCG (software emulation, 10-15x slower
+# The host kernel has no ublk_drv and no usable KVM, so the guest is a Debian
+# trixie cloud kernel (trixie's or trixie-backports') under qemu TCG (software emulation, 10-15x slower
 # than the host) with a busybox initramfs that also holds Bun, fio and the
 # project tree (mounted nowhere: it is copied to /ublk-bun in the guest).
 #
@@ -28,11 +30,12 @@
 #
 # Environment knobs (all optional):
 #   UBLK_BUN_VM_CACHE    cache directory
+#   UBLK_BUN_VM_KERNEL   default for --kernel (trixie)
 #   UBLK_BUN_VM_TIMEOUT  default for --timeout (1800)
 #   UBLK_BUN_VM_SMP      guest CPUs (2)
 #   UBLK_BUN_VM_MEM      guest memory in MiB (3072)
 #   UBLK_BUN_VM_MIRROR   Debian mirror URI (default: the one apt uses here)
-#   UBLK_BUN_VM_REFRESH  set to 1 to fetch the newest trixie kernel again
+#   UBLK_BUN_VM_REFRESH  set to 1 to fetch the newest kernel of the choice again
 #   UBLK_BUN_VM_BUN      Bun binary to put in the guest
 #                        (default: node_modules/.bin/bun)
 set -euo pipefail
@@ -42,9 +45,10 @@ REPO=$(cd "$SCRIPT_DIR/../.." && pwd)
 SELF="$SCRIPT_DIR/vm.sh"
 
 CACHE=${UBLK_BUN_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ublk-bun-vm}
-KERNEL_SUITE=trixie
 # Modules copied into the guest; their dependencies are added automatically.
 GUEST_MODULES=(ublk_drv null_blk configfs loop)
+# Copied when the kernel ships them, not needed to boot or test ublk.
+GUEST_OPTIONAL_MODULES=(nbd)
 # Host programs copied into the guest (with their libraries) in addition to
 # busybox and Bun; they replace busybox applets of the same name.
 # util-linux losetup is here for `losetup -f --show`, which busybox lacks,
@@ -65,10 +69,13 @@ usage() {
 # ---------------------------------------------------------------- arguments
 
 timeout_s=${UBLK_BUN_VM_TIMEOUT:-1800}
+kernel_choice=${UBLK_BUN_VM_KERNEL:-trixie}
 out_dir=
 guest_env=()
 while (($#)); do
     case $1 in
+        --kernel) kernel_choice=${2:?--kernel needs trixie or backports}; shift 2 ;;
+        --kernel=*) kernel_choice=${1#*=}; shift ;;
         --timeout) timeout_s=${2:?--timeout needs a value}; shift 2 ;;
         --timeout=*) timeout_s=${1#*=}; shift ;;
         --out) out_dir=${2:?--out needs a directory}; shift 2 ;;
@@ -86,6 +93,12 @@ done
 [[ ${1:-} == -- ]] && shift
 (($#)) || { log "no command given"; usage 2 >&2; }
 guest_cmd="$*"
+case $kernel_choice in
+    # The suite apt searches for the kernel; both are Debian 13's.
+    trixie) KERNEL_SUITE=trixie ;;
+    backports) KERNEL_SUITE=trixie-backports ;;
+    *) log "--kernel must be trixie or backports, got: $kernel_choice"; exit 2 ;;
+esac
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "--timeout must be a whole number of seconds"
 for kv in "${guest_env[@]}"; do
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects NAME=VALUE, got: $kv"
@@ -203,8 +216,32 @@ apt_private_update() {
     return 1
 }
 
-# Download the newest linux-image-*-cloud-amd64-unsigned from trixie and keep
-# its vmlinuz plus the modules we need, decompressed, with a modules.dep.
+# Print the newest cloud kernel release of the suite, e.g.
+# 6.12.117+deb13-cloud-amd64. Up to 6.12 Debian packs the kernel and its
+# modules in linux-image-<kver>-unsigned; from 6.19 on the image is in
+# linux-binary-unsigned-<kver>, the modules in linux-modules-<kver> and
+# modules.builtin and the config in linux-base-<kver>.
+newest_kernel() {
+    apt-cache "${APT_OPTS[@]}" search --names-only \
+        '^linux-(image-[0-9].*-cloud-amd64-unsigned|binary-unsigned-[0-9].*-cloud-amd64)$' \
+        | awk '{ print $1 }' | sed -E 's/^linux-(image|binary-unsigned)-//; s/-unsigned$//' \
+        | sort -V | tail -n 1
+}
+
+# Print the packages that together hold kernel $1 and its modules.
+kernel_packages() {
+    local kver=$1 p
+    if apt-cache "${APT_OPTS[@]}" show "linux-image-$kver-unsigned" >/dev/null 2>&1; then
+        echo "linux-image-$kver-unsigned"
+        return
+    fi
+    for p in "linux-binary-unsigned-$kver" "linux-modules-$kver" "linux-base-$kver"; do
+        apt-cache "${APT_OPTS[@]}" show "$p" >/dev/null 2>&1 && echo "$p"
+    done
+}
+
+# Download the newest cloud kernel of $KERNEL_SUITE and keep its vmlinuz plus
+# the modules we need, decompressed, with a modules.dep.
 fetch_kernel() {
     MIRROR=$(debian_mirror)
     log "fetching Debian $KERNEL_SUITE cloud kernel from $MIRROR (cached afterwards)"
@@ -230,27 +267,29 @@ fetch_kernel() {
         fi
     fi
 
-    local pkg
-    pkg=$(apt-cache "${APT_OPTS[@]}" search --names-only '^linux-image-[0-9].*-cloud-amd64-unsigned$' \
-        | awk '{ print $1 }' | sort -V | tail -n 1)
-    [[ -n $pkg ]] || die "no linux-image-*-cloud-amd64-unsigned in $KERNEL_SUITE"
-    log "downloading $pkg"
+    local kver pkgs
+    kver=$(newest_kernel)
+    [[ -n $kver ]] || die "no cloud-amd64 kernel image in $KERNEL_SUITE"
+    mapfile -t pkgs < <(kernel_packages "$kver")
+    log "downloading ${pkgs[*]}"
 
-    local work
+    local work pkg
     work=$(mktemp -d "$CACHE/tmp.kernel.XXXXXX")
-    (cd "$work" && apt-get "${APT_OPTS[@]}" download -qq "$pkg" >&2) || die "apt-get download $pkg failed"
-    dpkg-deb -x "$work"/*.deb "$work/x"
+    (cd "$work" && apt-get "${APT_OPTS[@]}" download -qq "${pkgs[@]}" >&2) || die "apt-get download ${pkgs[*]} failed"
+    for pkg in "$work"/*.deb; do dpkg-deb -x "$pkg" "$work/x"; done
+    pkg=${pkgs[*]}
 
-    local kver=${pkg#linux-image-}
-    kver=${kver%-unsigned}
     local mroot=$work/x/usr/lib/modules/$kver
     [[ -d $mroot ]] || mroot=$work/x/lib/modules/$kver
-    [[ -d $mroot && -f $work/x/boot/vmlinuz-$kver ]] || die "unexpected layout in $pkg"
+    local vmlinuz=$work/x/boot/vmlinuz-$kver config=$work/x/boot/config-$kver
+    [[ -f $vmlinuz ]] || vmlinuz=$mroot/vmlinuz.unsigned
+    [[ -f $config ]] || config=$mroot/config
+    [[ -d $mroot && -f $vmlinuz && -f $mroot/modules.builtin ]] || die "unexpected layout in $pkg"
 
     local dest=$work/kernel
     mkdir -p "$dest/lib/modules/$kver"
-    cp "$work/x/boot/vmlinuz-$kver" "$dest/vmlinuz"
-    cp "$work/x/boot/config-$kver" "$dest/config"
+    cp "$vmlinuz" "$dest/vmlinuz"
+    if [[ -f $config ]]; then cp "$config" "$dest/config"; fi
     cp "$mroot"/modules.order "$mroot"/modules.builtin "$mroot"/modules.builtin.modinfo "$dest/lib/modules/$kver/"
 
     # Walk the dependency closure of GUEST_MODULES with modinfo.
@@ -261,6 +300,9 @@ fetch_kernel() {
         path_of[${n//-/_}]=$f
     done < <(find "$mroot/kernel" -name '*.ko*' -print0)
     local queue=("${GUEST_MODULES[@]}") m deps rel out
+    for m in "${GUEST_OPTIONAL_MODULES[@]}"; do
+        [[ -n ${path_of[$m]:-} ]] && queue+=("$m")
+    done
     while ((${#queue[@]})); do
         m=${queue[0]//-/_}; queue=("${queue[@]:1}")
         [[ -z $m || -n ${seen[$m]:-} ]] && continue
@@ -289,10 +331,15 @@ fetch_kernel() {
     rm -rf "${CACHE:?}/kernel/$kver"
     mkdir -p "$CACHE/kernel"
     mv "$dest" "$CACHE/kernel/$kver"
-    echo "$kver" >"$CACHE/kernel/current"
-    # Drop kernels an earlier refresh left behind (runs copy theirs under
-    # the lock, so none is in use).
-    find "$CACHE/kernel" -mindepth 1 -maxdepth 1 -type d ! -name "$kver" -exec rm -rf {} +
+    echo "$kver" >"$CACHE/kernel/current-$kernel_choice"
+    # Drop kernels an earlier refresh left behind, keeping the current one of
+    # each choice (runs copy theirs under the lock, so none is in use).
+    local keep
+    keep=$(cat "$CACHE"/kernel/current-* | sort -u)
+    for f in "$CACHE"/kernel/*/; do
+        f=${f%/}
+        grep -qxF "${f##*/}" <<<"$keep" || rm -rf "$f"
+    done
     rm -rf "$work"
 }
 
@@ -328,7 +375,7 @@ build_base() {
         # shellcheck disable=SC2086
         stat -L -c '%n %s %Y' "$busybox" "${GUEST_HOST_TOOLS[@]}" $libs
     } | sha256sum | cut -c1-16)
-    BASE=$CACHE/base-$hash.cpio
+    BASE=$CACHE/base-$kernel_choice-$hash.cpio
     [[ -s $BASE ]] && return 0
 
     log "building base initramfs (Bun $("$bun" --version), kernel $kver)"
@@ -392,7 +439,9 @@ EOF
     # Uncompressed on purpose: under TCG the kernel inflates gzip slowly, while
     # qemu loads a plain archive into guest memory at host speed.
     (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$stage.cpio"
-    rm -f "$CACHE"/base-*.cpio
+    # Older bases of this choice are stale; the other choice's stays. (The
+    # 16-hex-digit names are from before there was a choice.)
+    rm -f "$CACHE/base-$kernel_choice-"*.cpio "$CACHE"/base-????????????????.cpio
     mv "$stage.cpio" "$BASE"
     rm -rf "$stage"
 }
@@ -485,10 +534,14 @@ build_run_archive "$RUN/run.cpio"
 exec {lock_fd}>"$CACHE/lock"
 flock "$lock_fd"
 rm -rf "$CACHE"/tmp.*
-if [[ ${UBLK_BUN_VM_REFRESH:-0} == 1 || ! -s $CACHE/kernel/current ]]; then
+# Caches from before the kernel choice hold trixie's kernel as "current".
+if [[ -s $CACHE/kernel/current && ! -e $CACHE/kernel/current-trixie ]]; then
+    mv "$CACHE/kernel/current" "$CACHE/kernel/current-trixie"
+fi
+if [[ ${UBLK_BUN_VM_REFRESH:-0} == 1 || ! -s $CACHE/kernel/current-$kernel_choice ]]; then
     fetch_kernel
 fi
-KVER=$(cat "$CACHE/kernel/current")
+KVER=$(cat "$CACHE/kernel/current-$kernel_choice")
 [[ -f $CACHE/kernel/$KVER/vmlinuz ]] || die "kernel cache is broken; rerun with UBLK_BUN_VM_REFRESH=1"
 build_base "$KVER" "$bun"
 # Linux unpacks concatenated cpio archives in order; the per-run one goes last.
