@@ -3,6 +3,7 @@
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { createDevice } from "../../lib/index.ts";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, waitFor } from "./helpers.ts";
 
 const BAD_TARGET = join(import.meta.dir, "fixtures/bad-target.ts");
@@ -128,25 +129,39 @@ describe("stopping while the target holds requests", () => {
     expectClean();
   });
 
-  test("a request never completed: del ends in bounded time, the reader gets EIO, no crash", async () => {
-    const logStart = logText().length;
+  // STOP_DEV itself waits for the held request (del_gendisk drains the queue). `del` gives the daemon 30 s, then
+  // SIGKILLs it: the kernel then fails the request. Bounded either way; what matters is that nothing is left.
+  test("a request never completed, del from the CLI: ends in bounded time, the reader gets EIO, nothing is left", async () => {
     const devId = addDevice(["-t", BAD_TARGET, "-o", "badSector=8", "-o", "bad=hold", "-o", "holdMs=0"]);
     const pid = daemonPidOf(devId);
-    const reader = dd(devId, false, 8);
+    const reader = dd(devId, false, 8, 1, 150_000);
     await Bun.sleep(1000);
     const started = Date.now();
     const del = cli(["del", "-n", String(devId)]);
-    const elapsedMs = Date.now() - started;
     expect(del.status).toBe(0);
-    expect(elapsedMs).toBeLessThan(60_000);
+    expect(Date.now() - started).toBeLessThan(90_000);
     const read = await reader;
     expect([read.status, read.stderr]).toEqual([1, expect.stringContaining("Input/output error")]);
     expect(alive(pid)).toBe(false);
-    const log = logSince(logStart);
-    expect(log).toMatch(/queue 0 tag \d+: target ".*" still holds a request \d+ ms after the stop; failing it with EIO/);
-    expect(log).not.toMatch(/Segmentation|SIGSEGV|panic|exiting so the kernel/i);
     expectClean();
-  });
+  }, 200_000);
+
+  // Through the embedding API no one SIGKILLs the server: STOP_DEV gives up after 30 s, the queues are told to
+  // stop, and the queue must itself fail the request its target still holds (after 2 s) so the kernel can finish
+  // the stop and DEL_DEV can release the device — and must not unmap the buffers under the target.
+  test("a request never completed, BlockDevice.stop(): the queue fails it with EIO, stop() resolves, nothing is left", async () => {
+    const fatal: Error[] = [];
+    const device = await createDevice({ target: BAD_TARGET, targetOptions: { badSector: 8, bad: "hold", holdMs: 0 }, onFatal: (error) => fatal.push(error) });
+    const reader = dd(device.devId, false, 8, 1, 150_000);
+    await Bun.sleep(1000);
+    const started = Date.now();
+    await device.stop();
+    expect(Date.now() - started).toBeLessThan(120_000);
+    const read = await reader;
+    expect([read.status, read.stderr]).toEqual([1, expect.stringContaining("Input/output error")]);
+    expect(fatal).toEqual([]);
+    expectClean();
+  }, 200_000);
 
   test("a target whose openQueue never returns: add fails within the bound, naming the wait; nothing is left", () => {
     const started = Date.now();
