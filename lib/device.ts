@@ -265,6 +265,7 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
     const queue: QueueWorker = { worker, info: { qId, tid: 0, cpus }, stopFd, exited: Promise.resolve(), stopping: false };
     let exitedResolve!: () => void;
     queue.exited = new Promise<void>((resolve) => { exitedResolve = resolve; });
+    let failure = "";
     ready.push(new Promise<void>((resolve, reject) => {
       worker.onmessage = (event: MessageEvent<QueueReply>) => {
         const reply = event.data;
@@ -273,10 +274,12 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
           resolve();
         } else if (reply.type === "exited") {
           exitedResolve();
+        } else if (reply.type === "failed") {
+          failure = reply.message;
         }
       };
       worker.onerror = (event: ErrorEvent) => {
-        const error = new Error(`queue ${qId}: ${event.message}`);
+        const error = new Error(`queue ${qId}: ${failure || event.message}`);
         exitedResolve();
         reject(error);
         fatal(error);

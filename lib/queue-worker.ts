@@ -51,7 +51,10 @@ export interface QueueStart {
 
 export type QueueReply =
   | { type: "fetched"; qId: number; tid: number }
-  | { type: "exited"; qId: number; servedIos: number };
+  | { type: "exited"; qId: number; servedIos: number }
+  /** Sent just before the Worker throws: the error's one-line message (the Worker's error event carries a
+   * formatted stack with source lines instead). */
+  | { type: "failed"; qId: number; message: string };
 
 /**
  * --poll-us auto spins up to this long for the next request. Under TCG the next request of a QD1 stream came
@@ -488,8 +491,11 @@ declare const self: Worker;
 if (typeof self !== "undefined" && !Bun.isMainThread) {
   self.onmessage = (event: MessageEvent<QueueStart>) => {
     serveQueue(event.data, (message) => self.postMessage(message)).catch((error: unknown) => {
-      // Rethrown outside the promise so the Worker's "error" event fires in the device.
-      setTimeout(() => { throw error; });
+      const failed: QueueReply = { type: "failed", qId: event.data.qId, message: (error as Error)?.message ?? String(error) };
+      self.postMessage(failed);
+      // Rethrown outside the promise so the Worker's "error" event fires in the device — a little later, so the
+      // "failed" message is there first.
+      setTimeout(() => { throw error; }, 10);
     });
   };
 }
