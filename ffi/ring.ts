@@ -17,7 +17,7 @@ import {
   __NR_io_uring_enter, __NR_io_uring_register, __NR_io_uring_setup, __kernel_timespec, io_cqring_offsets,
   io_sqring_offsets, io_uring_getevents_arg, io_uring_params,
 } from "./uapi/io_uring.ts";
-import { EINTR, EINVAL, ErrnoError } from "./errno.ts";
+import { EAGAIN, EBUSY, EINTR, EINVAL, ErrnoError } from "./errno.ts";
 import { close, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PAGE_BYTES, PROT_READ, PROT_WRITE, syscall } from "./libc.ts";
 
 export interface RingOptions {
@@ -35,6 +35,11 @@ const OPTIONAL_SETUP_FLAGS = [
 ];
 
 const TWO_POW_32 = 4294967296;
+/** -EAGAIN / -EBUSY with no completion to reap: how often submit() enters again, a millisecond apart, before it
+ * gives the error to the caller (the kernel was short of memory or request slots that long). */
+const BUSY_RETRIES = 100;
+/** Submits nextSqe() tries while the SQ stays full although each one succeeded. */
+const FULL_SQ_SUBMITS = 4;
 // Word indices inside one SQE (see io_uring_sqe in uapi/io_uring.ts).
 const W_OPCODE_FLAGS = 0, W_FD = 1, W_OFF_LO = 2, W_OFF_HI = 3, W_ADDR_LO = 4, W_ADDR_HI = 5, W_LEN = 6;
 const W_RW_FLAGS = 7, W_USER_DATA_LO = 8, W_USER_DATA_HI = 9, W_BUF_INDEX = 10, W_FILE_INDEX = 11;
@@ -205,10 +210,26 @@ export class Ring {
   }
 
   /**
+   * Like getSqe(), but when the SQ is full it submits what is queued to make room. Returns -errno when the
+   * kernel refuses that submit (after submit()'s own retries): the ring is then unusable and the caller must
+   * stop, not spin.
+   */
+  nextSqe(): number {
+    for (let attempt = 0; ; attempt++) {
+      const base = this.getSqe();
+      if (base >= 0) return base;
+      if (attempt === FULL_SQ_SUBMITS) return -EBUSY;
+      const submitted = this.submit();
+      if (submitted < 0) return submitted;
+    }
+  }
+
+  /**
    * Publishes filled SQEs and enters the kernel: submits them, and with `waitNr` > 0 waits until that many
    * completions are ready (or `timeoutMs` passes, giving -ETIME). Returns the number submitted or -errno.
-   * EINTR is retried. -EBUSY / -EAGAIN mean the kernel cannot take more now (CQ backlog or memory): reap
-   * completions and call again.
+   * EINTR is retried. -EBUSY / -EAGAIN mean the kernel cannot take more now (CQ backlog or memory): they are
+   * returned when completions are ready (reap them and call again), and retried here, a millisecond apart and
+   * a bounded number of times, while the CQ is empty — there is nothing the caller could reap.
    */
   submit(waitNr = 0, timeoutMs = -1): number {
     // Release: the SQE stores above must be visible before the kernel can see the new tail.
@@ -224,12 +245,23 @@ export class Ring {
       argBytes = io_uring_getevents_arg.SIZE;
       enterFlags |= IORING_ENTER_EXT_ARG;
     }
-    for (;;) {
+    for (let busyRetries = 0; ;) {
       const toSubmit = this.sqPending();
       if (toSubmit === 0 && enterFlags === 0) return 0;
-      const result = syscall(__NR_io_uring_enter, this.fd, toSubmit, waitNr, enterFlags, argAddress, argBytes);
-      if (result !== -EINTR) return result;
+      const result = this.enter(toSubmit, waitNr, enterFlags, argAddress, argBytes);
+      if (result === -EINTR) continue;
+      if ((result === -EAGAIN || result === -EBUSY) && this.cqReady() === 0 && busyRetries < BUSY_RETRIES) {
+        busyRetries++;
+        Bun.sleepSync(1);
+        continue;
+      }
+      return result;
     }
+  }
+
+  /** io_uring_enter(2) on this ring; a method of its own so a test can stand in for the kernel's answer. */
+  private enter(toSubmit: number, waitNr: number, enterFlags: number, argAddress: number, argBytes: number): number {
+    return syscall(__NR_io_uring_enter, this.fd, toSubmit, waitNr, enterFlags, argAddress, argBytes);
   }
 
   /** Fills the scratch page with an io_uring_getevents_arg pointing at a relative timespec. */

@@ -16,6 +16,11 @@ import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
+/** How long a new queue may take to load its target and FETCH every tag (a Worker starts in 0.1–1 s under TCG). */
+const QUEUE_FETCH_TIMEOUT_MS = 30_000;
+/** After the stop eventfd: how long a queue may take to leave its loop. More than the queue's own wait for
+ * requests its target still holds (STOP_DRAIN_MS, 2 s), so it fails them itself before it is terminated. */
+const QUEUE_EXIT_TIMEOUT_MS = 5_000;
 
 /** How the device talks to the kernel; a JSON-safe part of the device record. */
 export interface DeviceConfig {
@@ -256,6 +261,7 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
     const queue: QueueWorker = { worker, info: { qId, tid: 0, cpus }, stopFd, exited: Promise.resolve(), stopping: false };
     let exitedResolve!: () => void;
     queue.exited = new Promise<void>((resolve) => { exitedResolve = resolve; });
+    let failure = "";
     ready.push(new Promise<void>((resolve, reject) => {
       worker.onmessage = (event: MessageEvent<QueueReply>) => {
         const reply = event.data;
@@ -264,10 +270,12 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
           resolve();
         } else if (reply.type === "exited") {
           exitedResolve();
+        } else if (reply.type === "failed") {
+          failure = reply.message;
         }
       };
       worker.onerror = (event: ErrorEvent) => {
-        const error = new Error(`queue ${qId}: ${event.message}`);
+        const error = new Error(`queue ${qId}: ${failure || event.message}`);
         exitedResolve();
         reject(error);
         fatal(error);
@@ -283,11 +291,18 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
     worker.postMessage(start);
     queues.push(queue);
   }
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timedOut = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`a queue did not fetch its tags within ${QUEUE_FETCH_TIMEOUT_MS / 1000} s ` +
+      `(its target's openQueue never returned?)`)), QUEUE_FETCH_TIMEOUT_MS);
+  });
   try {
-    await Promise.all(ready);
+    await Promise.race([Promise.all(ready), timedOut]);
   } catch (error) {
     await stopQueues(queues);
     throw error;
+  } finally {
+    clearTimeout(timer);
   }
   started = true;
   return queues;
@@ -301,7 +316,7 @@ export async function stopQueues(queues: QueueWorker[], graceMs = 0): Promise<vo
     await Promise.race([Promise.all(queues.map((queue) => queue.exited)), Bun.sleep(graceMs)]);
   }
   for (const queue of queues) wakeQueueForStop(queue.stopFd);
-  await Promise.race([Promise.all(queues.map((queue) => queue.exited)), Bun.sleep(2_000)]);
+  await Promise.race([Promise.all(queues.map((queue) => queue.exited)), Bun.sleep(QUEUE_EXIT_TIMEOUT_MS)]);
   for (const queue of queues) {
     queue.worker.terminate();
     close(queue.stopFd); // only now: the Worker polled it until it ended

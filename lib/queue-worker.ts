@@ -5,20 +5,22 @@
  * The kernel ties a queue to the thread that FETCHed it, so every command of this queue comes from here.
  *
  * Protocol with the device (lib/device.ts): it posts one QueueStart; we answer "fetched" once every tag is
- * with the kernel, then "exited" when all tags are retired (-ENODEV after STOP_DEV) or the stop eventfd fires.
- * An exception here reaches the device as a Worker error, and the daemon exits at once.
+ * with the kernel, then "exited" when all tags are retired (-ENODEV after STOP_DEV) or the stop eventfd fires,
+ * and no request is left with the target. An exception here reaches the device as a Worker error, and the
+ * daemon exits at once; a target's mistakes on one request (a throw, a bad result, a second completion) fail
+ * or drop that request instead, with a log line.
  */
 import {
   gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ,
   pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, threadPreemptions, write,
 } from "../ffi/libc.ts";
-import { EIO, ENODEV, ETIME, ErrnoError } from "../ffi/errno.ts";
+import { EIO, ETIME, ErrnoError, errnoName } from "../ffi/errno.ts";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
 import {
   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_TASKRUN_FLAG, POLLIN,
 } from "../ffi/uapi/io_uring.ts";
 import {
-  UBLK_F_USER_COPY, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_OK,
+  UBLK_F_USER_COPY, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_RES_ABORT, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_OK,
   UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, ublkDescAreaBytes,
   ublkDescMmapOffset, ublkUserCopyOffset, ublksrv_io_cmd, ublksrv_io_desc,
 } from "../ffi/uapi/ublk_cmd.ts";
@@ -49,7 +51,10 @@ export interface QueueStart {
 
 export type QueueReply =
   | { type: "fetched"; qId: number; tid: number }
-  | { type: "exited"; qId: number; servedIos: number };
+  | { type: "exited"; qId: number; servedIos: number }
+  /** Sent just before the Worker throws: the error's one-line message (the Worker's error event carries a
+   * formatted stack with source lines instead). */
+  | { type: "failed"; qId: number; message: string };
 
 /**
  * --poll-us auto spins up to this long for the next request. Under TCG the next request of a QD1 stream came
@@ -71,8 +76,104 @@ const SPINS_PER_PREEMPTION_CHECK = 16;
 const IO_CMD_USER_DATA = 0;
 const STOP_USER_DATA = 2;
 
+/** Where each tag is. A request is completed once: only a tag with the target can be committed. */
+const TAG_WITH_KERNEL = 0; // FETCHed or committed: the kernel owns it until it hands us the next request
+const TAG_IN_HANDLER = 1; // handleIo is running for it (it may complete() from inside)
+const TAG_PENDING = 2; // handleIo returned IO_PENDING: complete() is expected
+const TAG_CLOSED = 3; // the queue has gone: nothing may be committed any more
+
+/** After a stop, how long the queue waits for requests the target still holds before it fails them with EIO. */
+const STOP_DRAIN_MS = 2_000;
+/** A target's misbehaviour is logged at once, then at most once per this interval (with a count), per kind. */
+const COMPLAINT_INTERVAL_MS = 1_000;
+/** The largest errno: a negative result below -MAX_ERRNO is not an error number. */
+const MAX_ERRNO = 4095;
+
+/** What a completed FETCH / COMMIT_AND_FETCH / NEED_GET_DATA asks of the queue. */
+export const IO_CQE_SERVE = 0, IO_CQE_GET_DATA = 1, IO_CQE_RETIRE = 2, IO_CQE_FAILED = 3;
+
+/**
+ * Classifies the result of a tag's io command. Only UBLK_IO_RES_ABORT (-ENODEV: the queue is being torn down)
+ * retires a tag; any other negative result means the kernel refused our command (a bug on one side or the
+ * other), and the queue must not go on as if the tag were merely gone.
+ */
+export function classifyIoCqe(res: number): number {
+  if (res === UBLK_IO_RES_OK) return IO_CQE_SERVE;
+  if (res === UBLK_IO_RES_NEED_GET_DATA) return IO_CQE_GET_DATA;
+  if (res === UBLK_IO_RES_ABORT) return IO_CQE_RETIRE;
+  return IO_CQE_FAILED;
+}
+
+/**
+ * Checks a target's result before it goes to the kernel: READ / WRITE give 0 < bytes ≤ the request's bytes or
+ * -errno; every other op 0 or -errno. Anything else (0 bytes for a write — which the kernel would requeue
+ * forever —, NaN, undefined, a fraction) is not a result. Exported for tests.
+ */
+export function isValidResult(op: number, requestBytes: number, result: number): boolean {
+  if ((result | 0) !== result) return false; // NaN, undefined, fractions, beyond 32 bits
+  if (result < 0) return result >= -MAX_ERRNO;
+  return op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE ? result > 0 && result <= requestBytes : result === 0;
+}
+
+/** A log for one kind of target misbehaviour: the first line at once, then one a second at most, with a count. */
+function complaintLog(): (line: string) => void {
+  let quietUntilMs = 0, suppressed = 0;
+  return (line) => {
+    const nowMs = performance.now();
+    if (nowMs < quietUntilMs) {
+      suppressed++;
+      return;
+    }
+    console.error(suppressed > 0 ? `${line} (and ${suppressed} more like it)` : line);
+    suppressed = 0;
+    quietUntilMs = nowMs + COMPLAINT_INTERVAL_MS;
+  };
+}
+
+const OP_NAMES = ["READ", "WRITE", "FLUSH", "DISCARD", "WRITE_SAME", "WRITE_ZEROES"];
+
+/** What a queue holds; released on every way out of serveQueue. */
+interface QueueResources {
+  ring?: Ring;
+  handler?: QueueHandler;
+  descAddress: number;
+  descBytes: number;
+  bufferAddress: number;
+  bufferBytes: number;
+  /** Requests failed at stop while the target still held them: their buffers stay mapped (a late write by the
+   * target must not touch unmapped memory) until the process exits. */
+  abandonedRequests: number;
+  /** Each tag's TAG_* state: closed on the way out, so a late complete() never reaches the closed ring. */
+  tagState?: Uint8Array;
+}
+
 /** Serves one queue until it is retired. Exported for tests; a Worker calls it from onmessage. */
 export async function serveQueue(start: QueueStart, reply: (message: QueueReply) => void): Promise<void> {
+  const held: QueueResources = { descAddress: -1, descBytes: 0, bufferAddress: -1, bufferBytes: 0, abandonedRequests: 0 };
+  let servedIos: number;
+  try {
+    servedIos = await serveUntilRetired(start, reply, held);
+  } finally {
+    if (held.tagState) {
+      for (const state of held.tagState) if (state === TAG_PENDING) held.abandonedRequests++; // left by an exception
+      held.tagState.fill(TAG_CLOSED);
+    }
+    if (held.abandonedRequests > 0) {
+      debug(`queue ${start.qId}: ${held.abandonedRequests} requests abandoned; their buffers stay mapped until exit`);
+    }
+    try {
+      held.handler?.close?.();
+    } catch (error) {
+      console.error(`ublk-bun: queue ${start.qId}: the target's close() threw: ${(error as Error).message}`);
+    }
+    held.ring?.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
+    if (held.descAddress >= 0) munmap(held.descAddress, held.descBytes);
+    if (held.bufferAddress >= 0 && held.abandonedRequests === 0) munmap(held.bufferAddress, held.bufferBytes);
+  }
+  reply({ type: "exited", qId: start.qId, servedIos });
+}
+
+async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply) => void, held: QueueResources): Promise<number> {
   const { qId, queueDepth: depth, maxIoBufBytes, charFd, stopFd } = start;
   // This thread serves writeback: without IO_FLUSHER its own allocations could wait on the very I/O it must
   // complete. The flag is per thread, so every queue thread sets it (needs CAP_SYS_RESOURCE; best effort).
@@ -82,7 +183,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
 
   const userCopy = (start.devFlags & UBLK_F_USER_COPY) !== 0;
   const target = await loadTarget(start.target.type);
-  const ring = Ring.create({
+  const ring = held.ring = Ring.create({
     entries: depth * 2,
     flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
   });
@@ -91,6 +192,8 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   const descBytes = ublkDescAreaBytes(depth);
   const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
   if (descAddress < 0) throw new ErrnoError(`mmap descriptors of queue ${qId}`, -descAddress);
+  held.descAddress = descAddress;
+  held.descBytes = descBytes;
   // Descriptors are 24 bytes = 6 words; read-only for us, written by the kernel before it completes a FETCH.
   const iod = new Uint32Array(memoryAt(descAddress, descBytes));
   const IOD_WORDS = ublksrv_io_desc.SIZE / 4;
@@ -100,21 +203,22 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   const bufferBytes = depth * maxIoBufBytes;
   const bufferAddress = mmapAnonymous(bufferBytes);
   if (bufferAddress < 0) throw new ErrnoError(`mmap ${bufferBytes} bytes of I/O buffers`, -bufferAddress);
+  held.bufferAddress = bufferAddress;
+  held.bufferBytes = bufferBytes;
 
   const sqe = ring.sqe32;
   const cqe = ring.cqe32;
   const CMD_QID_TAG = ublksrv_io_cmd.q_id / 4, CMD_RESULT = ublksrv_io_cmd.result / 4;
   const CMD_ADDR_LO = ublksrv_io_cmd.addr / 4, CMD_ADDR_HI = CMD_ADDR_LO + 1;
   const TWO_POW_32 = 4294967296;
-  /** Op of the request each tag holds, for USER_COPY's copy-out after a read. */
+  /** Op and size of the request each tag holds: to check the target's result, and for USER_COPY's copy-out. */
   const tagOp = new Uint8Array(depth);
+  const tagBytes = new Uint32Array(depth);
+  const tagState = held.tagState = new Uint8Array(depth); // TAG_*; all start with the kernel (FETCHed below)
 
   function nextSqe(): number {
-    let base = ring.getSqe();
-    while (base < 0) {
-      ring.submit();
-      base = ring.getSqe();
-    }
+    const base = ring.nextSqe();
+    if (base < 0) throw new ErrnoError(`io_uring_enter (SQ full) on queue ${qId}`, -base);
     return base;
   }
 
@@ -137,6 +241,27 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   /** USER_COPY: where each tag's request data is copied from/to (its buffer, or the target's own memory). */
   const tagDataAddress = new Float64Array(depth);
 
+  const targetName = `target "${start.target.type}"`;
+  const complainResult = complaintLog(), complainThrow = complaintLog(), complainRefused = complaintLog();
+
+  /** The target's result for `tag`'s request: checked, then committed. The tag goes back to the kernel. */
+  function finish(tag: number, result: number): void {
+    tagState[tag] = TAG_WITH_KERNEL;
+    if (!isValidResult(tagOp[tag]!, tagBytes[tag]!, result)) {
+      complainResult(`ublk-bun: queue ${qId} tag ${tag}: ${targetName} returned ${String(result)} for a ` +
+        `${OP_NAMES[tagOp[tag]!] ?? `op ${tagOp[tag]}`} of ${tagBytes[tag]} bytes; failing the request with EIO`);
+      result = -EIO;
+    }
+    commit(tag, result);
+  }
+
+  /** A completion that has no request to complete: logged, never committed (it would answer whatever request
+   * the kernel has since put in this tag). */
+  function refuse(tag: number, result: number, why: string): void {
+    complainRefused(`ublk-bun: queue ${qId} tag ${String(tag)}: ${targetName} completed a request ${why} ` +
+      `(result ${String(result)}); ignored`);
+  }
+
   /** Sends a request's result to the kernel (after USER_COPY's copy-out of read data) and fetches the next one. */
   function commit(tag: number, result: number): void {
     if (copiesData && tagOp[tag] === UBLK_IO_OP_READ && result > 0) {
@@ -152,11 +277,15 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     devId: start.devId, qId, queueDepth: depth, maxIoBufBytes, bufferAddress,
     buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering, userCopy, getSqe: nextSqe,
     complete(tag, result) {
-      pendingAsync--;
-      commit(tag, result);
+      const state = tagState[tag]; // undefined for a tag out of range
+      if (state === TAG_PENDING) {
+        pendingAsync--;
+        finish(tag, result);
+      } else if (state === TAG_IN_HANDLER) finish(tag, result); // from inside handleIo, which then returns IO_PENDING
+      else refuse(tag, result, state === TAG_CLOSED ? "after its queue stopped" : state === undefined ? "for no such tag" : "that was already completed");
     },
   };
-  const handler: QueueHandler = await target.openQueue(start.target, context);
+  const handler: QueueHandler = held.handler = await target.openQueue(start.target, context);
   const usesEventLoop = handler.needsEventLoop === true;
   if (handler.ignoresData === true) {
     tagStrideBytes = 0;
@@ -172,7 +301,30 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     const nrSectors = iod[at + IOD_NR_SECTORS]!;
     const startSector = iod[at + IOD_START_LO]! + iod[at + IOD_START_HI]! * TWO_POW_32;
     tagOp[tag] = op;
+    tagBytes[tag] = nrSectors * 512;
+    tagState[tag] = TAG_IN_HANDLER;
     servedIos++;
+    let result: number;
+    try {
+      result = runTarget(tag, op, opFlags, startSector, nrSectors);
+    } catch (error) {
+      // One request's failure, not the daemon's: it fails with EIO (a throw on every request would otherwise
+      // crash-loop an auto-recovering daemon).
+      complainThrow(`ublk-bun: queue ${qId} tag ${tag}: ${targetName} threw on a ${OP_NAMES[op] ?? `op ${op}`} at sector ` +
+        `${startSector}: ${(error as Error)?.message ?? String(error)}; failing the request with EIO`);
+      result = -EIO;
+    }
+    if (tagState[tag] !== TAG_IN_HANDLER) {
+      // handleIo called complete() itself: the request is done, and only IO_PENDING may follow.
+      if (result !== IO_PENDING) refuse(tag, result, "that it had already completed with complete()");
+    } else if (result === IO_PENDING) {
+      tagState[tag] = TAG_PENDING;
+      pendingAsync++;
+    } else finish(tag, result);
+  }
+
+  /** The target's part of a request (with USER_COPY's copy-in of written data); returns its result. */
+  function runTarget(tag: number, op: number, opFlags: number, startSector: number, nrSectors: number): number {
     if (copiesData) {
       tagDataAddress[tag] = (directData && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)
         ? handler.dataAddress!(tag, op, startSector, nrSectors) : 0) || bufferAddress + tag * tagStrideBytes;
@@ -180,14 +332,9 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     if (copiesData && op === UBLK_IO_OP_WRITE) {
       const lengthBytes = nrSectors << 9;
       const copied = pread(charFd, tagDataAddress[tag]!, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
-      if (copied !== lengthBytes) {
-        commit(tag, -EIO);
-        return;
-      }
+      if (copied !== lengthBytes) return -EIO;
     }
-    const result = handler.handleIo(tag, op, opFlags & ~0xff, startSector, nrSectors);
-    if (result === IO_PENDING) pendingAsync++;
-    else commit(tag, result);
+    return handler.handleIo(tag, op, opFlags & ~0xff, startSector, nrSectors);
   }
 
   for (let tag = 0; tag < depth; tag++) queueIoCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
@@ -251,7 +398,28 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     if (missStreak > 0) spinsToSkip = (1 << (missStreak - 1)) - 1;
   }
 
-  while (retiredTags < depth && !stopRequested) {
+  /** Fails with EIO every request the target still holds (a stop that could wait no longer). */
+  function failHeldRequests(): void {
+    for (let tag = 0; tag < depth; tag++) {
+      if (tagState[tag] !== TAG_PENDING) continue;
+      console.error(`ublk-bun: queue ${qId} tag ${tag}: ${targetName} still holds a request ${STOP_DRAIN_MS} ms after the stop; failing it with EIO`);
+      pendingAsync--;
+      held.abandonedRequests++;
+      finish(tag, -EIO);
+    }
+    ring.submit(0);
+  }
+
+  let drainDeadlineMs = 0; // once stopping while the target holds requests: until when we wait for them
+  for (;;) {
+    if (retiredTags === depth || stopRequested) {
+      if (pendingAsync === 0) break;
+      if (drainDeadlineMs === 0) drainDeadlineMs = performance.now() + STOP_DRAIN_MS;
+      else if (performance.now() >= drainDeadlineMs) {
+        failHeldRequests();
+        break;
+      }
+    }
     const pollMs = pollWindowMs();
     // Sends every commit queued by the previous round and waits for at least one completion. While requests
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
@@ -259,7 +427,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
     // us), then spins: a request that comes meanwhile is served with no sleep and no wake-up.
     let entered: number;
     enters++;
-    if (usesEventLoop && pendingAsync > 0) entered = ring.submit(1, 1);
+    if ((usesEventLoop && pendingAsync > 0) || drainDeadlineMs > 0) entered = ring.submit(1, 1);
     else if (pollMs === 0) entered = ring.submit(1);
     else {
       entered = ring.submit(0);
@@ -287,13 +455,16 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
       if (kind === IO_CMD_USER_DATA) {
         ioCqes++;
         batchIos++;
-        if (res === UBLK_IO_RES_OK) serveRequest(userDataLow);
-        else if (res === UBLK_IO_RES_NEED_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
-        else {
-          // -ENODEV: the queue is being torn down; anything else means the kernel refused this tag's command.
+        const action = classifyIoCqe(res);
+        if (action === IO_CQE_SERVE) serveRequest(userDataLow);
+        else if (action === IO_CQE_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
+        else if (action === IO_CQE_RETIRE) {
           if (retiredTags === 0) debug(`queue ${qId}: first tag retired (${res})`);
-          if (res !== -ENODEV) console.error(`ublk-bun: queue ${qId} tag ${userDataLow}: io command failed with ${res}`);
           retiredTags++;
+        } else {
+          ring.cqAdvanceTo(head);
+          throw new ErrnoError(`queue ${qId} tag ${userDataLow}: the kernel refused its io command`, -res,
+            `queue ${qId} tag ${userDataLow}: the kernel refused its io command with ${errnoName(-res)} (${res})`);
         }
       } else if (kind === TARGET_USER_DATA) {
         handler.onTargetCqe?.(userDataLow, res);
@@ -308,11 +479,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   debug(`queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}; served ${servedIos} requests ` +
     `in ${enters} io_uring_enter calls, ${(ioCqes / Math.max(enters, 1)).toFixed(2)} ublk CQEs per enter; ` +
     `spins: ${spinHits} found a request, ${spinMisses} did not; ${contendedChecks} back-offs for a contended CPU`);
-  handler.close?.();
-  ring.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
-  munmap(descAddress, descBytes);
-  munmap(bufferAddress, bufferBytes);
-  reply({ type: "exited", qId, servedIos });
+  return servedIos;
 }
 
 /** Asks a queue Worker blocked in io_uring_enter to leave its loop (its stop eventfd is polled on its ring). */
@@ -324,8 +491,11 @@ declare const self: Worker;
 if (typeof self !== "undefined" && !Bun.isMainThread) {
   self.onmessage = (event: MessageEvent<QueueStart>) => {
     serveQueue(event.data, (message) => self.postMessage(message)).catch((error: unknown) => {
-      // Rethrown outside the promise so the Worker's "error" event fires in the device.
-      setTimeout(() => { throw error; });
+      const failed: QueueReply = { type: "failed", qId: event.data.qId, message: (error as Error)?.message ?? String(error) };
+      self.postMessage(failed);
+      // Rethrown outside the promise so the Worker's "error" event fires in the device — a little later, so the
+      // "failed" message is there first.
+      setTimeout(() => { throw error; }, 10);
     });
   };
 }

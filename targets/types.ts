@@ -64,7 +64,12 @@ export interface QueueContext {
   recovering: boolean;
   /** True on a USER_COPY device (-u): the queue moves request data with pread/pwrite on /dev/ublkcN. */
   userCopy: boolean;
-  /** Completes `tag` later with bytes done or -errno, for requests whose handleIo returned IO_PENDING. */
+  /**
+   * Completes `tag` later with bytes done or -errno, for requests whose handleIo returned IO_PENDING (the result
+   * is checked as handleIo's is). Once per request: a completion for a tag that holds no pending request (a
+   * second or late call) is refused with a log line. The queue cannot tell a late call apart once the kernel has
+   * given the tag a new request that is itself pending, so never keep a tag after completing it.
+   */
   complete(tag: number, result: number): void;
 }
 
@@ -79,9 +84,13 @@ export interface QueueHandler {
    * Required. Serves one request: `op` is UBLK_IO_OP_*, `opFlags` the UBLK_IO_F_* bits, the data is in the
    * tag's buffer (written data already there; read data to be put there). Returns bytes done, -errno, or
    * IO_PENDING. Called on the hot path: no allocation, no Promise for synchronous targets.
+   * Results: READ / WRITE 0 < bytes ≤ nrSectors × 512 (fewer: the kernel asks again for the rest) or -errno;
+   * FLUSH / DISCARD / WRITE_ZEROES 0 or -errno. Anything else (0 bytes for a write, NaN, a fraction) fails the
+   * request with EIO and a log line naming the target, and so does a throw: one request fails, not the daemon.
    */
   handleIo(tag: number, op: number, opFlags: number, startSector: number, nrSectors: number): number;
-  /** Optional. A CQE for an SQE the target put on the queue ring (user_data low word as it set it). */
+  /** Optional. A CQE for an SQE the target put on the queue ring (user_data low word as it set it). A throw
+   * here is not tied to a request: it ends the daemon. */
   onTargetCqe?(userDataLow: number, result: number): void;
   /**
    * Optional. True when IO_PENDING requests are completed from JS callbacks (timers, Promises, sockets): the

@@ -82,7 +82,8 @@ export const UBLK_U_IO_NEED_GET_DATA = iowr("u", 0x22, IOCMD);
 // Results of FETCH / COMMIT_AND_FETCH in the CQE.
 export const UBLK_IO_RES_OK = 0;
 export const UBLK_IO_RES_NEED_GET_DATA = 1;
-// UBLK_IO_RES_ABORT is -ENODEV.
+/** The kernel's -ENODEV: the queue is being torn down and this tag's command will not be served. */
+export const UBLK_IO_RES_ABORT = -19;
 
 export const UBLKSRV_CMD_BUF_OFFSET = 0;
 export const UBLKSRV_IO_BUF_OFFSET = 0x80000000;

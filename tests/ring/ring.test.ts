@@ -7,7 +7,7 @@ import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../../ffi/rin
 import {
   close, eventfd, memoryAt, mmapAnonymous, munmap, O_CREAT, O_DIRECT, O_RDWR, open, PAGE_BYTES,
 } from "../../ffi/libc.ts";
-import { EBADF, ECANCELED, ETIME } from "../../ffi/errno.ts";
+import { EAGAIN, EBADF, EBUSY, ECANCELED, ETIME } from "../../ffi/errno.ts";
 import {
   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128,
   IORING_SETUP_TASKRUN_FLAG, POLLIN,
@@ -225,6 +225,56 @@ describe("ring", () => {
     ring.close();
     expect(ringMappings()).toBe(before);
     expect(() => readlinkSync(`/proc/self/fd/${fd}`)).toThrow();
+  });
+
+  test("nextSqe() on a full SQ submits to make room, and returns the error when the kernel refuses the submit", () => {
+    const ring = Ring.create({ entries: 4 });
+    for (let i = 0; i < ring.sqEntries; i++) ring.prepNop(ring.nextSqe(), i);
+    expect(ring.getSqe()).toBe(-1);
+    const base = ring.nextSqe(); // submitted the four NOPs
+    expect(base).toBeGreaterThanOrEqual(0);
+    ring.prepNop(base, 4);
+    for (let i = 1; i < ring.sqEntries; i++) ring.prepNop(ring.nextSqe(), 4 + i);
+    // A ring whose fd is gone: every submit fails. nextSqe() must say so, not spin for ever.
+    const fd = ring.fd;
+    close(fd);
+    const started = performance.now();
+    expect(ring.nextSqe()).toBe(-EBADF);
+    expect(performance.now() - started).toBeLessThan(5_000);
+    (ring as unknown as { fd: number }).fd = -1; // already closed
+    ring.close();
+  });
+
+  test("submit() enters again on -EAGAIN / -EBUSY while no completion is ready; with completions it returns them", () => {
+    const ring = Ring.create({ entries: 4 });
+    // The kernel gives these answers only when short of memory or request slots: a stand-in for io_uring_enter
+    // answers them first, then the real one runs.
+    const instance = ring as unknown as { enter: (...args: number[]) => number };
+    const realEnter = instance.enter.bind(ring);
+    let answers = [-EAGAIN, -EBUSY, -EAGAIN];
+    let calls = 0;
+    instance.enter = (...args: number[]) => {
+      calls++;
+      return answers.length > 0 ? answers.shift()! : realEnter(...args);
+    };
+    ring.prepNop(ring.getSqe(), 1);
+    expect(ring.submit(1)).toBe(1);
+    expect(calls).toBe(4);
+    expect(reap(ring)).toEqual([[1, 0, 0]]);
+    // With a completion waiting, -EBUSY goes back to the caller: it must reap first.
+    ring.prepNop(ring.getSqe(), 2);
+    expect(ring.submit(1)).toBe(1);
+    ring.prepNop(ring.getSqe(), 3);
+    answers = [-EBUSY];
+    expect(ring.submit()).toBe(-EBUSY);
+    expect(reap(ring)).toEqual([[2, 0, 0]]);
+    expect(ring.submit(1)).toBe(1);
+    expect(reap(ring)).toEqual([[3, 0, 0]]);
+    // A kernel that keeps answering -EAGAIN: the error comes back after a bounded number of tries.
+    instance.enter = () => -EAGAIN;
+    ring.prepNop(ring.getSqe(), 4);
+    expect(ring.submit()).toBe(-EAGAIN);
+    ring.close();
   });
 });
 
