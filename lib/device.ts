@@ -14,6 +14,7 @@ import type { QueueReply, QueueStart } from "./queue-worker.ts";
 import { wakeQueueForStop } from "./queue-worker.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
+import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export const DEFAULT_QUEUE_DEPTH = 128;
@@ -135,6 +136,9 @@ export class Device {
       let info = ctrl.getDevInfo(devId);
       checkRecoverable(info, config);
       info = await waitForState(ctrl, devId, UBLK_S_DEV_QUIESCED, waitTimeoutMs, "QUIESCED (the old server must have exited)");
+      // Before the kernel hears of this recovery: a backing store that is no longer the recorded one is refused
+      // while the device can still be recovered later (see Target.checkRecord).
+      await (await loadTarget(target.type)).checkRecord?.(target);
       await pauseForTest("before-start-recovery");
       await startUserRecoveryRetrying(ctrl, devId, waitTimeoutMs);
       debug(`device ${devId}: START_USER_RECOVERY done`);
@@ -268,10 +272,13 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
           resolve();
         } else if (reply.type === "exited") {
           exitedResolve();
+        } else if (reply.type === "failed") {
+          reject(new Error(`queue ${qId}: ${reply.message}`)); // before start: create()/recover() fail with this line
         }
       };
       worker.onerror = (event: ErrorEvent) => {
-        const error = new Error(`queue ${qId}: ${event.message}`);
+        // Bun's text carries a source excerpt before "error: MESSAGE" and the stack after it.
+        const error = new Error(`queue ${qId}: ${/^error: (.*)$/m.exec(event.message)?.[1] ?? event.message.split("\n")[0]}`);
         exitedResolve();
         reject(error);
         fatal(error);

@@ -49,7 +49,9 @@ export interface QueueStart {
 
 export type QueueReply =
   | { type: "fetched"; qId: number; tid: number }
-  | { type: "exited"; qId: number; servedIos: number };
+  | { type: "exited"; qId: number; servedIos: number }
+  /** The queue failed (before or after start); `message` is the error's own message, without a stack. */
+  | { type: "failed"; qId: number; message: string };
 
 /**
  * --poll-us auto spins up to this long for the next request. Under TCG the next request of a QD1 stream came
@@ -324,6 +326,9 @@ declare const self: Worker;
 if (typeof self !== "undefined" && !Bun.isMainThread) {
   self.onmessage = (event: MessageEvent<QueueStart>) => {
     serveQueue(event.data, (message) => self.postMessage(message)).catch((error: unknown) => {
+      // The "error" event's text holds the source excerpt and stack; the device reports this message instead.
+      const message = (error instanceof Error ? error.message : String(error)).split("\n")[0]!;
+      self.postMessage({ type: "failed", qId: event.data.qId, message } satisfies QueueReply);
       // Rethrown outside the promise so the Worker's "error" event fires in the device.
       setTimeout(() => { throw error; });
     });
