@@ -26,6 +26,7 @@ export const ESPIPE = 29;
 export const EROFS = 30;
 export const ERANGE = 34;
 export const ENOSYS = 38;
+export const ELOOP = 40;
 export const ENODATA = 61;
 export const ETIME = 62;
 export const EOVERFLOW = 75;
@@ -38,7 +39,7 @@ const NAMES: Record<number, string> = {
   1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 6: "ENXIO", 7: "E2BIG", 9: "EBADF", 11: "EAGAIN",
   12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR",
   22: "EINVAL", 23: "ENFILE", 24: "EMFILE", 25: "ENOTTY", 27: "EFBIG", 28: "ENOSPC", 29: "ESPIPE", 30: "EROFS",
-  34: "ERANGE", 38: "ENOSYS", 53: "EBADR", 61: "ENODATA", 62: "ETIME", 75: "EOVERFLOW", 95: "EOPNOTSUPP",
+  34: "ERANGE", 38: "ENOSYS", 40: "ELOOP", 53: "EBADR", 61: "ENODATA", 62: "ETIME", 75: "EOVERFLOW", 95: "EOPNOTSUPP",
   110: "ETIMEDOUT", 125: "ECANCELED",
 };
 
@@ -48,7 +49,7 @@ const TEXTS: Record<number, string> = {
   12: "out of memory", 13: "permission denied", 14: "bad address", 16: "device or resource busy",
   17: "already exists", 19: "no such device", 20: "not a directory", 21: "is a directory", 22: "invalid argument",
   24: "too many open files", 25: "inappropriate ioctl for device", 27: "file too large", 28: "no space left on device",
-  30: "read-only file system", 34: "result out of range", 38: "function not implemented", 61: "no data", 62: "timer expired",
+  30: "read-only file system", 34: "result out of range", 38: "function not implemented", 40: "too many levels of symbolic links", 61: "no data", 62: "timer expired",
   95: "operation not supported", 110: "timed out", 125: "operation canceled",
 };
 

@@ -131,6 +131,16 @@ export const LOCK_NB = 4;
 export function flock(fd: number, operation: number): number {
   return check(fn.flock(fd, operation));
 }
+/** pidfd_open(2) and pidfd_send_signal(2) (Linux 5.3; one syscall number on every architecture): a pidfd names one
+ * process for as long as it is open, so a check made after opening it cannot be outrun by a recycled pid. */
+const SYS_pidfd_send_signal = 424;
+const SYS_pidfd_open = 434;
+export function pidfdOpen(pid: number): number {
+  return syscall(SYS_pidfd_open, pid, 0);
+}
+export function pidfdSendSignal(pidfd: number, signal: number): number {
+  return syscall(SYS_pidfd_send_signal, pidfd, signal, 0, 0);
+}
 /** Copies between two native addresses (mmapped memory); cannot fail. */
 export function memcpy(destinationAddress: number, sourceAddress: number, lengthBytes: number): void {
   fn.memcpy(destinationAddress as Pointer, sourceAddress as Pointer, lengthBytes);

@@ -10,7 +10,8 @@ import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIV
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
 import { RECOVERABLE_STATES, waitForState } from "./device.ts";
-import { readRecord, recordedDevIds, recordPath, removeRecord, runDir, type DeviceRecord } from "./records.ts";
+import { lockPath, readRecord, recordedDevIds, recordPath, removeRecord, runDir, type DeviceRecord } from "./records.ts";
+import { provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, waitForExitOf } from "./process-identity.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
@@ -261,21 +262,13 @@ export async function deleteDevice(devId: number, timeoutMs = 30_000): Promise<v
     try { record = readRecord(devId); } catch { /* a broken record is removed below */ }
     if (!info && !record) throw new ErrnoError("del", ENODEV, `del: no ublk device ${devId}`);
     // The supervisor first, so that it does not recover what we are deleting.
-    const supervisor = record?.supervisorPid ?? 0;
-    if (supervisor > 0 && supervisor !== process.pid && processAlive(supervisor) && isOurDaemon(supervisor)) {
-      try { process.kill(supervisor, "SIGTERM"); } catch { /* gone meanwhile */ }
-      await waitForExit(supervisor, 10_000);
-    }
-    const pids = [info?.ublksrvPid ?? 0, record?.pid ?? 0].filter((pid) => pid > 0 && pid !== process.pid);
-    const daemons = [...new Set(pids)].filter((pid) => processAlive(pid) && isOurDaemon(pid));
-    for (const pid of daemons) {
-      try { process.kill(pid, "SIGTERM"); } catch { /* gone meanwhile */ }
-    }
-    for (const pid of daemons) {
-      if (!(await waitForExit(pid, timeoutMs))) {
-        try { process.kill(pid, "SIGKILL"); } catch { /* gone meanwhile */ }
-        await waitForExit(pid, 5_000);
-      }
+    // Only processes proven ours are signalled (lib/process-identity.ts); never the kernel's dev_info pid alone.
+    const supervisor = provenProcess(record?.supervisorPid, record?.supervisorStartTicks, record?.exe);
+    if (supervisor && isOurDaemon(supervisor.pid) && signalProven(supervisor, SIGTERM)) await waitForExitOf(supervisor, 10_000);
+    const daemons = provenServers(record, lockPath(devId)).filter((daemon) => isOurDaemon(daemon.pid));
+    for (const daemon of daemons) signalProven(daemon, SIGTERM);
+    for (const daemon of daemons) {
+      if (!(await waitForExitOf(daemon, timeoutMs)) && signalProven(daemon, SIGKILL)) await waitForExitOf(daemon, 5_000);
     }
     if (info) await removeLeftovers(devId, ctrl);
     else await removeRecordAndState(devId, record);
@@ -339,7 +332,7 @@ export async function findOrphans(): Promise<Orphan[]> {
     let record: DeviceRecord | null = null;
     try { record = readRecord(devId); } catch { /* unreadable: still an orphan if the kernel has no such device */ }
     if (record) inUse.push(record.target);
-    if (!inKernel.has(devId) && !(record && processAlive(record.pid))) {
+    if (!inKernel.has(devId) && !(record && provenServers(record, lockPath(devId)).length > 0)) {
       orphans.push({ description: `record ${recordPath(devId)}: the kernel has no ublk device ${devId}`, remove: () => deleteDevice(devId) });
     }
   }

@@ -11,6 +11,7 @@
 import { closeSync, writeSync } from "node:fs";
 import { Device, type DeviceConfig, type DeviceEvents } from "./device.ts";
 import { lockDevice, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
+import { recordedIdentity } from "./process-identity.ts";
 import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
@@ -62,7 +63,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
   const record: DeviceRecord = {
     version: RECORD_VERSION, devId: device.devId, config: device.config, target: spec.target, pid: process.pid,
     queues: device.queueInfo, createdAt: spec.createdAt ?? new Date().toISOString(),
-    ...(supervisorPid > 0 ? { supervisorPid } : {}),
+    ...(supervisorPid > 0 ? { supervisorPid } : {}), ...recordedIdentity(supervisorPid),
   };
   try {
     writeRecord(record);

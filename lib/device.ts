@@ -14,6 +14,7 @@ import type { QueueReply, QueueStart } from "./queue-worker.ts";
 import { wakeQueueForStop } from "./queue-worker.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
+import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 /** How long a new queue may take to load its target and FETCH every tag (a Worker starts in 0.1–1 s under TCG). */
@@ -136,6 +137,9 @@ export class Device {
       let info = ctrl.getDevInfo(devId);
       checkRecoverable(info, config);
       info = await waitForState(ctrl, devId, RECOVERABLE_STATES, waitTimeoutMs, "QUIESCED or FAIL_IO (the old server must have exited)");
+      // Before the kernel hears of this recovery: a backing store that is no longer the recorded one is refused
+      // while the device can still be recovered later (see Target.checkRecord).
+      await (await loadTarget(target.type)).checkRecord?.(target);
       await pauseForTest("before-start-recovery");
       await startUserRecoveryRetrying(ctrl, devId, waitTimeoutMs);
       debug(`device ${devId}: START_USER_RECOVERY done`);

@@ -23,6 +23,11 @@ export interface DeviceRecord {
   queues: QueueInfo[];
   /** Pid of an --auto-recover supervisor, when one watches the daemon. */
   supervisorPid?: number;
+  /** Start times (/proc/PID/stat, clock ticks after boot) of `pid` and `supervisorPid`, and the executable both run:
+   * with the pid they prove a process is ours before `del` signals it (lib/process-identity.ts). */
+  pidStartTicks?: number;
+  supervisorStartTicks?: number;
+  exe?: string;
   createdAt: string;
 }
 
@@ -99,7 +104,9 @@ function isRecord(value: unknown): value is DeviceRecord {
     Number.isInteger(r.config.maxIoBufBytes) && Number.isInteger(r.config.flags) &&
     (r.config.pollUs === undefined || isPollSetting(r.config.pollUs)) &&
     typeof r.target === "object" && r.target !== null && typeof r.target.type === "string" && Number.isFinite(r.target.sizeBytes) &&
-    Number.isInteger(r.pid) && Array.isArray(r.queues);
+    Number.isInteger(r.pid) && Array.isArray(r.queues) &&
+    (r.pidStartTicks === undefined || Number.isInteger(r.pidStartTicks)) &&
+    (r.supervisorStartTicks === undefined || Number.isInteger(r.supervisorStartTicks)) && (r.exe === undefined || typeof r.exe === "string");
 }
 
 /** Removes a record if present (a symlink in its place is removed, not followed). */
@@ -113,7 +120,7 @@ export function removeRecord(devId: number): void {
   }
 }
 
-function lockPath(devId: number): string {
+export function lockPath(devId: number): string {
   return join(runDir(), `${devId}.lock`);
 }
 

@@ -87,6 +87,12 @@ export const faultTarget: Target = {
     };
   },
 
+  async checkRecord(record) {
+    const innerRecord = baseRecord(record);
+    const base = await loadTarget(innerRecord.type);
+    await base.checkRecord?.(innerRecord);
+  },
+
   async destroy(record) {
     const innerRecord = baseRecord(record);
     const base = await loadTarget(innerRecord.type);

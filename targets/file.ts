@@ -4,13 +4,13 @@
  * when its CQE arrives, so requests overlap. Through the page cache (--buffered, or a file system that refuses
  * O_DIRECT, with a notice) reads and writes are copied inline instead.
  */
-import { closeSync, constants, fstatSync, ftruncateSync, openSync, statfsSync, statSync } from "node:fs";
+import { type BigIntStats, closeSync, constants, fstatSync, ftruncateSync, openSync, statfsSync, statSync } from "node:fs";
 import { resolve } from "node:path";
 import {
   BLKGETSIZE64, BLKROGET, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, MAP_SHARED, mmap,
-  mmapAnonymous, munmap, O_DIRECT, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, PROT_READ, PROT_WRITE, pwrite, RWF_DSYNC,
+  mmapAnonymous, munmap, O_DIRECT, O_EXCL, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, PROT_READ, PROT_WRITE, pwrite, RWF_DSYNC,
 } from "../ffi/libc.ts";
-import { EINVAL, EIO, EOPNOTSUPP, ErrnoError, errnoText } from "../ffi/errno.ts";
+import { EBUSY, EINVAL, EIO, EOPNOTSUPP, ErrnoError, errnoText } from "../ffi/errno.ts";
 import { IORING_FSYNC_DATASYNC } from "../ffi/uapi/io_uring.ts";
 import {
   UBLK_ATTR_FUA, UBLK_ATTR_READ_ONLY, UBLK_ATTR_VOLATILE_CACHE, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, UBLK_IO_OP_DISCARD,
@@ -57,6 +57,56 @@ function directAlignment(path: string, readOnly: boolean): number {
   }
 }
 
+/**
+ * What the backing object is, kept in the record and checked at every queue start (and so at every recover): a
+ * regular file by device and inode, a block device by its dev_t. A path since replaced by another file or by a
+ * symlink to another disk is then refused instead of served.
+ */
+function identityOf(stat: BigIntStats): string {
+  if (stat.isBlockDevice()) {
+    // dev_t split as the kernel's new_encode_dev does.
+    const major = ((stat.rdev >> 8n) & 0xfffn) | ((stat.rdev >> 32n) & ~0xfffn);
+    const minor = (stat.rdev & 0xffn) | ((stat.rdev >> 12n) & ~0xffn);
+    return `block device ${major}:${minor}`;
+  }
+  if (stat.isFile()) return `file ${stat.dev}:${stat.ino}`;
+  return "neither a file nor a block device";
+}
+
+function notTheSame(path: string, recorded: string, now: string): string {
+  return `file: ${path} is not what this device was created with (recorded: ${recorded}; now: ${now}); refusing it`;
+}
+
+/**
+ * Opens the record's backing file as a queue serves it (a block device with O_EXCL when `claim`), and only if it
+ * is the object the record names: checked on the path before opening (a swapped-in device is not even opened)
+ * and on the open fd after. Returns the fd; throws a one-line Error.
+ */
+function openBacking(record: TargetRecord, claim: boolean): number {
+  const path = String(record.options.path);
+  const recorded = record.options.identity;
+  const exclusive = claim && record.options.blockDevice === true ? O_EXCL : 0;
+  const flags = (record.options.readOnly ? O_RDONLY : O_RDWR) | (record.options.direct ? O_DIRECT : 0) | exclusive;
+  if (typeof recorded === "string") {
+    let now = "";
+    try { now = identityOf(statSync(path, { bigint: true })); } catch { /* open reports it below */ }
+    if (now !== "" && now !== recorded) throw new Error(notTheSame(path, recorded, now));
+  }
+  const fd = open(path, flags);
+  if (fd < 0) {
+    const reason = -fd === EBUSY && exclusive ? "in use (mounted or held by another driver)" : errnoText(-fd);
+    throw new ErrnoError(`open ${path}`, -fd, `file: cannot open ${path}: ${reason}`);
+  }
+  if (typeof recorded === "string") {
+    const now = identityOf(fstatSync(fd, { bigint: true }));
+    if (now !== recorded) {
+      close(fd);
+      throw new Error(notTheSame(path, recorded, now));
+    }
+  }
+  return fd;
+}
+
 const TMPFS_MAGIC = 0x01021994;
 const RAMFS_MAGIC = 0x858458f6;
 
@@ -99,6 +149,7 @@ export const fileTarget: Target = {
     let backing: Backing;
     try {
       backing = inspect(fd, path);
+      const identity = identityOf(fstatSync(fd, { bigint: true }));
       if (backing.readOnlyDevice && !readOnly) throw new Error(`file: ${path} is not writable (EROFS); add --read-only to serve it read-only`);
       const logicalBlockBytes = Math.max(options.logicalBlockBytes ?? 512, backing.logicalBlockBytes);
       const sizeBytes = options.sizeBytes ?? backing.sizeBytes;
@@ -144,7 +195,7 @@ export const fileTarget: Target = {
         // Writes may sit in the page cache or the disk's cache until a flush: say so, and honour FUA.
         attrs: UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA | (readOnly ? UBLK_ATTR_READ_ONLY : 0),
         discard: readOnly ? undefined : { granularityBytes: 4096, maxSectors: 1 << 21, maxWriteZeroesSectors: 1 << 21 },
-        options: { path, direct, readOnly, blockDevice: backing.isBlockDevice, inMemory },
+        options: { path, direct, readOnly, blockDevice: backing.isBlockDevice, inMemory, identity },
         prefersUserCopy: inMemory,
       };
     } finally {
@@ -152,11 +203,15 @@ export const fileTarget: Target = {
     }
   },
 
+  checkRecord(record) {
+    close(openBacking(record, true));
+  },
+
   openQueue(record, queue): QueueHandler {
     const path = String(record.options.path);
-    const flags = (record.options.readOnly ? O_RDONLY : O_RDWR) | (record.options.direct ? O_DIRECT : 0);
-    const fd = open(path, flags);
-    if (fd < 0) throw new ErrnoError(`open ${path}`, -fd, `file: cannot open ${path}: ${errnoText(-fd)}`);
+    // Queue 0 of a block device opens it with O_EXCL and keeps it claimed while it serves, so that nothing mounts
+    // it under us. One claiming fd per daemon: a second O_EXCL open fails with EBUSY even in the same process.
+    const fd = openBacking(record, queue.qId === 0);
     const { ring, bufferAddress, maxIoBufBytes } = queue;
     const punchMode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
     const zeroMode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;

@@ -4,11 +4,11 @@
  * The whole size is reserved when the device is created (fallocate), so a full tmpfs can never surprise a
  * write later (a mapped write to a page tmpfs cannot supply would kill the daemon with SIGBUS).
  */
-import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, statfsSync, unlinkSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, lstatSync, openSync, readdirSync, readFileSync, statfsSync, unlinkSync } from "node:fs";
 import { randomUUID } from "node:crypto";
 import { join } from "node:path";
-import { close, fallocate, MAP_SHARED, memcpy, memset, mmap, munmap, O_RDWR, open, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
-import { ErrnoError, ENOSPC, errnoText } from "../ffi/errno.ts";
+import { close, fallocate, MAP_SHARED, memcpy, memset, mmap, munmap, O_NOFOLLOW, O_RDWR, open, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
+import { ELOOP, ErrnoError, ENOSPC, errnoText } from "../ffi/errno.ts";
 import { UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from "../ffi/uapi/ublk_cmd.ts";
 import { EINVAL, EOPNOTSUPP } from "../ffi/errno.ts";
 import type { QueueHandler, Target, TargetOrphan, TargetRecord } from "./types.ts";
@@ -49,6 +49,7 @@ export const memoryTarget: Target = {
       unlinkSync(shmPath);
       throw error;
     }
+    const ownerUid = fstatSync(fd).uid;
     closeSync(fd);
     return {
       type: "memory",
@@ -57,15 +58,18 @@ export const memoryTarget: Target = {
       physicalBlockShift: Math.max(logicalBlockShift, 12),
       attrs: 0,
       discard: { granularityBytes: 4096, maxSectors: 1 << 16, maxWriteZeroesSectors: 1 << 16 },
-      options: { shmPath },
+      options: { shmPath, ownerUid },
       prefersUserCopy: true,
     };
   },
 
+  checkRecord(record) {
+    close(openShm(record));
+  },
+
   openQueue(record, queue): QueueHandler {
     const shmPath = String(record.options.shmPath);
-    const fd = open(shmPath, O_RDWR);
-    if (fd < 0) throw new ErrnoError(`open ${shmPath}`, -fd, `memory: cannot open ${shmPath}: ${errnoText(-fd)} (was it removed?)`);
+    const fd = openShm(record);
     const dataAddress = mmap(record.sizeBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd); // the mapping keeps the file
     if (dataAddress < 0) throw new ErrnoError(`mmap ${shmPath}`, -dataAddress);
@@ -123,6 +127,28 @@ export const memoryTarget: Target = {
     return found;
   },
 };
+
+/**
+ * Opens the record's shm file. /dev/shm is writable by everyone: the file must still be the one prepare() made —
+ * not a symlink (to a file of root's), not a file of another owner, not another size (a shorter file would SIGBUS
+ * the mapping). Returns the fd; throws a one-line Error.
+ */
+function openShm(record: TargetRecord): number {
+  const shmPath = String(record.options.shmPath);
+  const fd = open(shmPath, O_RDWR | O_NOFOLLOW);
+  if (fd < 0 && -fd === ELOOP) throw new ErrnoError(`open ${shmPath}`, ELOOP, `memory: ${shmPath} is a symlink; refusing it`);
+  if (fd < 0) throw new ErrnoError(`open ${shmPath}`, -fd, `memory: cannot open ${shmPath}: ${errnoText(-fd)} (was it removed?)`);
+  const stat = fstatSync(fd);
+  const ownerUid = typeof record.options.ownerUid === "number" ? record.options.ownerUid : process.geteuid?.() ?? 0;
+  const problem = !stat.isFile() ? "is not a regular file"
+    : stat.uid !== ownerUid ? `is owned by uid ${stat.uid}, not ${ownerUid}`
+    : stat.size !== record.sizeBytes ? `has ${stat.size} bytes, not the device's ${record.sizeBytes}` : "";
+  if (problem !== "") {
+    close(fd);
+    throw new Error(`memory: ${shmPath} ${problem}; refusing it`);
+  }
+  return fd;
+}
 
 /** True when some process maps `path` (a daemon whose record is unreadable still serves from it). */
 function mappedByAnyProcess(path: string): boolean {

@@ -2,7 +2,8 @@
  * Finds a target by name. Built-in targets are listed here; anything else is taken as a module specifier
  * (`./my-target.ts`, an absolute path or a package name) whose default export (or `target` export) is a Target.
  */
-import { isAbsolute, resolve } from "node:path";
+import { lstatSync, realpathSync } from "node:fs";
+import { dirname, isAbsolute, resolve } from "node:path";
 import type { Target } from "./types.ts";
 
 const BUILT_IN: Record<string, string> = {
@@ -35,11 +36,18 @@ export function canonicalType(type: string, cwd = process.cwd()): string {
 
 /** Loads a target; throws an Error with a one-line message when it cannot. */
 export async function loadTarget(type: string): Promise<Target> {
-  const specifier = BUILT_IN[type] ?? type;
+  let specifier = BUILT_IN[type] ?? type;
   let module: Record<string, unknown>;
   try {
+    // Root runs a user-written module only from a file no other user can change; it then imports the very file
+    // it checked (symlinks resolved), so a path swapped after the check is not what runs.
+    if (!(type in BUILT_IN) && (process.geteuid?.() ?? 0) === 0) {
+      specifier = realpathSync(Bun.resolveSync(specifier, import.meta.dir));
+      refuseUntrusted(type, specifier);
+    }
     module = (await import(specifier)) as Record<string, unknown>;
   } catch (error) {
+    if (error instanceof UntrustedModule) throw error;
     const known = Object.keys(BUILT_IN).join(", ");
     if (!isBuiltIn(type) && !type.startsWith("/") && !type.includes("/")) {
       throw new Error(`unknown target type "${type}" (built-in: ${known}; or give a path to a target module)`);
@@ -51,4 +59,27 @@ export async function loadTarget(type: string): Promise<Target> {
     throw new Error(`${type} does not export a target (default export with name, prepare() and openQueue())`);
   }
   return target;
+}
+
+class UntrustedModule extends Error {}
+
+/**
+ * Refuses a module file root would run that another user could have written: the file and every directory above
+ * it must be owned by root and writable by no group or other user — except a sticky directory owned by root
+ * (/tmp), where no one can replace a root-owned entry. `path` has no symlinks left (realpath).
+ */
+function refuseUntrusted(type: string, path: string): void {
+  for (let current = path; ; current = dirname(current)) {
+    const stat = lstatSync(current);
+    const what = current === path ? "the file" : `directory ${current}`;
+    const writableBy = stat.mode & 0o002 ? "other users" : stat.mode & 0o020 ? `group ${stat.gid}` : "";
+    const stickyRootDirectory = stat.isDirectory() && (stat.mode & 0o1000) !== 0 && stat.uid === 0;
+    let reason = "";
+    if (stat.uid !== 0) reason = `${what} is owned by uid ${stat.uid}`;
+    else if (writableBy !== "" && !stickyRootDirectory) reason = `${what} is writable by ${writableBy}`;
+    if (reason !== "") {
+      throw new UntrustedModule(`refusing target module ${type} as root: ${reason}; root runs only modules no other user can change`);
+    }
+    if (current === "/") return;
+  }
 }

@@ -124,6 +124,14 @@ export interface Target {
   prepare(options: TargetOptions): TargetRecord | Promise<TargetRecord>;
   /** Required; queue Worker. Opens what serving one queue needs (files, mappings) and returns its handler. */
   openQueue(record: TargetRecord, queue: QueueContext): QueueHandler | Promise<QueueHandler>;
+  /**
+   * Optional; the recovering daemon, before it tells the kernel that recovery starts. Throws an Error with a
+   * one-line message when what the record points to outside the server (a backing file, an shm file) is no longer
+   * the object the device was created with: the device then stays QUIESCED, for another `recover` once it is put
+   * back, or `del`. (openQueue checks again, but on 6.12 a queue failing after START_USER_RECOVERY leaves a device
+   * that can only be deleted: the dead attempt's memory map stays the one the kernel accepts.)
+   */
+  checkRecord?(record: TargetRecord): void | Promise<void>;
   /** Optional; the process that deletes the device. Removes state kept outside the server (shm files …). */
   destroy?(record: TargetRecord): void | Promise<void>;
   /**

@@ -2,9 +2,9 @@
 // every control command against the user's rights on /dev/ublkcN; giving the user the nodes is udev's job
 // (the rule in the README), which this test does itself since the test VM has no udev.
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { chmodSync, existsSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { addDevice, cleanUp, CLI, cli, expectClean, ROOT } from "./helpers.ts";
+import { addDevice, cleanUp, CLI, cli, cliOk, daemonPidOf, expectClean, ROOT, ublkNodes, waitFor } from "./helpers.ts";
 
 const NOBODY = 65534;
 const userRunDir = "/tmp/ublk-bun-unprivileged";
@@ -91,6 +91,96 @@ describe("unprivileged devices", () => {
     expect(existsSync(`/dev/ublkc${devId}`)).toBe(false);
     expect(readdirSync(userRunDir).filter((name) => name.endsWith(".json"))).toEqual([]);
     expectClean();
+  });
+
+  // The kernel's dev_info pid of an unprivileged device is whatever its owner passed to START_DEV: root's `del`
+  // must never signal it. Here nobody's server names a root process whose command line says "ublk-bun".
+  test("root's del signals no process named only by an unprivileged device's dev_info pid; our own daemon it still stops", async () => {
+    const victim = Bun.spawn(["bash", "-c", "exec -a ublk-bun-victim bash -c 'sleep 600; true'"], { stdin: "ignore", stdout: "ignore", stderr: "ignore" });
+    const victimAlive = () => {
+      try { return !/^\d+ \(.*\) [ZX] /.test(readFileSync(`/proc/${victim.pid}/stat`, "utf8")); } catch { return false; }
+    };
+    const serverDir = mkdtempSync("/tmp/ublk-bun-fake-pid-");
+    try {
+      chmodSync(serverDir, 0o755);
+      const serverPath = join(serverDir, "server.ts");
+      writeFileSync(serverPath, `
+  import { Ctrl } from "${ROOT}/lib/ctrl.ts";
+  import { openCharDevice, paramsOf, startQueues } from "${ROOT}/lib/device.ts";
+  import { UBLK_F_UNPRIVILEGED_DEV, UBLK_S_DEV_LIVE } from "${ROOT}/ffi/uapi/ublk_cmd.ts";
+  const ctrl = Ctrl.open();
+  const info = ctrl.addDev({ devId: -1, nrHwQueues: 1, queueDepth: 4, maxIoBufBytes: 65536, flags: UBLK_F_UNPRIVILEGED_DEV });
+  const target = { type: "null", sizeBytes: 16 << 20, logicalBlockShift: 9, physicalBlockShift: 12, attrs: 0, options: {} };
+  const charFd = await openCharDevice(info.devId, 60_000);
+  await startQueues(ctrl, info, target, charFd, false, { onFatal: () => process.exit(0) }, 0);
+  ctrl.setParams(info.devId, paramsOf(target, info));
+  ctrl.startDev(info.devId, Number(process.argv[2])); // the kernel records whatever pid the owner names
+  console.log("STARTED " + info.devId);
+  // Once someone stops the device, exit: that releases /dev/ublkcN, so that their DEL_DEV can finish.
+  setInterval(() => { if (ctrl.getDevInfo(info.devId).state !== UBLK_S_DEV_LIVE) process.exit(0); }, 100);
+  `);
+      chmodSync(serverPath, 0o644);
+      const server = Bun.spawn(["setpriv", `--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", process.execPath, serverPath, String(victim.pid)],
+        { stdin: "ignore", stdout: "pipe", stderr: "pipe", cwd: "/tmp" });
+      try {
+        const reader = server.stdout.getReader();
+        let out = "";
+        while (!out.includes("\n")) {
+          const chunk = await reader.read();
+          if (chunk.done) break;
+          out += new TextDecoder().decode(chunk.value);
+        }
+        const devId = Number(/STARTED (\d+)/.exec(out)?.[1] ?? NaN);
+        if (!Number.isInteger(devId)) throw new Error(`the fake server did not start: ${out} ${await new Response(server.stderr).text()}`);
+        const listed = JSON.parse(cliOk(["list", "-n", String(devId), "--json"]))[0];
+        expect(listed.daemonPid).toBe(victim.pid);
+        expect(readFileSync(`/proc/${victim.pid}/cmdline`, "utf8")).toContain("ublk-bun");
+
+        const del = cli(["del", "-n", String(devId)]);
+        expect(del.stderr).toBe("");
+        expect(del.status).toBe(0);
+        expect(existsSync(`/dev/ublkc${devId}`)).toBe(false);
+        await Bun.sleep(500);
+        expect(victimAlive()).toBe(true);
+      } finally {
+        server.kill("SIGKILL");
+        await server.exited;
+      }
+
+      // Again with `del -a`.
+      const second = Bun.spawn(["setpriv", `--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", process.execPath, serverPath, String(victim.pid)],
+        { stdin: "ignore", stdout: "pipe", stderr: "pipe", cwd: "/tmp" });
+      try {
+        await waitFor("the second fake server", () => ublkNodes().some((name) => name.startsWith("ublkb")), 120_000);
+        const all = cli(["del", "-a"]);
+        expect(all.stderr).toBe("");
+        expect(all.status).toBe(0);
+        expect(ublkNodes()).toEqual([]);
+        await Bun.sleep(500);
+        expect(victimAlive()).toBe(true);
+      } finally {
+        second.kill("SIGKILL");
+        await second.exited;
+      }
+    } finally {
+      victim.kill("SIGKILL");
+      rmSync(serverDir, { recursive: true, force: true });
+    }
+
+    // Our own daemon is still stopped by del: through its record, and through its lock when the record is gone.
+    for (const removeRecordFirst of [false, true]) {
+      const ownId = addDevice(["-t", "null"]);
+      const daemonPid = daemonPidOf(ownId);
+      const record = JSON.parse(readFileSync(`/run/ublk-bun/${ownId}.json`, "utf8"));
+      expect(record.pid).toBe(daemonPid);
+      expect(Number.isInteger(record.pidStartTicks)).toBe(true);
+      if (removeRecordFirst) rmSync(`/run/ublk-bun/${ownId}.json`);
+      const own = cli(["del", "-n", String(ownId)]);
+      expect(own.stderr).toBe("");
+      expect(own.status).toBe(0);
+      expect(readdirSync("/proc")).not.toContain(String(daemonPid));
+      expectClean();
+    }
   });
 
   test("a user cannot touch root's device, and recovery flags are refused with one line", () => {
