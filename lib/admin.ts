@@ -21,6 +21,8 @@ export interface DeviceListing {
   record: DeviceRecord | null;
   /** Why the record could not be used, when it exists but is broken. */
   recordProblem?: string;
+  /** A live daemon serves the device but the record names another (its write failed; the daemon retries). */
+  recordStale: boolean;
   stateName: string;
   queues: Array<{ qId: number; tid: number; cpus: number[] }>;
 }
@@ -167,7 +169,8 @@ export function listDevices(devId?: number): DeviceListing[] {
         const tid = record && record.pid === info.ublksrvPid ? record.queues.find((q) => q.qId === qId)?.tid ?? 0 : 0;
         queues.push({ qId, tid, cpus });
       }
-      listings.push({ info, params, record, recordProblem, stateName: UBLK_S_NAMES[info.state] ?? `state ${info.state}`, queues });
+      const recordStale = record !== null && info.state === UBLK_S_DEV_LIVE && record.pid !== info.ublksrvPid && processAlive(info.ublksrvPid);
+      listings.push({ info, params, record, recordProblem, recordStale, stateName: UBLK_S_NAMES[info.state] ?? `state ${info.state}`, queues });
     }
     return listings;
   } finally {
@@ -188,8 +191,11 @@ export function formatListing(listing: DeviceListing): string {
   for (const queue of listing.queues) lines.push(`\tqueue ${queue.qId}: tid ${queue.tid} affinity(${queue.cpus.join(" ")})`);
   if (listing.record) lines.push(`\ttarget ${JSON.stringify(listing.record.target)}`);
   else lines.push(`\ttarget ${listing.recordProblem ? `(record unusable: ${listing.recordProblem})` : "(no record)"}`);
-  const supervisor = listing.record?.supervisorPid ?? 0;
   // No "pid" in these lines: scripts find the daemon's pid as the 7th field of the one line containing "pid".
+  if (listing.recordStale) {
+    lines.push(`\trecord stale: it names daemon ${listing.record!.pid}, not the one serving (its write failed; the daemon retries, see ${daemonLogPath()})`);
+  }
+  const supervisor = listing.record?.supervisorPid ?? 0;
   if (supervisor > 0) lines.push(`\tauto-recover supervisor: ${supervisor}${processAlive(supervisor) ? "" : " (not running)"}`);
   if (!processAlive(info.ublksrvPid) && !(supervisor > 0 && processAlive(supervisor))) {
     const recoverable = (info.flags & UBLK_F_USER_RECOVERY) !== 0 && info.state !== UBLK_S_DEV_DEAD && listing.record !== null;
@@ -206,7 +212,7 @@ export function listingJson(listing: DeviceListing): object {
     ownerUid: listing.info.ownerUid, ownerGid: listing.info.ownerGid,
     logicalBlockBytes: 1 << (listing.params?.basic.logicalBsShift ?? 9), devSectors: listing.params?.basic.devSectors ?? 0,
     devt: listing.params?.devt ?? null, params: listing.params, queues: listing.queues, target: listing.record?.target ?? null,
-    recordProblem: listing.recordProblem ?? null, supervisorPid: listing.record?.supervisorPid ?? null,
+    recordProblem: listing.recordProblem ?? null, recordStale: listing.recordStale, supervisorPid: listing.record?.supervisorPid ?? null,
   };
 }
 

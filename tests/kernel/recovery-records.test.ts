@@ -151,3 +151,40 @@ setInterval(() => {}, 1 << 30); // serve until killed
     expectClean();
   });
 });
+
+describe("a recover that cannot write its record", () => {
+  test("keeps serving, says so in the log and in list, and writes the record once it can", async () => {
+    const devId = addDevice(["-t", "memory", "-s", "32M", "-i", "1", "-d", "16"]);
+    const fio = startFio(devId, PSYNC_READER);
+    await Bun.sleep(1000);
+    const oldPid = await killDaemon(devId);
+    const { child, daemonPid } = await spawnPaused(["recover", "-n", String(devId)], "before-end-recovery", oldPid, 5_000);
+    // A directory where the daemon writes its temporary record: the write fails even for root.
+    const obstacle = join(runDir, `.${devId}.json.${daemonPid}.tmp`);
+    mkdirSync(obstacle);
+    try {
+      expect(await child.exited).toBe(0);
+      expect(await new Response(child.stdout).text()).toContain("record stale");
+      expect(state(devId)).toBe("LIVE");
+      expect(daemonPidOf(devId)).toBe(daemonPid);
+      expect(recordOf(devId).pid).toBe(oldPid);
+      expect(readFileSync(logPath, "utf8")).toMatch(new RegExp(`ublk-bun\\[${daemonPid}\\]: device ${devId}: cannot write its record .*serving on, retrying`));
+      expect(listJson(devId).recordStale).toBe(true);
+      // The application's I/O goes on.
+      await Bun.sleep(1000);
+      expect(fio.exitCode).toBeNull();
+    } finally {
+      rmdirSync(obstacle);
+    }
+    await waitFor("the record to be rewritten", () => recordOf(devId).pid === daemonPid, 60_000);
+    expect(cliOk(["list", "-n", String(devId)])).not.toContain("record stale");
+    expect(recordOf(devId).queues.length).toBe(1);
+    await expectFioClean(fio);
+    // The rewritten record is good for the next crash.
+    await killDaemon(devId);
+    cliOk(["recover", "-n", String(devId)]);
+    expect(state(devId)).toBe("LIVE");
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+});
