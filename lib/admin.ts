@@ -10,7 +10,7 @@ import { UBLK_F_NAMES, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, U
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
 import { waitForState } from "./device.ts";
-import { readRecord, recordedDevIds, recordPath, removeRecord, runDir, type DeviceRecord } from "./records.ts";
+import { lockHolder, readRecord, recordedDevIds, recordPath, removeRecord, runDir, tryLockDevice, type DeviceRecord } from "./records.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
@@ -280,10 +280,54 @@ export async function deleteDevice(devId: number, timeoutMs = 30_000): Promise<v
         await waitForExit(pid, 5_000);
       }
     }
-    if (info) await removeLeftovers(devId, ctrl);
-    else await removeRecordAndState(devId, record);
+    // Only under the device's lock: a daemon recovering the device (started by `recover` or by a supervisor, and
+    // known to neither the kernel nor the record until it is done) holds it, and must be gone before the device
+    // and the record are, or it would serve a deleted device and write its record back.
+    const lockFd = await takeDeviceLock(devId, timeoutMs);
+    try {
+      if (info) await removeLeftovers(devId, ctrl);
+      else await removeRecordAndState(devId, record);
+    } finally {
+      closeSync(lockFd);
+    }
   } finally {
     ctrl.close();
+  }
+}
+
+/**
+ * Takes the device's lock for `del`, stopping its holder first when that is one of our daemons (SIGTERM, then
+ * SIGKILL): a daemon still recovering has no signal handler yet and dies at once, before any record write.
+ * Another holder (a second `del`) is waited for. Throws a one-line reason after `timeoutMs`.
+ */
+async function takeDeviceLock(devId: number, timeoutMs: number): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  let signalled = 0;
+  let killAfter = 0;
+  for (;;) {
+    const fd = tryLockDevice(devId);
+    if (fd >= 0) return fd;
+    const holder = lockHolder(devId);
+    if (holder > 0 && holder !== process.pid && processAlive(holder) && runsDaemon(holder)) {
+      if (holder !== signalled) {
+        try { process.kill(holder, "SIGTERM"); } catch { /* gone meanwhile */ }
+        signalled = holder;
+        killAfter = Date.now() + Math.min(timeoutMs, 10_000);
+      } else if (Date.now() > killAfter) {
+        try { process.kill(holder, "SIGKILL"); } catch { /* gone meanwhile */ }
+      }
+    }
+    if (Date.now() > deadline) throw new Error(`del: device ${devId} is busy: pid ${holder || "?"} holds its lock`);
+    await Bun.sleep(20);
+  }
+}
+
+/** True when `pid` runs lib/daemon.ts (not a CLI, which may be another `del`). */
+function runsDaemon(pid: number): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").includes(DAEMON_PATH);
+  } catch {
+    return false;
   }
 }
 

@@ -188,3 +188,42 @@ describe("a recover that cannot write its record", () => {
     expectClean();
   });
 });
+
+describe("del while a recover runs", () => {
+  for (const step of ["before-end-recovery", "before-record"]) {
+    test(`del during a recover paused at ${step}: del succeeds, the recovering daemon is gone, nothing comes back`, async () => {
+      const devId = addDevice(["-t", "memory", "-s", "16M", "-i", "1", "-d", "16"]);
+      const oldPid = await killDaemon(devId);
+      const { child, daemonPid } = await spawnPaused(["recover", "-n", String(devId)], step, oldPid);
+      const del = cli(["del", "-n", String(devId)], {}, 60_000);
+      expect(del.stderr).toBe("");
+      expect(del.status).toBe(0);
+      expect(alive(daemonPid)).toBe(false);
+      expect(await child.exited).not.toBe(0);
+      // Give anything still running the time to write a record or serve again.
+      await Bun.sleep(3000);
+      expect(ourProcesses()).toEqual([]);
+      expect(records()).toEqual([]);
+      expect(shmFiles()).toEqual([]);
+      expectClean();
+    });
+  }
+
+  test("del of a device whose supervisor is recovering it: no supervisor, no daemon, no record afterwards", async () => {
+    const devId = addDevice(["-t", "memory", "-s", "16M", "-i", "1", "--auto-recover"]);
+    const supervisor = Number(/auto-recover supervisor: (\d+)/.exec(cliOk(["list", "-n", String(devId)]))![1]);
+    // The supervisor's next daemon inherits its environment, so it cannot be paused from here: kill it as soon
+    // as it exists and delete while the supervisor is between daemons or in a recover.
+    const oldPid = daemonPidOf(devId);
+    process.kill(oldPid, "SIGKILL");
+    await Bun.sleep(300);
+    const del = cli(["del", "-n", String(devId)], {}, 60_000);
+    expect(del.stderr).toBe("");
+    expect(del.status).toBe(0);
+    expect(alive(supervisor)).toBe(false);
+    await Bun.sleep(3000);
+    expect(ourProcesses()).toEqual([]);
+    expect(shmFiles()).toEqual([]);
+    expectClean();
+  });
+});
