@@ -27,8 +27,11 @@ export interface DeviceListing {
   queues: Array<{ qId: number; tid: number; cpus: number[] }>;
 }
 
-/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). */
-const READY_TIMEOUT_MS = 120_000;
+/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
+function readyTimeoutMs(): number {
+  const fromEnv = Number(process.env.UBLK_BUN_READY_TIMEOUT_MS);
+  return Number.isInteger(fromEnv) && fromEnv > 0 ? fromEnv : 120_000;
+}
 
 export const DAEMON_PATH = new URL("./daemon.ts", import.meta.url).pathname;
 export const SUPERVISOR_PATH = new URL("./supervisor.ts", import.meta.url).pathname;
@@ -42,12 +45,17 @@ export function daemonLogPath(): string {
  * record once the device is READY. On failure the device the daemon added (if any) is deleted again and the
  * error says why; a failed recovery leaves the device quiesced for another attempt.
  */
-export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {}): Promise<DeviceRecord> {
+export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {},
+                                onAdded?: (devId: number) => void): Promise<DeviceRecord> {
   mkdirSync(runDir(), { recursive: true, mode: 0o700 });
   const logPath = daemonLogPath();
   const logFd = openSync(logPath, "a", 0o600);
+  const readyTimeout = readyTimeoutMs();
+  // The child leads a process group of its own (a new session, away from the terminal). A supervisor's daemons
+  // stay in the supervisor's group, so a failed `add --auto-recover` can end the whole tree with one signal.
+  const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
   const child = spawn(process.execPath, [entryPath], {
-    detached: true,
+    detached: !inSupervisor,
     stdio: ["ignore", logFd, logFd, "pipe"],
     env: { ...process.env, ...extraEnv, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
   });
@@ -56,7 +64,7 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
   let addedDevId = -1;
   let buffered = "";
   const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
-    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${READY_TIMEOUT_MS / 1000} s` }), READY_TIMEOUT_MS);
+    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${readyTimeout / 1000} s` }), readyTimeout);
     const finish = (value: { record?: DeviceRecord; error?: string }) => {
       clearTimeout(timer);
       resolve(value);
@@ -67,7 +75,10 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
       while ((newline = buffered.indexOf("\n")) >= 0) {
         const line = buffered.slice(0, newline);
         buffered = buffered.slice(newline + 1);
-        if (line.startsWith("ADDED ")) addedDevId = Number(line.slice(6));
+        if (line.startsWith("ADDED ")) {
+          addedDevId = Number(line.slice(6));
+          onAdded?.(addedDevId);
+        }
         else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
         else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
       }
@@ -81,13 +92,47 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
     child.unref();
     return outcome.record;
   }
-  // The daemon failed or hung: make sure it is gone and nothing it created stays behind.
-  if (child.pid && child.exitCode === null) {
+  // The daemon failed or hung: make sure it is gone — and with a supervisor, every daemon it started — before
+  // anything it created is removed; a survivor could still reach READY on a device whose data is gone.
+  if (child.pid && !inSupervisor) await killProcessGroup(child.pid);
+  else if (child.pid && child.exitCode === null) {
     try { process.kill(child.pid, "SIGKILL"); } catch { /* already gone */ }
     await waitForExit(child.pid, 5_000);
   }
   if (addedDevId >= 0) await removeLeftovers(addedDevId);
   throw new Error(outcome.error ?? "the daemon failed");
+}
+
+/**
+ * SIGKILLs every process in the group `pgid` (a child we spawned detached, and the daemons it started) and
+ * waits until none is left. While any member lives the id names no one else: the kernel does not reuse a pid
+ * that still names a process group.
+ */
+async function killProcessGroup(pgid: number, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      process.kill(-pgid, "SIGKILL");
+    } catch {
+      return; // ESRCH: the group is empty
+    }
+    // Zombies stay in the group until reaped (an orphan's by init, which may be slow to do it); they hold nothing.
+    if (!groupHasLiveMember(pgid) || Date.now() > deadline) return;
+    await Bun.sleep(20);
+  }
+}
+
+function groupHasLiveMember(pgid: number): boolean {
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
+      // After the ")" that ends the command name: state, ppid, pgrp.
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (Number(pgrp) === pgid && state !== "Z" && state !== "X") return true;
+    } catch { /* exited meanwhile */ }
+  }
+  return false;
 }
 
 /**

@@ -227,3 +227,31 @@ describe("del while a recover runs", () => {
     expectClean();
   });
 });
+
+describe("add --auto-recover that times out", () => {
+  test("ends the supervisor and its daemon, then removes the device, record and shm file; one line", async () => {
+    const logBefore = existsSync(logPath) ? readFileSync(logPath, "utf8").length : 0;
+    const add = Bun.spawnSync([process.execPath, CLI, "add", "-t", "memory", "-s", "16M", "-i", "1", "--auto-recover"], {
+      env: { ...process.env, UBLK_BUN_TEST_PAUSE: "before-start-dev:90000", UBLK_BUN_DEBUG: "1", UBLK_BUN_READY_TIMEOUT_MS: "20000" },
+      stdin: "ignore", timeout: 120_000,
+    });
+    const stderr = add.stderr.toString();
+    expect(add.exitCode).not.toBe(0);
+    expect(stderr.trim().split("\n")).toHaveLength(1);
+    expect(stderr).toContain("did not report READY within 20 s");
+    // The scenario happened: a daemon added a device and was held before START_DEV when the CLI gave up.
+    const log = readFileSync(logPath, "utf8").slice(logBefore);
+    const paused = /ublk-bun\[(\d+)\]: pausing \d+ ms at before-start-dev/.exec(log);
+    expect(paused).not.toBeNull();
+    expect(alive(Number(paused![1]))).toBe(false);
+    expect(ourProcesses()).toEqual([]);
+    expect(ublkNodes()).toEqual([]);
+    expect(records()).toEqual([]);
+    expect(shmFiles()).toEqual([]);
+    // Nothing comes back later either (before the fix the paused daemon went on to READY).
+    await Bun.sleep(3000);
+    expect(ublkNodes()).toEqual([]);
+    expect(records()).toEqual([]);
+    expectClean();
+  });
+});
