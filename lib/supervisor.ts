@@ -21,7 +21,7 @@ function log(message: string): void {
   console.error(`${new Date().toISOString()} ublk-bun supervisor[${process.pid}]: ${message}`);
 }
 
-/** Resolves when `pid` is gone (it is not our child: the daemon is detached, so we poll). */
+/** Resolves when `pid` is gone. Polled: addDevice has let the child go, and processAlive counts an unreaped zombie as gone. */
 async function waitForDeath(pid: number): Promise<void> {
   while (processAlive(pid)) await Bun.sleep(50);
 }
