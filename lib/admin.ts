@@ -10,8 +10,10 @@ import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIV
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
 import { RECOVERABLE_STATES, waitForState } from "./device.ts";
-import { lockPath, readRecord, recordedDevIds, recordPath, removeRecord, runDir, type DeviceRecord } from "./records.ts";
-import { provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, waitForExitOf } from "./process-identity.ts";
+import { lockPath, readRecord, recordedDevIds, recordPath, removeRecord, runDir, tryLockDevice, type DeviceRecord } from "./records.ts";
+import {
+  lockHolder, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, waitForExitOf, type ProcessIdentity,
+} from "./process-identity.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
@@ -22,12 +24,17 @@ export interface DeviceListing {
   record: DeviceRecord | null;
   /** Why the record could not be used, when it exists but is broken. */
   recordProblem?: string;
+  /** A live daemon serves the device but the record names another (its write failed; the daemon retries). */
+  recordStale: boolean;
   stateName: string;
   queues: Array<{ qId: number; tid: number; cpus: number[] }>;
 }
 
-/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). */
-const READY_TIMEOUT_MS = 120_000;
+/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
+function readyTimeoutMs(): number {
+  const fromEnv = Number(process.env.UBLK_BUN_READY_TIMEOUT_MS);
+  return Number.isInteger(fromEnv) && fromEnv > 0 ? fromEnv : 120_000;
+}
 
 export const DAEMON_PATH = new URL("./daemon.ts", import.meta.url).pathname;
 export const SUPERVISOR_PATH = new URL("./supervisor.ts", import.meta.url).pathname;
@@ -41,12 +48,17 @@ export function daemonLogPath(): string {
  * record once the device is READY. On failure the device the daemon added (if any) is deleted again and the
  * error says why; a failed recovery leaves the device quiesced for another attempt.
  */
-export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {}): Promise<DeviceRecord> {
+export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {},
+                                onAdded?: (devId: number) => void): Promise<DeviceRecord> {
   mkdirSync(runDir(), { recursive: true, mode: 0o700 });
   const logPath = daemonLogPath();
   const logFd = openSync(logPath, "a", 0o600);
+  const readyTimeout = readyTimeoutMs();
+  // The child leads a process group of its own (a new session, away from the terminal). A supervisor's daemons
+  // stay in the supervisor's group, so a failed `add --auto-recover` can end the whole tree with one signal.
+  const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
   const child = spawn(process.execPath, [entryPath], {
-    detached: true,
+    detached: !inSupervisor,
     stdio: ["ignore", logFd, logFd, "pipe"],
     env: { ...process.env, ...extraEnv, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
   });
@@ -55,7 +67,7 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
   let addedDevId = -1;
   let buffered = "";
   const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
-    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${READY_TIMEOUT_MS / 1000} s` }), READY_TIMEOUT_MS);
+    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${readyTimeout / 1000} s` }), readyTimeout);
     const finish = (value: { record?: DeviceRecord; error?: string }) => {
       clearTimeout(timer);
       resolve(value);
@@ -66,7 +78,10 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
       while ((newline = buffered.indexOf("\n")) >= 0) {
         const line = buffered.slice(0, newline);
         buffered = buffered.slice(newline + 1);
-        if (line.startsWith("ADDED ")) addedDevId = Number(line.slice(6));
+        if (line.startsWith("ADDED ")) {
+          addedDevId = Number(line.slice(6));
+          onAdded?.(addedDevId);
+        }
         else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
         else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
       }
@@ -80,13 +95,47 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
     child.unref();
     return outcome.record;
   }
-  // The daemon failed or hung: make sure it is gone and nothing it created stays behind.
-  if (child.pid && child.exitCode === null) {
+  // The daemon failed or hung: make sure it is gone — and with a supervisor, every daemon it started — before
+  // anything it created is removed; a survivor could still reach READY on a device whose data is gone.
+  if (child.pid && !inSupervisor) await killProcessGroup(child.pid);
+  else if (child.pid && child.exitCode === null) {
     try { process.kill(child.pid, "SIGKILL"); } catch { /* already gone */ }
     await waitForExit(child.pid, 5_000);
   }
   if (addedDevId >= 0) await removeLeftovers(addedDevId);
   throw new Error(outcome.error ?? "the daemon failed");
+}
+
+/**
+ * SIGKILLs every process in the group `pgid` (a child we spawned detached, and the daemons it started) and
+ * waits until none is left. While any member lives the id names no one else: the kernel does not reuse a pid
+ * that still names a process group.
+ */
+async function killProcessGroup(pgid: number, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      process.kill(-pgid, "SIGKILL");
+    } catch {
+      return; // ESRCH: the group is empty
+    }
+    // Zombies stay in the group until reaped (an orphan's by init, which may be slow to do it); they hold nothing.
+    if (!groupHasLiveMember(pgid) || Date.now() > deadline) return;
+    await Bun.sleep(20);
+  }
+}
+
+function groupHasLiveMember(pgid: number): boolean {
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
+      // After the ")" that ends the command name: state, ppid, pgrp.
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (Number(pgrp) === pgid && state !== "Z" && state !== "X") return true;
+    } catch { /* exited meanwhile */ }
+  }
+  return false;
 }
 
 /**
@@ -168,7 +217,8 @@ export function listDevices(devId?: number): DeviceListing[] {
         const tid = record && record.pid === info.ublksrvPid ? record.queues.find((q) => q.qId === qId)?.tid ?? 0 : 0;
         queues.push({ qId, tid, cpus });
       }
-      listings.push({ info, params, record, recordProblem, stateName: UBLK_S_NAMES[info.state] ?? `state ${info.state}`, queues });
+      const recordStale = record !== null && info.state === UBLK_S_DEV_LIVE && record.pid !== info.ublksrvPid && processAlive(info.ublksrvPid);
+      listings.push({ info, params, record, recordProblem, recordStale, stateName: UBLK_S_NAMES[info.state] ?? `state ${info.state}`, queues });
     }
     return listings;
   } finally {
@@ -191,8 +241,11 @@ export function formatListing(listing: DeviceListing): string {
   for (const queue of listing.queues) lines.push(`\tqueue ${queue.qId}: tid ${queue.tid} affinity(${queue.cpus.join(" ")})`);
   if (listing.record) lines.push(`\ttarget ${JSON.stringify(listing.record.target)}`);
   else lines.push(`\ttarget ${listing.recordProblem ? `(record unusable: ${listing.recordProblem})` : "(no record)"}`);
-  const supervisor = listing.record?.supervisorPid ?? 0;
   // No "pid" in these lines: scripts find the daemon's pid as the 7th field of the one line containing "pid".
+  if (listing.recordStale) {
+    lines.push(`\trecord stale: it names daemon ${listing.record!.pid}, not the one serving (its write failed; the daemon retries, see ${daemonLogPath()})`);
+  }
+  const supervisor = listing.record?.supervisorPid ?? 0;
   if (supervisor > 0) lines.push(`\tauto-recover supervisor: ${supervisor}${processAlive(supervisor) ? "" : " (not running)"}`);
   if (!processAlive(info.ublksrvPid) && !(supervisor > 0 && processAlive(supervisor))) {
     const recoverable = (info.flags & UBLK_F_USER_RECOVERY) !== 0 && info.state !== UBLK_S_DEV_DEAD && listing.record !== null;
@@ -210,7 +263,7 @@ export function listingJson(listing: DeviceListing): object {
     ownerUid: listing.info.ownerUid, ownerGid: listing.info.ownerGid,
     logicalBlockBytes: 1 << (listing.params?.basic.logicalBsShift ?? 9), devSectors: listing.params?.basic.devSectors ?? 0,
     devt: listing.params?.devt ?? null, params: listing.params, queues: listing.queues, target: listing.record?.target ?? null,
-    recordProblem: listing.recordProblem ?? null, supervisorPid: listing.record?.supervisorPid ?? null,
+    recordProblem: listing.recordProblem ?? null, recordStale: listing.recordStale, supervisorPid: listing.record?.supervisorPid ?? null,
   };
 }
 
@@ -270,10 +323,53 @@ export async function deleteDevice(devId: number, timeoutMs = 30_000): Promise<v
     for (const daemon of daemons) {
       if (!(await waitForExitOf(daemon, timeoutMs)) && signalProven(daemon, SIGKILL)) await waitForExitOf(daemon, 5_000);
     }
-    if (info) await removeLeftovers(devId, ctrl);
-    else await removeRecordAndState(devId, record);
+    // Only under the device's lock: a daemon recovering the device (started by `recover` or by a supervisor, and
+    // known to neither the kernel nor the record until it is done) holds it, and must be gone before the device
+    // and the record are, or it would serve a deleted device and write its record back.
+    const lockFd = await takeDeviceLock(devId, timeoutMs);
+    try {
+      if (info) await removeLeftovers(devId, ctrl);
+      else await removeRecordAndState(devId, record);
+    } finally {
+      closeSync(lockFd);
+    }
   } finally {
     ctrl.close();
+  }
+}
+
+/**
+ * Takes the device's lock for `del`, stopping its holder first when that is one of our daemons (SIGTERM, then
+ * SIGKILL): a daemon still recovering has no signal handler yet and dies at once, before any record write.
+ * Another holder (a second `del`) is waited for. Throws a one-line reason after `timeoutMs`.
+ */
+async function takeDeviceLock(devId: number, timeoutMs: number): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  let signalled: ProcessIdentity | null = null;
+  let killAfter = 0;
+  for (;;) {
+    const fd = tryLockDevice(devId);
+    if (fd >= 0) return fd;
+    // The holder as /proc/locks names it, signalled only through a pidfd (lib/process-identity.ts).
+    const holder = lockHolder(lockPath(devId));
+    if (holder && runsDaemon(holder.pid)) {
+      if (signalled?.pid !== holder.pid || signalled.startTicks !== holder.startTicks) {
+        signalProven(holder, SIGTERM);
+        signalled = holder;
+        killAfter = Date.now() + Math.min(timeoutMs, 10_000);
+      } else if (Date.now() > killAfter) signalProven(holder, SIGKILL);
+    }
+    if (Date.now() > deadline) throw new Error(`del: device ${devId} is busy: pid ${holder?.pid ?? "?"} holds its lock`);
+    await Bun.sleep(20);
+  }
+}
+
+/** True when `pid` runs lib/daemon.ts (not a CLI, which may be another `del`). */
+function runsDaemon(pid: number): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").includes(DAEMON_PATH);
+  } catch {
+    return false;
   }
 }
 

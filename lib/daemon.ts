@@ -9,7 +9,7 @@
  *   ERROR <message>      start failed and everything was cleaned up
  */
 import { closeSync, writeSync } from "node:fs";
-import { Device, type DeviceConfig, type DeviceEvents } from "./device.ts";
+import { Device, pauseForTest, type DeviceConfig, type DeviceEvents } from "./device.ts";
 import { lockDevice, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { recordedIdentity } from "./process-identity.ts";
 import { loadTarget } from "../targets/registry.ts";
@@ -28,6 +28,9 @@ export interface DaemonSpec {
 export const SUPERVISOR_PID_ENV = "UBLK_BUN_SUPERVISOR_PID";
 
 export const STATUS_FD = 3;
+/** Back-off of the record write a recovered daemon retries (first delay, then doubling up to the max). */
+const RECORD_RETRY_FIRST_MS = 500;
+const RECORD_RETRY_MAX_MS = 30_000;
 export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
 
 /** A started device with its record written; `stop()` deletes the device, the record and the target's state. */
@@ -65,12 +68,32 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
     queues: device.queueInfo, createdAt: spec.createdAt ?? new Date().toISOString(),
     ...(supervisorPid > 0 ? { supervisorPid } : {}), ...recordedIdentity(supervisorPid),
   };
+  await pauseForTest("before-record");
+  let retryTimer: ReturnType<typeof setTimeout> | undefined;
   try {
     writeRecord(record);
   } catch (error) {
-    await device.stop();
-    closeSync(lockFd);
-    throw error;
+    if (spec.mode !== "recover") {
+      // A new device nobody uses yet: without a record it could not be recovered or listed, so it goes.
+      await device.stop();
+      closeSync(lockFd);
+      throw error;
+    }
+    // A recovered device may be mounted, with the application's I/O waiting on it: deleting it now would turn
+    // a bookkeeping failure into data loss. Serve on (the old record's pid is stale, which `list` shows) and
+    // retry the write with back-off. `del` stops this process, and with it the retries, before removing the record.
+    const retry = (delayMs: number, failure: unknown) => {
+      log(`device ${device.devId}: cannot write its record (${oneLine(failure)}); serving on, retrying in ${delayMs} ms`);
+      retryTimer = setTimeout(() => {
+        try {
+          writeRecord(record);
+          log(`device ${device.devId}: record written`);
+        } catch (again) {
+          retry(Math.min(RECORD_RETRY_MAX_MS, delayMs * 2), again);
+        }
+      }, delayMs);
+    };
+    retry(RECORD_RETRY_FIRST_MS, error);
   }
   let stopping: Promise<void> | undefined;
   return {
@@ -78,6 +101,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
     record,
     stop() {
       stopping ??= (async () => {
+        clearTimeout(retryTimer);
         await device.stop();
         removeRecord(device.devId);
         closeSync(lockFd);
@@ -105,6 +129,11 @@ export async function runDaemon(spec: DaemonSpec, report: (line: string) => void
     process.once("SIGHUP", resolve);
   });
   await served.stop();
+}
+
+/** One line in the daemon log (the daemon's stderr), always — not only with UBLK_BUN_DEBUG. */
+function log(message: string): void {
+  console.error(`${new Date().toISOString()} ublk-bun[${process.pid}]: ${message}`);
 }
 
 export function oneLine(error: unknown): string {

@@ -111,7 +111,7 @@ export class Device {
       await pauseForTest("before-start-dev");
       ctrl.startDev(info.devId, getpid());
       const started = ctrl.getDevInfo(info.devId);
-      return new Device(ctrl, started, { ...config, devId: info.devId, flags }, target, charFd, queues);
+      return new Device(ctrl, started, grantedConfig({ ...config, flags }, info), target, charFd, queues);
     } catch (error) {
       await stopQueues(queues);
       if (charFd >= 0) close(charFd);
@@ -151,7 +151,8 @@ export class Device {
       ctrl.endUserRecovery(devId, getpid());
       debug(`device ${devId}: END_USER_RECOVERY done`);
       const live = ctrl.getDevInfo(devId);
-      return new Device(ctrl, live, config, target, charFd, queues);
+      // A record written before records held the granted sizes is healed by the next record write.
+      return new Device(ctrl, live, grantedConfig(config, info), target, charFd, queues);
     } catch (error) {
       await stopQueues(queues);
       if (charFd >= 0) close(charFd);
@@ -328,14 +329,25 @@ export async function stopQueues(queues: QueueWorker[], graceMs = 0): Promise<vo
   queues.length = 0;
 }
 
+/**
+ * The config as the kernel granted it: ADD_DEV lowers nr_hw_queues to the number of CPUs and rounds
+ * max_io_buf_bytes down to whole pages, so the record must hold the kernel's values — a record of what was
+ * asked would never match the device again at recovery.
+ */
+function grantedConfig(config: DeviceConfig, info: DevInfo): DeviceConfig {
+  return { ...config, devId: info.devId, nrHwQueues: info.nrHwQueues, queueDepth: info.queueDepth, maxIoBufBytes: info.maxIoBufBytes };
+}
+
 /** Refuses devices that cannot be recovered, with the reason. */
 function checkRecoverable(info: DevInfo, config: DeviceConfig): void {
   if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
     throw new Error(`device ${info.devId} was created without recovery (add it with -r 1 or -i 1); delete it with del -n ${info.devId}`);
   }
-  if (info.nrHwQueues !== config.nrHwQueues || info.queueDepth !== config.queueDepth || info.maxIoBufBytes !== config.maxIoBufBytes) {
-    throw new Error(`device ${info.devId}: the record (${config.nrHwQueues} queues × ${config.queueDepth}) does not match the kernel's ` +
-      `(${info.nrHwQueues} × ${info.queueDepth})`);
+  // The kernel only ever lowers queues and request size at ADD_DEV; a record holding more is one written by an
+  // older ublk-bun that recorded what it asked for, and still describes this device.
+  if (info.nrHwQueues > config.nrHwQueues || info.queueDepth !== config.queueDepth || info.maxIoBufBytes > config.maxIoBufBytes) {
+    throw new Error(`device ${info.devId}: the record (${config.nrHwQueues} queues × ${config.queueDepth}, requests ≤ ${config.maxIoBufBytes} B) ` +
+      `does not match the kernel's (${info.nrHwQueues} × ${info.queueDepth}, ≤ ${info.maxIoBufBytes} B)`);
   }
   if (info.state === UBLK_S_DEV_LIVE && info.ublksrvPid > 0 && processExists(info.ublksrvPid)) {
     throw new Error(`device ${info.devId} is LIVE with daemon pid ${info.ublksrvPid}; nothing to recover`);
@@ -410,7 +422,7 @@ async function startUserRecoveryRetrying(ctrl: Ctrl, devId: number, timeoutMs: n
 }
 
 /** Test hook: UBLK_BUN_TEST_PAUSE=step:ms makes the server sleep at that step (tests kill it there). */
-async function pauseForTest(step: string): Promise<void> {
+export async function pauseForTest(step: string): Promise<void> {
   const [pauseStep, pauseMs] = (process.env.UBLK_BUN_TEST_PAUSE ?? "").split(":");
   if (pauseStep !== step) return;
   debug(`pausing ${pauseMs} ms at ${step} (UBLK_BUN_TEST_PAUSE)`);

@@ -3,7 +3,7 @@
  * server after a crash (the kernel keeps no target configuration). Written atomically (temporary file +
  * rename), mode 0600, and never read or written through a symlink.
  */
-import { closeSync, constants, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, constants, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import type { DeviceConfig, QueueInfo } from "./device.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -129,19 +129,47 @@ export function lockPath(devId: number): string {
  * device cannot interleave. Returns the fd (close it to release); throws a one-line reason naming the holder.
  */
 export function lockDevice(devId: number, purpose: string): number {
+  const fd = tryLockDevice(devId);
+  if (fd < 0) throw new Error(`${purpose}: device ${devId} is busy: pid ${lockHolderPid(devId) || "?"} is serving or recovering it`);
+  return fd;
+}
+
+/**
+ * The device's lock, or -1 while another process holds it; on success our pid is written into the lock file
+ * for `lockHolderPid`. A lock taken on a file that `removeRecord` unlinked meanwhile would exclude nobody, so the
+ * file is opened again until the locked file is the one at the path.
+ */
+export function tryLockDevice(devId: number): number {
   mkdirSync(runDir(), { recursive: true, mode: 0o700 });
   const path = lockPath(devId);
-  const fd = openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_NOFOLLOW, 0o600);
-  const result = flock(fd, LOCK_EX | LOCK_NB);
-  if (result < 0) {
-    const holder = readFileSync(path, "utf8").trim();
-    closeSync(fd);
-    if (-result === EAGAIN /* EWOULDBLOCK */) throw new Error(`${purpose}: device ${devId} is busy: pid ${holder || "?"} is serving or recovering it`);
-    throw new ErrnoError(`flock ${path}`, -result);
+  for (;;) {
+    const fd = openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_NOFOLLOW, 0o600);
+    const result = flock(fd, LOCK_EX | LOCK_NB);
+    if (result < 0) {
+      closeSync(fd);
+      if (-result === EAGAIN /* EWOULDBLOCK */) return -1;
+      throw new ErrnoError(`flock ${path}`, -result);
+    }
+    let current: number | undefined;
+    try { current = statSync(path).ino; } catch { /* unlinked meanwhile: open it again */ }
+    if (current !== fstatSync(fd).ino) {
+      closeSync(fd);
+      continue;
+    }
+    ftruncateSync(fd, 0);
+    writeSync(fd, `${process.pid}\n`, 0);
+    return fd;
   }
-  ftruncateSync(fd, 0);
-  writeSync(fd, `${process.pid}\n`, 0);
-  return fd;
+}
+
+/** The pid written into the device's lock file by its last holder (0 when none is known). */
+export function lockHolderPid(devId: number): number {
+  try {
+    const pid = Number(readFileSync(lockPath(devId), "utf8").trim());
+    return Number.isInteger(pid) && pid > 0 ? pid : 0;
+  } catch {
+    return 0;
+  }
 }
 
 /** Device ids that have a record file. */

@@ -3,7 +3,8 @@
  * The --auto-recover supervisor: a small process that owns a device's daemon, sees it die and recovers the
  * device itself (as `ublk-bun recover` would), with a growing delay when daemons keep dying. It speaks the
  * daemon's status protocol on fd 3 for the first start only, so `add` works the same with or without it.
- * `del` stops the supervisor (SIGTERM) before the daemon. Every event goes to the daemon log.
+ * Its daemons stay in its process group, so a failed `add` ends them with it. `del` stops the supervisor
+ * (SIGTERM) before the daemon. Every event goes to the daemon log.
  */
 import { writeSync } from "node:fs";
 import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice } from "./admin.ts";
@@ -20,7 +21,7 @@ function log(message: string): void {
   console.error(`${new Date().toISOString()} ublk-bun supervisor[${process.pid}]: ${message}`);
 }
 
-/** Resolves when `pid` is gone (it is not our child: the daemon is detached, so we poll). */
+/** Resolves when `pid` is gone. Polled: addDevice has let the child go, and processAlive counts an unreaped zombie as gone. */
 async function waitForDeath(pid: number): Promise<void> {
   while (processAlive(pid)) await Bun.sleep(50);
 }
@@ -32,7 +33,10 @@ async function supervise(spec: DaemonSpec): Promise<void> {
 
   let record;
   try {
-    record = await addDevice(spec, DAEMON_PATH, env);
+    // ADDED goes on to the CLI at once: should the start fail or time out, the CLI removes the device.
+    record = await addDevice(spec, DAEMON_PATH, env, (devId) => {
+      try { writeSync(STATUS_FD, `ADDED ${devId}\n`); } catch { /* the CLI has gone */ }
+    });
   } catch (error) {
     try { writeSync(STATUS_FD, `ERROR ${oneLine(error)}\n`); } catch { /* the CLI has gone */ }
     throw error;
