@@ -73,6 +73,7 @@ export const UBLK_U_CMD_GET_FEATURES = ior("u", 0x13, CTRL);
 export const UBLK_U_CMD_DEL_DEV_ASYNC = ior("u", 0x14, CTRL);
 export const UBLK_U_CMD_UPDATE_SIZE = iowr("u", 0x15, CTRL);
 export const UBLK_U_CMD_QUIESCE_DEV = iowr("u", 0x16, CTRL);
+export const UBLK_U_CMD_TRY_STOP_DEV = iowr("u", 0x17, CTRL);
 
 const IOCMD = ublksrv_io_cmd.SIZE;
 export const UBLK_U_IO_FETCH_REQ = iowr("u", 0x20, IOCMD);
@@ -110,6 +111,8 @@ export const UBLK_F_AUTO_BUF_REG = 1 << 11;
 export const UBLK_F_QUIESCE = 1 << 12;
 export const UBLK_F_PER_IO_DAEMON = 1 << 13;
 export const UBLK_F_BUF_REG_OFF_DAEMON = 1 << 14;
+export const UBLK_F_SAFE_STOP_DEV = 1 << 17;
+export const UBLK_F_NO_AUTO_PART_SCAN = 1 << 18;
 
 /** Feature bit names in bit order, for `features` and `list` output. */
 export const UBLK_F_NAMES: readonly string[] = [

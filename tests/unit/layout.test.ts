@@ -94,6 +94,9 @@ describe("ublk layouts", () => {
     expect(ublk.UBLK_U_CMD_GET_DEV_INFO2).toBe(0x80207512);
     expect(ublk.UBLK_U_CMD_GET_FEATURES).toBe(0x80207513);
     expect(ublk.UBLK_U_CMD_DEL_DEV_ASYNC).toBe(0x80207514);
+    expect(ublk.UBLK_U_CMD_UPDATE_SIZE).toBe(0xc0207515);
+    expect(ublk.UBLK_U_CMD_QUIESCE_DEV).toBe(0xc0207516);
+    expect(ublk.UBLK_U_CMD_TRY_STOP_DEV).toBe(0xc0207517);
     expect(ublk.UBLK_U_IO_FETCH_REQ).toBe(0xc0107520);
     expect(ublk.UBLK_U_IO_COMMIT_AND_FETCH_REQ).toBe(0xc0107521);
     expect(ublk.UBLK_U_IO_NEED_GET_DATA).toBe(0xc0107522);
@@ -102,6 +105,8 @@ describe("ublk layouts", () => {
     expect([ublk.UBLK_F_SUPPORT_ZERO_COPY, ublk.UBLK_F_URING_CMD_COMP_IN_TASK, ublk.UBLK_F_NEED_GET_DATA, ublk.UBLK_F_USER_RECOVERY,
       ublk.UBLK_F_USER_RECOVERY_REISSUE, ublk.UBLK_F_UNPRIVILEGED_DEV, ublk.UBLK_F_CMD_IOCTL_ENCODE, ublk.UBLK_F_USER_COPY,
       ublk.UBLK_F_ZONED, ublk.UBLK_F_USER_RECOVERY_FAIL_IO]).toEqual([1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+    expect([ublk.UBLK_F_UPDATE_SIZE, ublk.UBLK_F_QUIESCE, ublk.UBLK_F_SAFE_STOP_DEV, ublk.UBLK_F_NO_AUTO_PART_SCAN])
+      .toEqual([0x400, 0x1000, 0x20000, 0x40000]);
     expect(ublk.UBLK_F_NAMES[3]).toBe("USER_RECOVERY");
     expect(ublk.UBLK_F_NAMES[6]).toBe("CMD_IOCTL_ENCODE");
     expect([ublk.UBLK_S_DEV_DEAD, ublk.UBLK_S_DEV_LIVE, ublk.UBLK_S_DEV_QUIESCED, ublk.UBLK_S_DEV_FAIL_IO]).toEqual([0, 1, 2, 3]);
