@@ -11,7 +11,7 @@
  */
 import { closeSync } from "node:fs";
 import { ENODEV, ErrnoError } from "../ffi/errno.ts";
-import { UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { isOurDaemon, processAlive, recoverDevice, waitForExit } from "./admin.ts";
 import { Ctrl } from "./ctrl.ts";
 import { HANDOVER_SIGNAL } from "./daemon.ts";
@@ -47,6 +47,9 @@ export async function restartDevice(devId: number): Promise<RestartResult> {
     }
     if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
       throw new Error(`restart: device ${devId} was created without recovery (-r 1 or -i 1), which restart needs`);
+    }
+    if ((info.flags & UBLK_F_USER_RECOVERY_FAIL_IO) !== 0) {
+      throw new Error(`restart: device ${devId} fails I/O while no daemon serves it (-e 1), so a restart would fail requests; kill its daemon and "recover" instead`);
     }
     if ((info.flags & UBLK_F_QUIESCE) === 0) {
       throw new Error(`restart: device ${devId} was created without QUIESCE (by an older ublk-bun); kill its daemon and "recover" instead`);
