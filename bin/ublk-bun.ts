@@ -7,12 +7,15 @@ import { cac } from "cac";
 import {
   addDevice, allDevIds, deleteDevice, findOrphans, formatListing, kernelFeatures, listDevices, listingJson, recoverDevice, runForeground, SUPERVISOR_PATH,
 } from "../lib/admin.ts";
-import { UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl } from "../lib/ctrl.ts";
 import { dataModeFlags, recoveryFlags } from "../lib/device.ts";
 import {
-  CLI_NAMES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, parseDevId, parseDeviceShape, parseSwitch, single, UsageError,
+  CLI_NAMES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, parseDevId, parseDeviceShape, parseSize, parseSwitch, single, UsageError,
 } from "../lib/options.ts";
+import { resizeDevice } from "../lib/resize.ts";
+import { restartDevice } from "../lib/restart.ts";
+import { stopIfUnused } from "../lib/safe-delete.ts";
 import { canonicalType, loadTarget } from "../targets/registry.ts";
 import type { DaemonSpec } from "../lib/daemon.ts";
 import type { TargetOptions } from "../targets/types.ts";
@@ -43,16 +46,30 @@ cli
   .option("-o, --option <key=value>", "An option for a user-written target (repeatable)")
   .option("--unprivileged", "UNPRIVILEGED_DEV: a device owned by the calling user (needs /dev/ublk-control open to them and the udev rule)")
   .option("-e, --recovery-fail-io <0|1>", "USER_RECOVERY + FAIL_IO: I/O fails fast while no daemon (kernel ≥ 6.13)")
+  .option("--no-part-scan", "NO_AUTO_PART_SCAN: do not scan the new disk for partitions (kernel ≥ 7.0)")
   .option("--auto-recover", "Watch the daemon and recover the device by itself when it dies (needs -r 1, -i 1 or -e 1)")
   .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
   .option("--json", "Print the device as JSON")
   .action((flags: Flags) => run(() => add(flags)));
 
 cli
-  .command("del", "Stop and delete a device (or all with -a)")
+  .command("del", "Stop and delete a device (or all with -a); refuses one that is open or mounted")
   .option("-n, --number <id>", "Device id")
   .option("-a, --all", "Every ublk device and record")
+  .option("--force", "Delete even a device that is open or mounted (its users get I/O errors)")
   .action((flags: Flags) => run(() => del(flags)));
+
+cli
+  .command("resize", "Change a live device's size (UPDATE_SIZE, kernel ≥ 6.16)")
+  .option("-n, --number <id>", "Device id")
+  .option("-s, --size <size>", "The new size, e.g. 2G")
+  .action((flags: Flags) => run(() => resize(flags)));
+
+cli
+  .command("restart", "Replace a device's daemon without failing I/O (QUIESCE_DEV, kernel ≥ 6.16; needs -r 1 or -i 1)")
+  .option("-n, --number <id>", "Device id")
+  .option("--json", "Print the device as JSON")
+  .action((flags: Flags) => run(() => restart(flags)));
 
 cli
   .command("recover", "Re-attach a new daemon to a device whose daemon died (USER_RECOVERY)")
@@ -102,6 +119,13 @@ async function add(flags: Flags): Promise<void> {
   // Fail fast, before any process is started: driver present, rights, target options valid.
   const ctrl = Ctrl.open();
   try {
+    // cac turns --no-part-scan into partScan: false.
+    if (flags.partScan === false) {
+      if ((ctrl.getFeatures() & UBLK_F_NO_AUTO_PART_SCAN) === 0) {
+        throw new UsageError("--no-part-scan: this kernel's ublk_drv has no NO_AUTO_PART_SCAN (it needs Linux ≥ 7.0)");
+      }
+      config.flags |= UBLK_F_NO_AUTO_PART_SCAN;
+    }
     if (failIo) {
       if ((ctrl.getFeatures() & UBLK_F_USER_RECOVERY_FAIL_IO) === 0) {
         throw new UsageError("-e 1: this kernel's ublk_drv has no USER_RECOVERY_FAIL_IO (it needs Linux ≥ 6.13)");
@@ -169,11 +193,16 @@ async function recover(flags: Flags): Promise<void> {
 }
 
 async function del(flags: Flags): Promise<void> {
+  const force = flags.force === true;
+  if (flags.force !== undefined && flags.force !== true) throw new UsageError("--force takes no value");
   if (flags.all) {
     if (flags.number !== undefined) throw new UsageError("del: give -n ID or -a, not both");
     const failures: string[] = [];
     for (const devId of allDevIds()) {
-      try { await deleteDevice(devId); } catch (error) { failures.push((error as Error).message); }
+      try {
+        if (!force) stopIfUnused(devId);
+        await deleteDevice(devId);
+      } catch (error) { failures.push((error as Error).message); }
     }
     for (const orphan of await findOrphans()) {
       try { await orphan.remove(); } catch (error) { failures.push(`${orphan.description}: ${(error as Error).message}`); }
@@ -182,7 +211,27 @@ async function del(flags: Flags): Promise<void> {
     return;
   }
   if (flags.number === undefined || flags.number === true) throw new UsageError("del: -n ID or -a is required");
-  await deleteDevice(parseDevId("-n", single("-n", flags.number)));
+  const devId = parseDevId("-n", single("-n", flags.number));
+  if (!force) stopIfUnused(devId);
+  await deleteDevice(devId);
+}
+
+async function resize(flags: Flags): Promise<void> {
+  if (flags.number === undefined || flags.number === true) throw new UsageError("resize: -n ID is required");
+  if (flags.size === undefined || flags.size === true) throw new UsageError("resize: -s SIZE is required");
+  const devId = parseDevId("-n", single("-n", flags.number));
+  const sizeBytes = parseSize("-s", single("-s", flags.size));
+  const result = await resizeDevice(devId, sizeBytes);
+  console.log(`device ${devId}: ${result.oldSizeBytes} -> ${result.newSizeBytes} bytes`);
+}
+
+async function restart(flags: Flags): Promise<void> {
+  if (flags.number === undefined || flags.number === true) throw new UsageError("restart: -n ID is required");
+  const devId = parseDevId("-n", single("-n", flags.number));
+  const result = await restartDevice(devId);
+  console.log(`device ${devId}: daemon pid ${result.oldPid} handed over to pid ${result.newPid}; I/O stalled at most ${Math.round(result.stallMs)} ms`);
+  const [listing] = listDevices(devId);
+  console.log(flags.json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));
 }
 
 async function list(flags: Flags): Promise<void> {

@@ -11,7 +11,8 @@ import {
   UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_UNPRIVILEGED_DEV, UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DEVT, UBLK_PARAM_TYPE_DISCARD, UBLK_U_CMD_ADD_DEV,
   UBLK_U_CMD_DEL_DEV, UBLK_U_CMD_END_USER_RECOVERY, UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_GET_DEV_INFO2,
   UBLK_U_CMD_GET_FEATURES, UBLK_U_CMD_GET_PARAMS, UBLK_U_CMD_GET_QUEUE_AFFINITY, UBLK_U_CMD_SET_PARAMS,
-  UBLK_U_CMD_START_DEV, UBLK_U_CMD_START_USER_RECOVERY, UBLK_U_CMD_STOP_DEV, ublk_param_basic, ublk_param_devt,
+  UBLK_U_CMD_QUIESCE_DEV, UBLK_U_CMD_START_DEV, UBLK_U_CMD_START_USER_RECOVERY, UBLK_U_CMD_STOP_DEV, UBLK_U_CMD_TRY_STOP_DEV,
+  UBLK_U_CMD_UPDATE_SIZE, ublk_param_basic, ublk_param_devt,
   ublk_param_discard, ublk_params, ublksrv_ctrl_cmd, ublksrv_ctrl_dev_info,
 } from "../ffi/uapi/ublk_cmd.ts";
 
@@ -274,6 +275,33 @@ export class Ctrl {
   /** UBLK_U_CMD_STOP_DEV: removes the disk; outstanding FETCHes complete with -ENODEV. */
   stopDev(devId: number, options: CommandOptions = {}): void {
     this.command("STOP_DEV", UBLK_U_CMD_STOP_DEV, devId, { devPathLen: this.pathPrefix(devId) }, options);
+  }
+
+  /**
+   * UBLK_U_CMD_TRY_STOP_DEV (SAFE_STOP_DEV, ≥ 7.0): STOP_DEV only if nobody has /dev/ublkbN open; -EBUSY
+   * otherwise, and the device keeps serving. On success new opens are refused until the disk is gone.
+   */
+  tryStopDev(devId: number, options: CommandOptions = {}): void {
+    this.command("TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV, devId, { devPathLen: this.pathPrefix(devId) }, options);
+  }
+
+  /**
+   * UBLK_U_CMD_UPDATE_SIZE (≥ 6.16): sets the capacity to `devSectors` (512-byte sectors, in data[0]) and
+   * stores it in the params GET_PARAMS returns. The kernel does not freeze the queue: the target must hold
+   * the new size before a grow and may only release the tail after a shrink.
+   */
+  updateSize(devId: number, devSectors: number): void {
+    this.command("UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE, devId, { data: devSectors, devPathLen: this.pathPrefix(devId) });
+  }
+
+  /**
+   * UBLK_U_CMD_QUIESCE_DEV (QUIESCE, ≥ 6.16; the device needs USER_RECOVERY | QUIESCE): new requests are
+   * held, and once every queue has an idle tag the server's pending FETCHes complete with UBLK_IO_RES_ABORT.
+   * -EBUSY when that does not happen within `waitMs` (data[0]; the device stays canceling: the server must
+   * then exit and leave the rest to recovery).
+   */
+  quiesceDev(devId: number, waitMs: number): void {
+    this.command("QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV, devId, { data: waitMs, devPathLen: this.pathPrefix(devId) }, { timeoutMs: waitMs + 30_000 });
   }
 
   /** UBLK_U_CMD_GET_DEV_INFO, falling back to GET_DEV_INFO2 (which names /dev/ublkcN) where the first is refused. */

@@ -13,6 +13,7 @@ import { Device, pauseForTest, type DeviceConfig, type DeviceEvents } from "./de
 import { lockDevice, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { recordedIdentity } from "./process-identity.ts";
 import { loadTarget } from "../targets/registry.ts";
+import { UBLK_S_DEV_DEAD } from "../ffi/uapi/ublk_cmd.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export interface DaemonSpec {
@@ -38,7 +39,12 @@ export interface ServedDevice {
   device: Device;
   record: DeviceRecord;
   stop(): Promise<void>;
+  /** Lets go of the device for a new server (Device.handOver); the record and the target's state stay. */
+  handOver(): Promise<void>;
 }
+
+/** The signal `restart` sends a daemon: hand the device over instead of deleting it. */
+export const HANDOVER_SIGNAL = "SIGUSR2";
 
 /** Creates and starts the device and writes its record (used by the daemon, --foreground and createDevice). */
 export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}): Promise<ServedDevice> {
@@ -99,6 +105,10 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
   return {
     device,
     record,
+    handOver() {
+      stopping ??= device.handOver().finally(() => closeSync(lockFd));
+      return stopping;
+    },
     stop() {
       stopping ??= (async () => {
         clearTimeout(retryTimer);
@@ -115,20 +125,40 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}):
 
 /** Runs a device until a stop signal; `report` receives the status lines. Resolves when stopped. */
 export async function runDaemon(spec: DaemonSpec, report: (line: string) => void): Promise<void> {
-  let served: ServedDevice;
+  let served: ServedDevice | undefined;
+  let handingOver = false;
+  const onFatal = (error: Error) => {
+    if (handingOver) return; // the queues end by themselves during a hand-over
+    // `del` stopped the device itself (TRY_STOP_DEV): the queues ended because the disk is gone. Finish the
+    // deletion quietly instead of reporting a failure.
+    let dead = false;
+    try { dead = served !== undefined && served.device.refreshInfo().state === UBLK_S_DEV_DEAD; } catch { /* report below */ }
+    if (dead) {
+      served!.stop().then(() => process.exit(0), () => process.exit(1));
+      return;
+    }
+    console.error(`ublk-bun: device ${served?.device.devId ?? "?"}: ${error.message}; exiting so the kernel can quiesce the device`);
+    process.exit(1);
+  };
   try {
-    served = await startServing(spec, { onAdded: (devId) => report(`ADDED ${devId}`) });
+    served = await startServing(spec, { onAdded: (devId) => report(`ADDED ${devId}`), onFatal });
   } catch (error) {
     report(`ERROR ${oneLine(error)}`);
     throw error;
   }
   report(`READY ${JSON.stringify(served.record)}`);
-  await new Promise<void>((resolve) => {
-    process.once("SIGTERM", resolve);
-    process.once("SIGINT", resolve);
-    process.once("SIGHUP", resolve);
+  const how = await new Promise<"stop" | "hand over">((resolve) => {
+    process.once("SIGTERM", () => resolve("stop"));
+    process.once("SIGINT", () => resolve("stop"));
+    process.once("SIGHUP", () => resolve("stop"));
+    process.once(HANDOVER_SIGNAL, () => resolve("hand over"));
   });
-  await served.stop();
+  if (how === "hand over") {
+    handingOver = true;
+    await served.handOver();
+  } else {
+    await served.stop();
+  }
 }
 
 /** One line in the daemon log (the daemon's stderr), always — not only with UBLK_BUN_DEBUG. */

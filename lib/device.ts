@@ -7,7 +7,7 @@
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
-  UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueReply, QueueStart } from "./queue-worker.ts";
@@ -92,9 +92,12 @@ export class Device {
     try {
       // ublk_drv refuses USER_COPY on unprivileged devices (EINVAL): they keep the copy mode.
       const dataModeChosen = (flags & (UBLK_F_USER_COPY | UBLK_F_NEED_GET_DATA | UBLK_F_UNPRIVILEGED_DEV)) !== 0;
-      if (target.prefersUserCopy && !dataModeChosen && (ctrl.getFeatures() & UBLK_F_USER_COPY) !== 0) {
+      const features = ctrl.getFeatures();
+      if (target.prefersUserCopy && !dataModeChosen && (features & UBLK_F_USER_COPY) !== 0) {
         flags |= UBLK_F_USER_COPY;
       }
+      // A recoverable device can also be handed to a new server without failing a request (`restart`).
+      if ((flags & UBLK_F_USER_RECOVERY) !== 0 && (features & UBLK_F_QUIESCE) !== 0) flags |= UBLK_F_QUIESCE;
       info = ctrl.addDev({ devId: config.devId, nrHwQueues: config.nrHwQueues, queueDepth: config.queueDepth,
         maxIoBufBytes: config.maxIoBufBytes, flags });
     } catch (error) {
@@ -180,6 +183,34 @@ export class Device {
       } finally {
         this.ctrl.close();
       }
+    })();
+    return this.stopping;
+  }
+
+  /**
+   * Lets go of the device without stopping it, for a new server to take over (`restart`). QUIESCE_DEV holds
+   * new requests back and, once every queue has an idle tag, aborts the FETCHes we have pending; each queue
+   * commits what it still holds, sees its tags retired and exits; /dev/ublkcN is closed. Never STOP_DEV or
+   * DEL_DEV: the kernel then marks the device QUIESCED for `recover`, and the held requests go to the new
+   * server. When QUIESCE_DEV fails (EBUSY: no tag fell idle within `waitMs`) we let go all the same — the
+   * device is left canceling and only a new server can clear that — and throw: what this server still held
+   * is then reissued (-i 1) or failed (-r 1), as after a crash.
+   */
+  handOver(waitMs = 10_000): Promise<void> {
+    this.stopping ??= (async () => {
+      // Before QUIESCE_DEV: the queues are about to end by themselves, and that is not a failure.
+      for (const queue of this.queues) queue.stopping = true;
+      let failure: unknown;
+      try {
+        this.ctrl.quiesceDev(this.info.devId, waitMs);
+        debug(`device ${this.info.devId}: QUIESCE_DEV done`);
+      } catch (error) {
+        failure = error;
+      }
+      await stopQueues(this.queues, failure ? 0 : 5_000);
+      close(this.charFd);
+      this.ctrl.close();
+      if (failure) throw failure;
     })();
     return this.stopping;
   }

@@ -10,6 +10,9 @@
  */
 import { dataModeFlags, recoveryFlags, type QueueInfo } from "./device.ts";
 import { startServing } from "./daemon.ts";
+import { Ctrl } from "./ctrl.ts";
+import { resizeDevice } from "./resize.ts";
+import { UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/uapi/ublk_cmd.ts";
 import { canonicalType, loadTarget } from "../targets/registry.ts";
 import type { Target, TargetOptions, TargetRecord } from "../targets/types.ts";
 import type { DevInfo } from "./ctrl.ts";
@@ -40,6 +43,8 @@ export interface CreateDeviceOptions {
   recovery?: "none" | "recover" | "reissue";
   /** How request data moves (default "copy": the kernel copies into each tag's buffer). */
   dataMode?: "copy" | "user-copy" | "need-get-data";
+  /** Do not scan the new disk for partitions (NO_AUTO_PART_SCAN, kernel ≥ 7.0; refused before). */
+  noPartScan?: boolean;
   /** A queue died after start. Default: print and exit the process (never serve half a device). */
   onFatal?(error: Error): void;
 }
@@ -52,6 +57,11 @@ export interface BlockDevice {
   readonly queues: QueueInfo[];
   /** The kernel's current view (state, daemon pid, flags). */
   info(): DevInfo;
+  /**
+   * Changes the size of the live device (UPDATE_SIZE, kernel ≥ 6.16), as `ublk-bun resize`: the target grows
+   * its backing store first, the record is updated, then the kernel; /dev/ublkbN shows the new size at once.
+   */
+  resize(sizeBytes: number): Promise<void>;
   /** Stops and deletes the device, its record and the target's outside state. */
   stop(): Promise<void>;
 }
@@ -76,10 +86,19 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     type = canonicalType(pathOf(options.target));
     target = await loadTarget(type);
   }
+  if (options.noPartScan) {
+    const ctrl = Ctrl.open();
+    try {
+      if ((ctrl.getFeatures() & UBLK_F_NO_AUTO_PART_SCAN) === 0) throw new Error("noPartScan: this kernel's ublk_drv has no NO_AUTO_PART_SCAN (it needs Linux ≥ 7.0)");
+    } finally {
+      ctrl.close();
+    }
+  }
   const record = { ...(await target.prepare({ ...targetOptions, sizeBytes, logicalBlockBytes })), type };
   const config = {
     ...shape,
-    flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(dataMode),
+    flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(dataMode) |
+      (options.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0),
   };
   let served;
   try {
@@ -95,6 +114,9 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     target: record,
     queues: device.queueInfo,
     info: () => device.refreshInfo(),
+    resize: async (sizeBytes: number) => {
+      await resizeDevice(device.devId, sizeBytes);
+    },
     stop: () => served.stop(),
   };
 }

@@ -7,7 +7,7 @@
 import { type BigIntStats, closeSync, constants, fstatSync, ftruncateSync, openSync, statfsSync, statSync } from "node:fs";
 import { resolve } from "node:path";
 import {
-  BLKGETSIZE64, BLKROGET, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl, MAP_SHARED, mmap,
+  BLKGETSIZE64, BLKROGET, BLKSSZGET, close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ioctl,
   mmapAnonymous, munmap, O_DIRECT, O_EXCL, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, PROT_READ, PROT_WRITE, pwrite, RWF_DSYNC,
 } from "../ffi/libc.ts";
 import { EBUSY, EINVAL, EIO, EOPNOTSUPP, ErrnoError, errnoText } from "../ffi/errno.ts";
@@ -16,6 +16,7 @@ import {
   UBLK_ATTR_FUA, UBLK_ATTR_READ_ONLY, UBLK_ATTR_VOLATILE_CACHE, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, UBLK_IO_OP_DISCARD,
   UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES,
 } from "../ffi/uapi/ublk_cmd.ts";
+import { FileMapping } from "./mapping.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueHandler, type Target, type TargetRecord } from "./types.ts";
 
 interface Backing {
@@ -207,6 +208,33 @@ export const fileTarget: Target = {
     close(openBacking(record, true));
   },
 
+  /**
+   * Grow: a regular file is extended (ftruncate, sparse) before the kernel is told; a block device or a
+   * read-only device only grows up to what the backing already has. Shrink: the file is never truncated —
+   * the device just ends earlier and the tail stays in the file (grow again to see it; truncate it yourself
+   * if it should go): cutting a user's file is not reversible.
+   */
+  resize(record, newSizeBytes) {
+    if (newSizeBytes <= record.sizeBytes) return;
+    const path = String(record.options.path);
+    const readOnly = record.options.readOnly === true;
+    let fd: number;
+    try {
+      fd = openSync(path, readOnly ? constants.O_RDONLY : constants.O_RDWR);
+    } catch (error) {
+      throw new Error(`file: cannot open ${path}: ${(error as Error).message.replace(/^\w+: /, "")}`);
+    }
+    try {
+      const backing = inspect(fd, path);
+      if (backing.sizeBytes >= newSizeBytes) return;
+      if (backing.isBlockDevice) throw new Error(`file: ${path} is a block device of ${backing.sizeBytes} bytes; it cannot grow to ${newSizeBytes}`);
+      if (readOnly) throw new Error(`file: the device is read-only, so ${path} (${backing.sizeBytes} bytes) cannot grow to ${newSizeBytes}`);
+      ftruncateSync(fd, newSizeBytes);
+    } finally {
+      closeSync(fd);
+    }
+  },
+
   openQueue(record, queue): QueueHandler {
     const path = String(record.options.path);
     // Queue 0 of a block device opens it with O_EXCL and keeps it claimed while it serves, so that nothing mounts
@@ -222,18 +250,29 @@ export const fileTarget: Target = {
     // buffered files. With O_DIRECT the device's latency is real, so requests go through the ring and overlap.
     const inline = record.options.direct !== true;
     // A tmpfs file on a USER_COPY device: the queue copies between the device and the mapped file directly.
-    let mappedAddress = 0;
+    // It follows the file when `resize` grows it (targets/mapping.ts).
+    let mapping: FileMapping | null = null;
     if (record.options.inMemory === true && queue.userCopy) {
-      const protection = record.options.readOnly ? PROT_READ : PROT_READ | PROT_WRITE;
-      mappedAddress = mmap(record.sizeBytes, protection, MAP_SHARED, fd, 0);
-      if (mappedAddress < 0) throw new ErrnoError(`mmap ${path}`, -mappedAddress, `file: cannot map ${path}: ${errnoText(-mappedAddress)}`);
+      try {
+        mapping = new FileMapping(fd, path, record.sizeBytes, record.options.readOnly ? PROT_READ : PROT_READ | PROT_WRITE);
+      } catch (error) {
+        close(fd);
+        throw new Error(`file: ${(error as Error).message}`);
+      }
     }
+    const mapped = mapping;
     return {
-      dataAddress: mappedAddress > 0 ? (_tag, _op, startSector) => mappedAddress + startSector * 512 : undefined,
+      dataAddress: mapped ? (_tag, _op, startSector, nrSectors) => {
+        const base = mapped.cover((startSector + nrSectors) * 512);
+        return base === 0 ? 0 : base + startSector * 512;
+      } : undefined,
       handleIo(tag, op, opFlags, startSector, nrSectors) {
         const lengthBytes = nrSectors * 512;
         const offsetBytes = startSector * 512;
-        if (mappedAddress > 0 && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)) return lengthBytes; // copied by the queue
+        if (mapped && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)) {
+          // Copied by the queue, unless the file was shorter than the request (then nothing was copied).
+          return mapped.cover(offsetBytes + lengthBytes) === 0 ? -EIO : lengthBytes;
+        }
         const address = bufferAddress + tag * maxIoBufBytes;
         if (inline && (op === UBLK_IO_OP_READ || (op === UBLK_IO_OP_WRITE && (opFlags & UBLK_IO_F_FUA) === 0))) {
           const done = op === UBLK_IO_OP_READ ? pread(fd, address, lengthBytes, offsetBytes) : pwrite(fd, address, lengthBytes, offsetBytes);
@@ -272,7 +311,7 @@ export const fileTarget: Target = {
         queue.complete(tag, result);
       },
       close() {
-        if (mappedAddress > 0) munmap(mappedAddress, record.sizeBytes);
+        mapped?.close();
         close(fd);
       },
     };

@@ -7,10 +7,11 @@
 import { closeSync, existsSync, fstatSync, lstatSync, openSync, readdirSync, readFileSync, statfsSync, unlinkSync } from "node:fs";
 import { randomUUID } from "node:crypto";
 import { join } from "node:path";
-import { close, fallocate, MAP_SHARED, memcpy, memset, mmap, munmap, O_NOFOLLOW, O_RDWR, open, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
+import { close, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, memcpy, memset, O_NOFOLLOW, O_RDWR, open, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
 import { ELOOP, ErrnoError, ENOSPC, errnoText } from "../ffi/errno.ts";
 import { UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from "../ffi/uapi/ublk_cmd.ts";
-import { EINVAL, EOPNOTSUPP } from "../ffi/errno.ts";
+import { EINVAL, EIO, EOPNOTSUPP } from "../ffi/errno.ts";
+import { FileMapping } from "./mapping.ts";
 import type { QueueHandler, Target, TargetOrphan, TargetRecord } from "./types.ts";
 
 const MEMORY_DEFAULT_BYTES = 256 * 1024 ** 2;
@@ -70,17 +71,27 @@ export const memoryTarget: Target = {
   openQueue(record, queue): QueueHandler {
     const shmPath = String(record.options.shmPath);
     const fd = openShm(record);
-    const dataAddress = mmap(record.sizeBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd); // the mapping keeps the file
-    if (dataAddress < 0) throw new ErrnoError(`mmap ${shmPath}`, -dataAddress);
+    // The fd stays open: after a `resize` grow the mapping follows the file (see targets/mapping.ts).
+    let mapping: FileMapping;
+    try {
+      mapping = new FileMapping(fd, shmPath, record.sizeBytes, PROT_READ | PROT_WRITE);
+    } catch (error) {
+      close(fd);
+      throw error;
+    }
     const { bufferAddress, maxIoBufBytes, userCopy } = queue;
     return {
       // With USER_COPY the queue copies between the device and the mapped image itself: reads and writes
       // are then already done when handleIo sees them.
-      dataAddress: userCopy ? (_tag, _op, startSector) => dataAddress + startSector * 512 : undefined,
+      dataAddress: userCopy ? (_tag, _op, startSector, nrSectors) => {
+        const base = mapping.cover((startSector + nrSectors) * 512);
+        return base === 0 ? 0 : base + startSector * 512;
+      } : undefined,
       handleIo(tag, op, _opFlags, startSector, nrSectors) {
         const lengthBytes = nrSectors * 512;
-        const at = dataAddress + startSector * 512;
+        const base = mapping.cover(startSector * 512 + lengthBytes);
+        if (base === 0) return -EIO; // past the end of the file: it was shrunk behind our back
+        const at = base + startSector * 512;
         switch (op) {
           case UBLK_IO_OP_READ:
             if (!userCopy) memcpy(bufferAddress + tag * maxIoBufBytes, at, lengthBytes);
@@ -99,9 +110,43 @@ export const memoryTarget: Target = {
         }
       },
       close() {
-        munmap(dataAddress, record.sizeBytes);
+        mapping.close();
+        close(fd);
       },
     };
+  },
+
+  /**
+   * Grow: reserve the new bytes in the shm file (zeroed: a tail released by an earlier shrink may hold old
+   * data) before the kernel is told, so a write there can never meet a full tmpfs. Shrink (after the kernel
+   * was told): punch the tail out, which gives the memory back; the file keeps its length, so a queue's
+   * mapping never reaches past the end of the file (that would be SIGBUS on a request still in flight).
+   */
+  resize(record, newSizeBytes) {
+    const shmPath = String(record.options.shmPath);
+    const fd = open(shmPath, O_RDWR);
+    if (fd < 0) throw new Error(`memory: cannot open ${shmPath}: ${errnoText(-fd)}`);
+    try {
+      const fileBytes = fstatSync(fd).size;
+      if (newSizeBytes > record.sizeBytes) {
+        const staleEndBytes = Math.min(fileBytes, newSizeBytes);
+        if (staleEndBytes > record.sizeBytes) {
+          const punched = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, record.sizeBytes, staleEndBytes - record.sizeBytes);
+          if (punched < 0) throw new Error(`memory: cannot clear ${shmPath} past ${record.sizeBytes}: ${errnoText(-punched)}`);
+        }
+        const reserved = fallocate(fd, 0, 0, newSizeBytes);
+        if (reserved < 0) {
+          throw new Error(-reserved === ENOSPC
+            ? `memory: ${shmDir()} cannot hold ${newSizeBytes} bytes (no space left)`
+            : `memory: cannot reserve ${newSizeBytes} bytes in ${shmPath}: ${errnoText(-reserved)}`);
+        }
+      } else if (fileBytes > newSizeBytes) {
+        const punched = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, newSizeBytes, fileBytes - newSizeBytes);
+        if (punched < 0) throw new Error(`memory: cannot release ${shmPath} past ${newSizeBytes}: ${errnoText(-punched)}`);
+      }
+    } finally {
+      close(fd);
+    }
   },
 
   destroy(record) {
@@ -142,7 +187,8 @@ function openShm(record: TargetRecord): number {
   const ownerUid = typeof record.options.ownerUid === "number" ? record.options.ownerUid : process.geteuid?.() ?? 0;
   const problem = !stat.isFile() ? "is not a regular file"
     : stat.uid !== ownerUid ? `is owned by uid ${stat.uid}, not ${ownerUid}`
-    : stat.size !== record.sizeBytes ? `has ${stat.size} bytes, not the device's ${record.sizeBytes}` : "";
+    // Larger is fine: a shrink (resize) keeps the file's length and only releases the pages past the new end.
+    : stat.size < record.sizeBytes ? `has ${stat.size} bytes, fewer than the device's ${record.sizeBytes}` : "";
   if (problem !== "") {
     close(fd);
     throw new Error(`memory: ${shmPath} ${problem}; refusing it`);

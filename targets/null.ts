@@ -25,6 +25,8 @@ export const nullTarget: Target = {
       prefersUserCopy: true,
     };
   },
+  /** Nothing is stored: any size will do. */
+  resize() {},
   openQueue(): QueueHandler {
     return {
       ignoresData: true,

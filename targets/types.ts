@@ -132,6 +132,14 @@ export interface Target {
    * that can only be deleted: the dead attempt's memory map stays the one the kernel accepts.)
    */
   checkRecord?(record: TargetRecord): void | Promise<void>;
+  /**
+   * Optional; the process running `resize` (without it the target cannot be resized). Growing: called before
+   * the kernel is told — make the backing store hold `newSizeBytes` (`record.sizeBytes` is still the old
+   * size), or throw an Error with a one-line reason to refuse. Shrinking: called after the kernel was told
+   * (it sends nothing past `newSizeBytes` any more) — release what lies beyond, or nothing; it should not
+   * throw. Running queues learn of a grow from the first request past the old end (see targets/mapping.ts).
+   */
+  resize?(record: TargetRecord, newSizeBytes: number): void | Promise<void>;
   /** Optional; the process that deletes the device. Removes state kept outside the server (shm files …). */
   destroy?(record: TargetRecord): void | Promise<void>;
   /**

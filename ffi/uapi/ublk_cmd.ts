@@ -73,6 +73,7 @@ export const UBLK_U_CMD_GET_FEATURES = ior("u", 0x13, CTRL);
 export const UBLK_U_CMD_DEL_DEV_ASYNC = ior("u", 0x14, CTRL);
 export const UBLK_U_CMD_UPDATE_SIZE = iowr("u", 0x15, CTRL);
 export const UBLK_U_CMD_QUIESCE_DEV = iowr("u", 0x16, CTRL);
+export const UBLK_U_CMD_TRY_STOP_DEV = iowr("u", 0x17, CTRL);
 
 const IOCMD = ublksrv_io_cmd.SIZE;
 export const UBLK_U_IO_FETCH_REQ = iowr("u", 0x20, IOCMD);

@@ -101,7 +101,7 @@ export function expectClean(): void {
 
 /** Deletes every device; used in afterAll so one failing test does not poison the next. */
 export function cleanUp(): void {
-  cli(["del", "-a"]);
+  cli(["del", "-a", "--force"]);
 }
 
 export async function waitFor(what: string, condition: () => boolean, timeoutMs = 30_000): Promise<void> {

@@ -101,7 +101,7 @@ describe("no server: what the application sees", () => {
         await Bun.sleep(500);
         process.kill(daemonPidOf(devId), "SIGKILL");
         await waitFor("QUIESCED", () => state(devId) !== "LIVE", 60_000);
-        cliOk(["del", "-n", String(devId)]);
+        cliOk(["del", "-n", String(devId), "--force"]); // the reader has it open: plain del would refuse
         await waitFor("the waiting reader to end after del", () => waiting.exitCode !== null, 30_000);
         delWhileWaiting = await seen(waiting);
         expect(delWhileWaiting).toStartWith("error");

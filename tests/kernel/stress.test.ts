@@ -78,7 +78,7 @@ describe("stress (short forms)", () => {
   });
 });
 
-describe("del while fio runs: fio sees errors, nothing hangs, everything is gone", () => {
+describe("del --force while fio runs (plain del refuses): fio sees errors, nothing hangs, everything is gone", () => {
   const backing = "/tmp/ublk-bun-stress-backing.img";
   const cases: Array<[string, string[]]> = [
     ["null", ["-t", "null"]],
@@ -97,8 +97,14 @@ describe("del while fio runs: fio sees errors, nothing hangs, everything is gone
         "--ioengine=psync", "--numjobs=4", "--runtime=60", "--time_based", "--output-format=json"], { stdout: "pipe", stderr: "pipe" });
       await Bun.sleep(1500);
       expect(fioProcess.exitCode).toBeNull();
+      const refused = cli(["del", "-n", String(devId)]);
+      expect(refused.status).toBe(1);
+      // fio's jobs are its child processes: any of them may be the one named.
+      expect(refused.stderr).toMatch(new RegExp(`^ublk-bun: del: device ${devId} is in use: ublkb${devId} is open by pid \\d+ \\(fio\\)`));
+      expect(refused.stderr.trim().split("\n")).toHaveLength(1);
+      expect(fioProcess.exitCode).toBeNull(); // nothing was stopped
       const started = Date.now();
-      const del = cli(["del", "-n", String(devId)]);
+      const del = cli(["del", "-n", String(devId), "--force"]);
       expect(del.stderr).toBe("");
       expect(del.status).toBe(0);
       const fioStatus = await Promise.race([fioProcess.exited, Bun.sleep(30_000).then(() => "hung")]);

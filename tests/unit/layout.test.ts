@@ -94,6 +94,9 @@ describe("ublk layouts", () => {
     expect(ublk.UBLK_U_CMD_GET_DEV_INFO2).toBe(0x80207512);
     expect(ublk.UBLK_U_CMD_GET_FEATURES).toBe(0x80207513);
     expect(ublk.UBLK_U_CMD_DEL_DEV_ASYNC).toBe(0x80207514);
+    expect(ublk.UBLK_U_CMD_UPDATE_SIZE).toBe(0xc0207515);
+    expect(ublk.UBLK_U_CMD_QUIESCE_DEV).toBe(0xc0207516);
+    expect(ublk.UBLK_U_CMD_TRY_STOP_DEV).toBe(0xc0207517);
     expect(ublk.UBLK_U_IO_FETCH_REQ).toBe(0xc0107520);
     expect(ublk.UBLK_U_IO_COMMIT_AND_FETCH_REQ).toBe(0xc0107521);
     expect(ublk.UBLK_U_IO_NEED_GET_DATA).toBe(0xc0107522);
