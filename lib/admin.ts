@@ -2,7 +2,7 @@
  * What the CLI does, as functions: add (spawn the daemon and wait for READY), list, del, features.
  * Kept apart from bin/ so the embedding API and tests can call the same code.
  */
-import { spawn } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
@@ -10,9 +10,9 @@ import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIV
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
 import { RECOVERABLE_STATES, waitForState } from "./device.ts";
-import { lockPath, readRecord, recordedDevIds, recordPath, removeRecord, runDir, tryLockDevice, type DeviceRecord } from "./records.ts";
+import { lockPath, readRecord, readStandby, recordedDevIds, recordPath, removeRecord, runDir, tryLockDevice, type DeviceRecord } from "./records.ts";
 import {
-  lockHolder, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, waitForExitOf, type ProcessIdentity,
+  lockHolder, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, stillRunning, waitForExitOf, type ProcessIdentity,
 } from "./process-identity.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -49,11 +49,53 @@ export function daemonLogPath(): string {
  * error says why; a failed recovery leaves the device quiesced for another attempt.
  */
 export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {},
-                                onAdded?: (devId: number) => void): Promise<DeviceRecord> {
-  mkdirSync(runDir(), { recursive: true, mode: 0o700 });
-  const logPath = daemonLogPath();
-  const logFd = openSync(logPath, "a", 0o600);
+                                onAdded?: (devId: number) => void,
+                                onWaiting?: (elapsedMs: number, state: string) => void): Promise<DeviceRecord> {
   const readyTimeout = readyTimeoutMs();
+  const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
+  let addedDevId = -1;
+  let child: ChildProcess | undefined;
+  const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
+    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${readyTimeout / 1000} s` }), readyTimeout);
+    const finish = (value: { record?: DeviceRecord; error?: string }) => {
+      clearTimeout(timer);
+      resolve(value);
+    };
+    child = spawnServer(spec, entryPath, extraEnv, (line) => {
+      if (line.startsWith("ADDED ")) {
+        addedDevId = Number(line.slice(6));
+        onAdded?.(addedDevId);
+      } else if (line.startsWith("WAITING ")) {
+        const [elapsedMs, state] = line.slice(8).split(" ");
+        onWaiting?.(Number(elapsedMs), state ?? "?");
+      } else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
+      else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
+    }, (error) => finish({ error: error ?? `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${daemonLogPath()})` }));
+  });
+  if (outcome.record) {
+    releaseStatus(child!);
+    return outcome.record;
+  }
+  // The daemon failed or hung: make sure it is gone — and with a supervisor, every daemon it started — before
+  // anything it created is removed; a survivor could still reach READY on a device whose data is gone.
+  if (child!.pid && !inSupervisor) await killProcessGroup(child!.pid);
+  else if (child!.pid && child!.exitCode === null) {
+    try { process.kill(child!.pid, "SIGKILL"); } catch { /* already gone */ }
+    await waitForExit(child!.pid, 5_000);
+  }
+  if (addedDevId >= 0) await removeLeftovers(addedDevId);
+  throw new Error(outcome.error ?? "the daemon failed");
+}
+
+/**
+ * Starts a daemon (or supervisor) process for `spec`, its stdout and stderr in the daemon log, and passes each
+ * status line it writes on fd 3 to `onLine`; `onEnd` when that pipe closes (the process exited) or the process
+ * could not be started (with the reason).
+ */
+export function spawnServer(spec: DaemonSpec, entryPath: string, extraEnv: Record<string, string>, onLine: (line: string) => void,
+                            onEnd: (error?: string) => void): ChildProcess {
+  mkdirSync(runDir(), { recursive: true, mode: 0o700 });
+  const logFd = openSync(daemonLogPath(), "a", 0o600);
   // The child leads a process group of its own (a new session, away from the terminal). A supervisor's daemons
   // stay in the supervisor's group, so a failed `add --auto-recover` can end the whole tree with one signal.
   const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
@@ -64,46 +106,27 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
   });
   closeSync(logFd);
   const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
-  let addedDevId = -1;
   let buffered = "";
-  const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
-    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${readyTimeout / 1000} s` }), readyTimeout);
-    const finish = (value: { record?: DeviceRecord; error?: string }) => {
-      clearTimeout(timer);
-      resolve(value);
-    };
-    status.on("data", (chunk: Buffer) => {
-      buffered += chunk.toString("utf8");
-      let newline: number;
-      while ((newline = buffered.indexOf("\n")) >= 0) {
-        const line = buffered.slice(0, newline);
-        buffered = buffered.slice(newline + 1);
-        if (line.startsWith("ADDED ")) {
-          addedDevId = Number(line.slice(6));
-          onAdded?.(addedDevId);
-        }
-        else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
-        else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
-      }
-    });
-    status.on("end", () => finish({ error: `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${logPath})` }));
-    child.on("error", (error) => finish({ error: `cannot start the daemon: ${error.message}` }));
+  status.on("data", (chunk: Buffer) => {
+    buffered += chunk.toString("utf8");
+    let newline: number;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, newline);
+      buffered = buffered.slice(newline + 1);
+      onLine(line);
+    }
   });
-  if (outcome.record) {
-    status.removeAllListeners();
-    (status as unknown as { destroy?: () => void }).destroy?.();
-    child.unref();
-    return outcome.record;
-  }
-  // The daemon failed or hung: make sure it is gone — and with a supervisor, every daemon it started — before
-  // anything it created is removed; a survivor could still reach READY on a device whose data is gone.
-  if (child.pid && !inSupervisor) await killProcessGroup(child.pid);
-  else if (child.pid && child.exitCode === null) {
-    try { process.kill(child.pid, "SIGKILL"); } catch { /* already gone */ }
-    await waitForExit(child.pid, 5_000);
-  }
-  if (addedDevId >= 0) await removeLeftovers(addedDevId);
-  throw new Error(outcome.error ?? "the daemon failed");
+  status.on("end", () => onEnd());
+  child.on("error", (error) => onEnd(`cannot start the daemon: ${error.message}`));
+  return child;
+}
+
+/** Stops listening to a server that is READY, and lets this process exit without it. */
+export function releaseStatus(child: ChildProcess): void {
+  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
+  status.removeAllListeners();
+  (status as unknown as { destroy?: () => void }).destroy?.();
+  child.unref();
 }
 
 /**
@@ -165,12 +188,13 @@ export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, 
     if (supervisor > 0 && supervisor !== Number(extraEnv[SUPERVISOR_PID_ENV] ?? 0) && processAlive(supervisor) && isOurDaemon(supervisor)) {
       throw new Error(`recover: device ${devId} is watched by supervisor pid ${supervisor} (--auto-recover), which recovers it`);
     }
-    await waitForState(ctrl, devId, RECOVERABLE_STATES, 60_000, "QUIESCED or FAIL_IO (the old daemon must exit first)",
-      (elapsedMs, now) => onWait?.(elapsedMs, UBLK_S_NAMES[now.state] ?? String(now.state)));
   } finally {
     ctrl.close();
   }
-  return addDevice({ mode: "recover", config: { ...record.config, devId }, target: record.target, createdAt: record.createdAt }, entryPath, extraEnv);
+  // The daemon starts at once: it waits for the kernel to quiesce the device itself (reporting WAITING lines),
+  // while its queue Workers load — no second wait here before it.
+  return addDevice({ mode: "recover", config: { ...record.config, devId }, target: record.target, createdAt: record.createdAt },
+    entryPath, extraEnv, undefined, onWait);
 }
 
 /** Runs the daemon in this process (--foreground); `onReady` sees the record. Resolves when stopped by a signal. */
@@ -247,6 +271,8 @@ export function formatListing(listing: DeviceListing): string {
   }
   const supervisor = listing.record?.supervisorPid ?? 0;
   if (supervisor > 0) lines.push(`\tauto-recover supervisor: ${supervisor}${processAlive(supervisor) ? "" : " (not running)"}`);
+  const standby = liveStandby(info.devId);
+  if (standby) lines.push(`\tstandby daemon: ${standby.pid} (takes over the moment the daemon dies)`);
   if (!processAlive(info.ublksrvPid) && !(supervisor > 0 && processAlive(supervisor))) {
     const recoverable = (info.flags & UBLK_F_USER_RECOVERY) !== 0 && info.state !== UBLK_S_DEV_DEAD && listing.record !== null;
     lines.push(`\torphan: no daemon serves it; ${recoverable ? `"recover -n ${info.devId}" or ` : ""}"del -n ${info.devId}"`);
@@ -264,7 +290,14 @@ export function listingJson(listing: DeviceListing): object {
     logicalBlockBytes: 1 << (listing.params?.basic.logicalBsShift ?? 9), devSectors: listing.params?.basic.devSectors ?? 0,
     devt: listing.params?.devt ?? null, params: listing.params, queues: listing.queues, target: listing.record?.target ?? null,
     recordProblem: listing.recordProblem ?? null, recordStale: listing.recordStale, supervisorPid: listing.record?.supervisorPid ?? null,
+    standbyPid: liveStandby(listing.info.devId)?.pid ?? null,
   };
+}
+
+/** The device's --auto-recover standby daemon, while it runs and is provably ours. */
+function liveStandby(devId: number): ProcessIdentity | null {
+  const noted = readStandby(devId);
+  return noted && stillRunning(noted) && isOurDaemon(noted.pid) ? noted : null;
 }
 
 /** True while `pid` names a live process (zombies count as gone). */
@@ -318,6 +351,9 @@ export async function deleteDevice(devId: number, timeoutMs = 30_000): Promise<v
     // Only processes proven ours are signalled (lib/process-identity.ts); never the kernel's dev_info pid alone.
     const supervisor = provenProcess(record?.supervisorPid, record?.supervisorStartTicks, record?.exe);
     if (supervisor && isOurDaemon(supervisor.pid) && signalProven(supervisor, SIGTERM)) await waitForExitOf(supervisor, 10_000);
+    // Its standby owns nothing yet; the supervisor ends it, but may have died before it could.
+    const standby = liveStandby(devId);
+    if (standby && signalProven(standby, SIGKILL)) await waitForExitOf(standby, 5_000);
     const daemons = provenServers(record, lockPath(devId)).filter((daemon) => isOurDaemon(daemon.pid));
     for (const daemon of daemons) signalProven(daemon, SIGTERM);
     for (const daemon of daemons) {

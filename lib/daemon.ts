@@ -10,15 +10,23 @@
  */
 import { closeSync, writeSync } from "node:fs";
 import { Device, pauseForTest, type DeviceConfig, type DeviceEvents } from "./device.ts";
-import { lockDevice, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
-import { recordedIdentity } from "./process-identity.ts";
+import { lockDevice, readRecord, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
+import { recordedIdentity, waitForDeathOf } from "./process-identity.ts";
+import { debug } from "./debug.ts";
 import { loadTarget } from "../targets/registry.ts";
 import { UBLK_S_DEV_DEAD } from "../ffi/uapi/ublk_cmd.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export interface DaemonSpec {
-  /** "create": ADD_DEV … START_DEV. "recover": re-attach to a quiesced device (config.devId names it). */
-  mode?: "create" | "recover";
+  /**
+   * "create": ADD_DEV … START_DEV. "recover": re-attach to a quiesced device (config.devId names it).
+   * "standby" (an --auto-recover supervisor's warm spare): load everything a recovery needs — runtime, target,
+   * queue Workers with their rings — report STANDBY, then wait, owning nothing, until `watchPid` (the serving
+   * daemon) exits, and recover the device at once.
+   */
+  mode?: "create" | "recover" | "standby";
+  /** With "standby": the serving daemon's pid. */
+  watchPid?: number;
   config: DeviceConfig;
   target: TargetRecord;
   /** With "recover": when the device was first created (kept in the record). */
@@ -47,14 +55,24 @@ export interface ServedDevice {
 export const HANDOVER_SIGNAL = "SIGUSR2";
 
 /** Creates and starts the device and writes its record (used by the daemon, --foreground and createDevice). */
-export async function startServing(spec: DaemonSpec, events: DeviceEvents = {}): Promise<ServedDevice> {
+export async function startServing(spec: DaemonSpec, events: DeviceEvents & { onStandby?(): void } = {}): Promise<ServedDevice> {
   // The device lock is held for the life of the serving process: a second recover of the device is refused
-  // instead of racing this one; the kernel drops it however this process dies.
+  // instead of racing this one; the kernel drops it however this process dies. A standby takes it only when
+  // its turn comes: until then the serving daemon holds it.
   let lockFd = spec.mode === "recover" ? lockDevice(spec.config.devId, "recover") : -1;
+  const devId = spec.config.devId;
+  /** A standby's turn: the serving daemon has exited, and the device is still ours to recover. */
+  const awaitTurn = async () => {
+    events.onStandby?.();
+    await waitForDeathOf(spec.watchPid ?? 0);
+    debug(`standby for device ${devId}: daemon ${spec.watchPid} exited; taking over`);
+    lockFd = lockDevice(devId, "standby");
+    if (readRecord(devId) === null) throw new Error(`standby: device ${devId} was deleted`);
+  };
   let device: Device;
   try {
-    device = spec.mode === "recover"
-      ? await Device.recover(spec.config, spec.target, events)
+    device = spec.mode === "recover" || spec.mode === "standby"
+      ? await Device.recover(spec.config, spec.target, events, undefined, spec.mode === "standby" ? awaitTurn : undefined)
       : await Device.create(spec.config, spec.target, events);
   } catch (error) {
     if (lockFd >= 0) closeSync(lockFd);
@@ -141,7 +159,12 @@ export async function runDaemon(spec: DaemonSpec, report: (line: string) => void
     process.exit(1);
   };
   try {
-    served = await startServing(spec, { onAdded: (devId) => report(`ADDED ${devId}`), onFatal });
+    served = await startServing(spec, {
+      onAdded: (devId) => report(`ADDED ${devId}`),
+      onWaiting: (elapsedMs, state) => report(`WAITING ${Math.round(elapsedMs)} ${state}`),
+      onStandby: () => report("STANDBY"),
+      onFatal,
+    });
   } catch (error) {
     report(`ERROR ${oneLine(error)}`);
     throw error;

@@ -10,13 +10,16 @@ import {
   UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
-import type { QueueReply, QueueStart } from "./queue-worker.ts";
+import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
 import { wakeQueueForStop } from "./queue-worker.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
+/** How often a recovery asks again while the kernel is still tearing the dead server down (QUIESCED not yet,
+ * /dev/ublkcN not yet released): the application's I/O waits meanwhile, and each ask is one cheap command. */
+const RECOVERY_POLL_MS = 2;
 /** How long a new queue may take to load its target and FETCH every tag (a Worker starts in 0.1–1 s under TCG). */
 const QUEUE_FETCH_TIMEOUT_MS = 30_000;
 /** After the stop eventfd: how long a queue may take to leave its loop. More than the queue's own wait for
@@ -50,6 +53,8 @@ export interface DeviceEvents {
   onFatal?(error: Error): void;
   /** Called with the device id as soon as ADD_DEV succeeded (the daemon reports it so a failed start can be cleaned up). */
   onAdded?(devId: number): void;
+  /** While a recovery waits for the kernel to quiesce the device: about once a second, the state it is in. */
+  onWaiting?(elapsedMs: number, state: string): void;
 }
 
 interface QueueWorker {
@@ -59,6 +64,8 @@ interface QueueWorker {
   exited: Promise<void>;
   /** Set once we end it ourselves; a Worker that ends without it has died. */
   stopping: boolean;
+  /** Set once it was given /dev/ublkcN: from then on it polls its stop eventfd. */
+  attached: boolean;
 }
 
 export class Device {
@@ -71,6 +78,8 @@ export class Device {
     readonly target: TargetRecord,
     private readonly charFd: number,
     private readonly queues: QueueWorker[],
+    /** What the target keeps exclusive while we serve (Target.claim), or -1. */
+    private readonly claimFd = -1,
   ) {}
 
   get devId(): number {
@@ -105,18 +114,20 @@ export class Device {
       throw error;
     }
     events.onAdded?.(info.devId);
-    let charFd = -1;
+    let charFd = -1, claimFd = -1;
     let queues: QueueWorker[] = [];
     try {
       charFd = await openCharDevice(info.devId);
       queues = await startQueues(ctrl, info, target, charFd, false, events, config.pollUs ?? "auto");
+      claimFd = await claimFor(target);
       ctrl.setParams(info.devId, paramsOf(target, info));
       await pauseForTest("before-start-dev");
       ctrl.startDev(info.devId, getpid());
       const started = ctrl.getDevInfo(info.devId);
-      return new Device(ctrl, started, grantedConfig({ ...config, flags }, info), target, charFd, queues);
+      return new Device(ctrl, started, grantedConfig({ ...config, flags }, info), target, charFd, queues, claimFd);
     } catch (error) {
       await stopQueues(queues);
+      if (claimFd >= 0) close(claimFd);
       if (charFd >= 0) close(charFd);
       try { ctrl.delDev(info.devId, { timeoutMs: 10_000 }); } catch { /* reported below: the first error matters */ }
       ctrl.close();
@@ -125,39 +136,60 @@ export class Device {
   }
 
   /**
-   * Re-attaches a new server to a device whose server died (USER_RECOVERY): waits until the kernel has
-   * quiesced it, START_USER_RECOVERY (retrying EBUSY until the dead server's /dev/ublkcN is released),
-   * checks the kernel's params against the record, starts the queues (each FETCHes every tag) and, from this
-   * thread — never a queue thread — END_USER_RECOVERY with our pid. On failure the device stays quiesced,
-   * ready for another attempt.
+   * Re-attaches a new server to a device whose server died (USER_RECOVERY): starts the queue Workers at once
+   * (they load while the kernel works), waits until the kernel has quiesced the device, START_USER_RECOVERY
+   * (retrying EBUSY until the dead server's /dev/ublkcN is released), checks the kernel's params against the
+   * record, hands the queues /dev/ublkcN (each FETCHes every tag) and, from this thread — never a queue thread —
+   * END_USER_RECOVERY with our pid. `awaitTurn`, when given, is awaited once the Workers are started and before
+   * anything is asked of the device (a standby waits there for the serving daemon to die). On failure the device
+   * stays quiesced, ready for another attempt.
    */
-  static async recover(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}, waitTimeoutMs = 60_000): Promise<Device> {
+  static async recover(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}, waitTimeoutMs = 60_000,
+                       awaitTurn?: () => Promise<void>): Promise<Device> {
     const devId = config.devId;
     const ctrl = Ctrl.open();
-    let charFd = -1;
-    let queues: QueueWorker[] = [];
+    let charFd = -1, claimFd = -1;
+    let launched: LaunchedQueues | undefined;
     try {
       let info = ctrl.getDevInfo(devId);
+      const targetModule = loadTarget(target.type);
+      targetModule.catch(() => { /* awaited below */ });
+      launched = launchQueues(ctrl, info, target, true, events, config.pollUs ?? "auto");
+      if (awaitTurn) {
+        await launched.prepared; // a standby is only ready once its queues are
+        await awaitTurn();
+      }
+      info = ctrl.getDevInfo(devId);
       checkRecoverable(info, config);
-      info = await waitForState(ctrl, devId, RECOVERABLE_STATES, waitTimeoutMs, "QUIESCED or FAIL_IO (the old server must have exited)");
+      // Polled tightly: every millisecond here is the application's stall.
+      let reportedS = 0;
+      info = await waitForState(ctrl, devId, RECOVERABLE_STATES, waitTimeoutMs, "QUIESCED or FAIL_IO (the old server must have exited)",
+        (elapsedMs, now) => {
+          if (elapsedMs < (reportedS + 1) * 1000) return;
+          reportedS = Math.floor(elapsedMs / 1000);
+          events.onWaiting?.(elapsedMs, UBLK_S_NAMES[now.state] ?? String(now.state));
+        }, RECOVERY_POLL_MS);
       // Before the kernel hears of this recovery: a backing store that is no longer the recorded one is refused
       // while the device can still be recovered later (see Target.checkRecord).
-      await (await loadTarget(target.type)).checkRecord?.(target);
+      await (await targetModule).checkRecord?.(target);
       await pauseForTest("before-start-recovery");
       await startUserRecoveryRetrying(ctrl, devId, waitTimeoutMs);
       debug(`device ${devId}: START_USER_RECOVERY done`);
       await pauseForTest("after-start-recovery");
       checkParams(ctrl.getParams(devId), target, info);
-      charFd = await openCharDevice(devId, waitTimeoutMs);
-      queues = await startQueues(ctrl, info, target, charFd, true, events, config.pollUs ?? "auto");
+      charFd = await openCharDevice(devId, waitTimeoutMs, RECOVERY_POLL_MS);
+      const queues = await launched.attach(charFd);
+      debug(`device ${devId}: every queue fetched`);
+      claimFd = await claimFor(target);
       await pauseForTest("before-end-recovery");
       ctrl.endUserRecovery(devId, getpid());
       debug(`device ${devId}: END_USER_RECOVERY done`);
       const live = ctrl.getDevInfo(devId);
       // A record written before records held the granted sizes is healed by the next record write.
-      return new Device(ctrl, live, grantedConfig(config, info), target, charFd, queues);
+      return new Device(ctrl, live, grantedConfig(config, info), target, charFd, queues, claimFd);
     } catch (error) {
-      await stopQueues(queues);
+      await stopQueues(launched?.queues ?? []);
+      if (claimFd >= 0) close(claimFd);
       if (charFd >= 0) close(charFd);
       ctrl.close();
       throw error;
@@ -176,6 +208,7 @@ export class Device {
       debug(`device ${this.info.devId}: stopping queues`);
       await stopQueues(this.queues, 5_000);
       close(this.charFd);
+      if (this.claimFd >= 0) close(this.claimFd);
       debug(`device ${this.info.devId}: DEL_DEV`);
       try {
         this.ctrl.delDev(this.info.devId);
@@ -209,6 +242,7 @@ export class Device {
       }
       await stopQueues(this.queues, failure ? 0 : 5_000);
       close(this.charFd);
+      if (this.claimFd >= 0) close(this.claimFd);
       this.ctrl.close();
       if (failure) throw failure;
     })();
@@ -219,6 +253,11 @@ export class Device {
   refreshInfo(): DevInfo {
     return this.ctrl.getDevInfo(this.info.devId);
   }
+}
+
+/** The target's claim for as long as we serve (Target.claim), or -1. */
+async function claimFor(target: TargetRecord): Promise<number> {
+  return (await (await loadTarget(target.type)).claim?.(target)) ?? -1;
 }
 
 /** ublk params for a target record: sizes and block sizes from the target, request size from the device. */
@@ -249,7 +288,7 @@ export function paramsOf(target: TargetRecord, info: Pick<DevInfo, "maxIoBufByte
 }
 
 /** Opens /dev/ublkcN, retrying EBUSY: a dead server's descriptor is released asynchronously by the kernel. */
-export async function openCharDevice(devId: number, timeoutMs = 10_000): Promise<number> {
+export async function openCharDevice(devId: number, timeoutMs = 10_000, pollMs = 50): Promise<number> {
   const path = `/dev/ublkc${devId}`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -262,15 +301,37 @@ export async function openCharDevice(devId: number, timeoutMs = 10_000): Promise
       const hint = -fd === EACCES && process.getuid?.() !== 0 ? ` as uid ${process.getuid?.()} (an unprivileged device needs the udev rule in the README to give you its nodes)` : "";
       throw new ErrnoError(`open ${path}`, -fd, `open ${path}: ${errnoText(-fd)}${hint}`);
     }
-    await Bun.sleep(50);
+    await Bun.sleep(pollMs);
   }
+}
+
+/** Queue Workers started ahead of /dev/ublkcN (see launchQueues). */
+export interface LaunchedQueues {
+  queues: QueueWorker[];
+  /** Every queue has its target loaded, its ring and buffers built and waits for /dev/ublkcN; rejects with the
+   * first queue's failure. */
+  prepared: Promise<void>;
+  /** Hands every queue /dev/ublkcN; resolves once each has FETCHed every tag (bounded by QUEUE_FETCH_TIMEOUT_MS).
+   * On failure the Workers are stopped and it rejects with the first queue's one-line reason. */
+  attach(charFd: number): Promise<QueueWorker[]>;
 }
 
 /** Starts one Worker per queue and resolves once every queue has FETCHed every tag. */
 export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, charFd: number, recovering: boolean,
                                   events: DeviceEvents, pollUs: PollSetting): Promise<QueueWorker[]> {
+  return launchQueues(ctrl, info, target, recovering, events, pollUs).attach(charFd);
+}
+
+/**
+ * Starts one Worker per queue without /dev/ublkcN: each loads its target, builds its ring and buffers and opens
+ * the target's queue, then waits for `attach`. A recovering daemon does this while the kernel quiesces the
+ * device, so the Workers' start-up (the longest part of a recovery) overlaps the kernel's.
+ */
+export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, recovering: boolean,
+                             events: DeviceEvents, pollUs: PollSetting): LaunchedQueues {
   const queues: QueueWorker[] = [];
   const ready: Promise<void>[] = [];
+  const preparedEach: Promise<void>[] = [];
   let started = false;
   const fatal = (error: Error) => {
     if (!started) return; // before start, the failure rejects create()/recover() instead
@@ -280,13 +341,14 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
       process.exit(1);
     }
   };
+  let eventfdFailure: ErrnoError | undefined;
   for (let qId = 0; qId < info.nrHwQueues; qId++) {
     let cpuMask: number[] = [];
     try { cpuMask = [...ctrl.getQueueAffinity(info.devId, qId)]; } catch { /* affinity is advice only */ }
     const stopFd = eventfd(0, 0);
     if (stopFd < 0) {
-      await stopQueues(queues);
-      throw new ErrnoError("eventfd", -stopFd);
+      eventfdFailure = new ErrnoError("eventfd", -stopFd);
+      break;
     }
     const worker = new Worker(new URL("./queue-worker.ts", import.meta.url).href);
     const cpus = cpusOf(Uint8Array.from(cpuMask));
@@ -294,14 +356,17 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
     // CPU, where the thread and the application would take turns while other CPUs idle (one fio job at QD64 on
     // a 2-queue device under qemu: 2.5x fewer IOPS pinned than free).
     if (cpus.length < 2) cpuMask = [];
-    const queue: QueueWorker = { worker, info: { qId, tid: 0, cpus }, stopFd, exited: Promise.resolve(), stopping: false };
+    const queue: QueueWorker = { worker, info: { qId, tid: 0, cpus }, stopFd, exited: Promise.resolve(), stopping: false, attached: false };
     let exitedResolve!: () => void;
     queue.exited = new Promise<void>((resolve) => { exitedResolve = resolve; });
     let failure = "";
-    ready.push(new Promise<void>((resolve, reject) => {
+    let preparedResolve!: () => void;
+    const prepared = new Promise<void>((resolve) => { preparedResolve = resolve; });
+    const fetched = new Promise<void>((resolve, reject) => {
       worker.onmessage = (event: MessageEvent<QueueReply>) => {
         const reply = event.data;
-        if (reply.type === "fetched") {
+        if (reply.type === "prepared") preparedResolve();
+        else if (reply.type === "fetched") {
           queue.info.tid = reply.tid;
           resolve();
         } else if (reply.type === "exited") {
@@ -321,27 +386,46 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
         reject(new Error(`queue ${qId}: worker ended before it was ready`));
         if (!queue.stopping) fatal(new Error(`queue ${qId}: its Worker ended unexpectedly`));
       });
-    }));
+    });
+    fetched.catch(() => { /* reported by attach(); a queue that fails while nobody waits yet is not unhandled */ });
+    ready.push(fetched);
+    preparedEach.push(Promise.race([prepared, fetched]));
     const start: QueueStart = { devId: info.devId, qId, queueDepth: info.queueDepth, maxIoBufBytes: info.maxIoBufBytes,
-      charFd, devFlags: info.flags, target, cpuMask, recovering, stopFd, pollUs };
+      devFlags: info.flags, target, cpuMask, recovering, stopFd, pollUs };
     worker.postMessage(start);
     queues.push(queue);
   }
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timedOut = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`a queue did not fetch its tags within ${QUEUE_FETCH_TIMEOUT_MS / 1000} s ` +
-      `(its target's openQueue never returned?)`)), QUEUE_FETCH_TIMEOUT_MS);
-  });
-  try {
-    await Promise.race([Promise.all(ready), timedOut]);
-  } catch (error) {
-    await stopQueues(queues);
-    throw error;
-  } finally {
-    clearTimeout(timer);
-  }
-  started = true;
-  return queues;
+  const preparedAll = eventfdFailure ? Promise.reject(eventfdFailure) : Promise.all(preparedEach).then(() => undefined);
+  preparedAll.catch(() => { /* reported to whoever awaits it, and by attach() */ });
+  return {
+    queues,
+    prepared: preparedAll,
+    async attach(charFd: number): Promise<QueueWorker[]> {
+      if (eventfdFailure) {
+        await stopQueues(queues);
+        throw eventfdFailure;
+      }
+      for (const queue of queues) {
+        queue.attached = true;
+        queue.worker.postMessage({ type: "attach", charFd } satisfies QueueAttach);
+      }
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const timedOut = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`a queue did not fetch its tags within ${QUEUE_FETCH_TIMEOUT_MS / 1000} s ` +
+          `(its target's openQueue never returned?)`)), QUEUE_FETCH_TIMEOUT_MS);
+      });
+      try {
+        await Promise.race([Promise.all(ready), timedOut]);
+      } catch (error) {
+        await stopQueues(queues);
+        throw error;
+      } finally {
+        clearTimeout(timer);
+      }
+      started = true;
+      return queues;
+    },
+  };
 }
 
 /** Wakes every queue out of its loop (if STOP_DEV has not already retired it) and ends the Workers. */
@@ -351,7 +435,11 @@ export async function stopQueues(queues: QueueWorker[], graceMs = 0): Promise<vo
     // After STOP_DEV the kernel retires every tag with -ENODEV and the queues exit by themselves.
     await Promise.race([Promise.all(queues.map((queue) => queue.exited)), Bun.sleep(graceMs)]);
   }
-  for (const queue of queues) wakeQueueForStop(queue.stopFd);
+  for (const queue of queues) {
+    // A queue still waiting for /dev/ublkcN is told to leave without it; an attached one is woken in its ring.
+    if (queue.attached) wakeQueueForStop(queue.stopFd);
+    else queue.worker.postMessage({ type: "attach", charFd: -1 } satisfies QueueAttach);
+  }
   await Promise.race([Promise.all(queues.map((queue) => queue.exited)), Bun.sleep(QUEUE_EXIT_TIMEOUT_MS)]);
   for (const queue of queues) {
     queue.worker.terminate();
@@ -414,7 +502,7 @@ export const RECOVERABLE_STATES: readonly number[] = [UBLK_S_DEV_QUIESCED, UBLK_
 
 /** Polls GET_DEV_INFO until `state` (or one of `state`); throws after `timeoutMs` naming what was awaited. */
 export async function waitForState(ctrl: Ctrl, devId: number, state: number | readonly number[], timeoutMs: number, what: string,
-                                   onWait?: (elapsedMs: number, info: DevInfo) => void): Promise<DevInfo> {
+                                   onWait?: (elapsedMs: number, info: DevInfo) => void, pollMs = 50): Promise<DevInfo> {
   const started = Date.now();
   const wanted = typeof state === "number" ? [state] : state;
   for (;;) {
@@ -425,7 +513,7 @@ export async function waitForState(ctrl: Ctrl, devId: number, state: number | re
       throw new Error(`device ${devId} did not become ${what} within ${Math.round(timeoutMs / 1000)} s (state ${UBLK_S_NAMES[info.state] ?? info.state})`);
     }
     onWait?.(elapsedMs, info);
-    await Bun.sleep(50);
+    await Bun.sleep(pollMs);
   }
 }
 
@@ -447,7 +535,7 @@ async function startUserRecoveryRetrying(ctrl: Ctrl, devId: number, timeoutMs: n
         return;
       }
       if (error.errno !== EBUSY || Date.now() > deadline) throw error;
-      await Bun.sleep(100);
+      await Bun.sleep(RECOVERY_POLL_MS);
     }
   }
 }

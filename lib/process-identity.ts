@@ -8,6 +8,8 @@
  */
 import { lstatSync, readFileSync, readlinkSync } from "node:fs";
 import { close, pidfdOpen, pidfdSendSignal } from "../ffi/libc.ts";
+import { Ring } from "../ffi/ring.ts";
+import { POLLIN } from "../ffi/uapi/io_uring.ts";
 
 /** One process for the life of the system: a pid with its start time (clock ticks after boot) and executable. */
 export interface ProcessIdentity {
@@ -117,4 +119,26 @@ export async function waitForExitOf(identity: ProcessIdentity, timeoutMs: number
     await Bun.sleep(20);
   }
   return true;
+}
+
+/**
+ * Resolves when process `pid` has exited (at once when it is already gone). A pidfd polls readable as soon as
+ * the process exits, zombie or not: no polling interval between the death and the answer. The wait runs in
+ * 100 ms slices so this process still handles signals and messages meanwhile.
+ */
+export async function waitForDeathOf(pid: number): Promise<void> {
+  const pidfd = pid > 0 ? pidfdOpen(pid) : -1;
+  if (pidfd < 0) return; // ESRCH: gone already
+  const ring = Ring.create({ entries: 2 });
+  try {
+    ring.prepPollAdd(ring.getSqe(), pidfd, POLLIN, 0);
+    for (;;) {
+      const cqe = ring.waitCqe(100);
+      if (cqe >= 0) return;
+      await Bun.sleep(0);
+    }
+  } finally {
+    ring.close();
+    close(pidfd);
+  }
 }

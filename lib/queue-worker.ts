@@ -4,8 +4,10 @@
  * serve it → COMMIT_AND_FETCH the result. All commits that are ready go to the kernel in one io_uring_enter.
  * The kernel ties a queue to the thread that FETCHed it, so every command of this queue comes from here.
  *
- * Protocol with the device (lib/device.ts): it posts one QueueStart; we answer "fetched" once every tag is
- * with the kernel, then "exited" when all tags are retired (-ENODEV after STOP_DEV) or the stop eventfd fires,
+ * Protocol with the device (lib/device.ts): it posts one QueueStart; we load the target, build the ring and
+ * buffers and open the target's queue, answer "prepared", and wait for /dev/ublkcN (in QueueStart, or a later
+ * QueueAttach: a recovering daemon prepares its queues while the kernel is still quiescing the device); then
+ * we map the descriptors, FETCH every tag and answer "fetched" once every tag is with the kernel, then "exited" when all tags are retired (-ENODEV after STOP_DEV) or the stop eventfd fires,
  * and no request is left with the target. An exception here reaches the device as a Worker error, and the
  * daemon exits at once; a target's mistakes on one request (a throw, a bad result, a second completion) fail
  * or drop that request instead, with a log line.
@@ -35,8 +37,9 @@ export interface QueueStart {
   qId: number;
   queueDepth: number;
   maxIoBufBytes: number;
-  /** /dev/ublkcN, opened once by the device (a second open() is refused); fds are shared by all threads. */
-  charFd: number;
+  /** /dev/ublkcN, opened once by the device (a second open() is refused); fds are shared by all threads.
+   * Absent: it comes later in a QueueAttach, and the queue prepares everything else meanwhile. */
+  charFd?: number;
   /** dev_info.flags as the kernel set them. */
   devFlags: number;
   target: TargetRecord;
@@ -49,7 +52,14 @@ export interface QueueStart {
   pollUs: PollSetting;
 }
 
+/** Hands a prepared queue /dev/ublkcN (charFd ≥ 0), or tells it to leave without attaching (-1). */
+export interface QueueAttach {
+  type: "attach";
+  charFd: number;
+}
+
 export type QueueReply =
+  | { type: "prepared"; qId: number }
   | { type: "fetched"; qId: number; tid: number }
   | { type: "exited"; qId: number; servedIos: number }
   /** Sent just before the Worker throws: the error's one-line message (the Worker's error event carries a
@@ -148,11 +158,11 @@ interface QueueResources {
 }
 
 /** Serves one queue until it is retired. Exported for tests; a Worker calls it from onmessage. */
-export async function serveQueue(start: QueueStart, reply: (message: QueueReply) => void): Promise<void> {
+export async function serveQueue(start: QueueStart, reply: (message: QueueReply) => void, attached: Promise<number>): Promise<void> {
   const held: QueueResources = { descAddress: -1, descBytes: 0, bufferAddress: -1, bufferBytes: 0, abandonedRequests: 0 };
   let servedIos: number;
   try {
-    servedIos = await serveUntilRetired(start, reply, held);
+    servedIos = await serveUntilRetired(start, reply, held, attached);
   } finally {
     if (held.tagState) {
       for (const state of held.tagState) if (state === TAG_PENDING) held.abandonedRequests++; // left by an exception
@@ -173,8 +183,11 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
   reply({ type: "exited", qId: start.qId, servedIos });
 }
 
-async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply) => void, held: QueueResources): Promise<number> {
-  const { qId, queueDepth: depth, maxIoBufBytes, charFd, stopFd } = start;
+async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply) => void, held: QueueResources,
+                                 attached: Promise<number>): Promise<number> {
+  const { qId, queueDepth: depth, maxIoBufBytes, stopFd } = start;
+  /** /dev/ublkcN: set once the queue is attached, before the first command. */
+  let charFd = -1;
   // This thread serves writeback: without IO_FLUSHER its own allocations could wait on the very I/O it must
   // complete. The flag is per thread, so every queue thread sets it (needs CAP_SYS_RESOURCE; best effort).
   prctl(PR_SET_IO_FLUSHER, 1);
@@ -189,13 +202,9 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   });
   // With TASKRUN_FLAG the kernel flags a request waiting for us in shared memory, so polling needs no system call.
   const seesTaskWork = (ring.flags & IORING_SETUP_TASKRUN_FLAG) !== 0;
-  const descBytes = ublkDescAreaBytes(depth);
-  const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
-  if (descAddress < 0) throw new ErrnoError(`mmap descriptors of queue ${qId}`, -descAddress);
-  held.descAddress = descAddress;
-  held.descBytes = descBytes;
-  // Descriptors are 24 bytes = 6 words; read-only for us, written by the kernel before it completes a FETCH.
-  const iod = new Uint32Array(memoryAt(descAddress, descBytes));
+  /** The queue's descriptors, 24 bytes = 6 words each; read-only for us, written by the kernel before it completes
+   * a FETCH. Mapped once the queue is attached. */
+  let iod = new Uint32Array(0);
   const IOD_WORDS = ublksrv_io_desc.SIZE / 4;
   const IOD_OP_FLAGS = ublksrv_io_desc.op_flags / 4, IOD_NR_SECTORS = ublksrv_io_desc.nr_sectors / 4;
   const IOD_START_LO = ublksrv_io_desc.start_sector / 4, IOD_START_HI = IOD_START_LO + 1;
@@ -336,6 +345,16 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     }
     return handler.handleIo(tag, op, opFlags & ~0xff, startSector, nrSectors);
   }
+
+  reply({ type: "prepared", qId });
+  charFd = start.charFd ?? await attached;
+  if (charFd < 0) return 0; // stopped before it was attached: nothing was served
+  const descBytes = ublkDescAreaBytes(depth);
+  const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
+  if (descAddress < 0) throw new ErrnoError(`mmap descriptors of queue ${qId}`, -descAddress);
+  held.descAddress = descAddress;
+  held.descBytes = descBytes;
+  iod = new Uint32Array(memoryAt(descAddress, descBytes));
 
   for (let tag = 0; tag < depth; tag++) queueIoCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
   const stopPoll = nextSqe();
@@ -489,9 +508,16 @@ export function wakeQueueForStop(stopFd: number): void {
 
 declare const self: Worker;
 if (typeof self !== "undefined" && !Bun.isMainThread) {
-  self.onmessage = (event: MessageEvent<QueueStart>) => {
-    serveQueue(event.data, (message) => self.postMessage(message)).catch((error: unknown) => {
-      const failed: QueueReply = { type: "failed", qId: event.data.qId, message: (error as Error)?.message ?? String(error) };
+  let attach!: (charFd: number) => void;
+  const attached = new Promise<number>((resolve) => { attach = resolve; });
+  self.onmessage = (event: MessageEvent<QueueStart | QueueAttach>) => {
+    const message = event.data;
+    if ("type" in message) {
+      attach(message.charFd);
+      return;
+    }
+    serveQueue(message, (reply) => self.postMessage(reply), attached).catch((error: unknown) => {
+      const failed: QueueReply = { type: "failed", qId: message.qId, message: (error as Error)?.message ?? String(error) };
       self.postMessage(failed);
       // Rethrown outside the promise so the Worker's "error" event fires in the device — a little later, so the
       // "failed" message is there first.

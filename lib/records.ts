@@ -3,8 +3,9 @@
  * server after a crash (the kernel keeps no target configuration). Written atomically (temporary file +
  * rename), mode 0600, and never read or written through a symlink.
  */
-import { closeSync, constants, fstatSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, constants, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, statSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
+import { identityOf, type ProcessIdentity } from "./process-identity.ts";
 import type { DeviceConfig, QueueInfo } from "./device.ts";
 import type { TargetRecord } from "../targets/types.ts";
 import { flock, LOCK_EX, LOCK_NB } from "../ffi/libc.ts";
@@ -109,9 +110,39 @@ function isRecord(value: unknown): value is DeviceRecord {
     (r.supervisorStartTicks === undefined || Number.isInteger(r.supervisorStartTicks)) && (r.exe === undefined || typeof r.exe === "string");
 }
 
+/** Where an --auto-recover supervisor notes its standby daemon: pid, start time and executable. */
+function standbyPath(devId: number): string {
+  return join(runDir(), `${devId}.standby`);
+}
+
+/** Notes the standby daemon of a device (for `list`, and for `del` should its supervisor be gone). */
+export function writeStandby(devId: number, pid: number): void {
+  const identity = identityOf(pid);
+  if (!identity) return;
+  const temporaryPath = join(runDir(), `.${devId}.standby.${process.pid}.tmp`);
+  writeFileSync(temporaryPath, JSON.stringify(identity) + "\n", { mode: 0o600, flag: "wx" });
+  renameSync(temporaryPath, standbyPath(devId));
+}
+
+/** The standby daemon noted for a device, as written (not yet proven alive), or null. */
+export function readStandby(devId: number): ProcessIdentity | null {
+  try {
+    const stat = lstatSync(standbyPath(devId));
+    if (!stat.isFile() || stat.uid !== (process.getuid?.() ?? 0)) return null;
+    const identity = JSON.parse(readFileSync(standbyPath(devId), "utf8")) as ProcessIdentity;
+    return Number.isInteger(identity.pid) && Number.isInteger(identity.startTicks) && typeof identity.exe === "string" ? identity : null;
+  } catch {
+    return null;
+  }
+}
+
+export function removeStandby(devId: number): void {
+  try { unlinkSync(standbyPath(devId)); } catch { /* none */ }
+}
+
 /** Removes a record if present (a symlink in its place is removed, not followed). */
 export function removeRecord(devId: number): void {
-  for (const path of [recordPath(devId), lockPath(devId)]) {
+  for (const path of [recordPath(devId), lockPath(devId), standbyPath(devId)]) {
     try {
       unlinkSync(path);
     } catch (error) {

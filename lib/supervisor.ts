@@ -1,15 +1,19 @@
 #!/usr/bin/env bun
 /**
  * The --auto-recover supervisor: a small process that owns a device's daemon, sees it die and recovers the
- * device itself (as `ublk-bun recover` would), with a growing delay when daemons keep dying. It speaks the
+ * device itself, with a growing delay when daemons keep dying. It keeps a warm standby daemon (runtime, target
+ * and queue Workers loaded, owning nothing) that recovers the device the moment the serving daemon dies, and
+ * starts the next standby behind it; after quick deaths in a row it recovers as `ublk-bun recover` would. It speaks the
  * daemon's status protocol on fd 3 for the first start only, so `add` works the same with or without it.
  * Its daemons stay in its process group, so a failed `add` ends them with it. `del` stops the supervisor
  * (SIGTERM) before the daemon. Every event goes to the daemon log.
  */
+import type { ChildProcess } from "node:child_process";
 import { writeSync } from "node:fs";
-import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice } from "./admin.ts";
+import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice, releaseStatus, spawnServer } from "./admin.ts";
 import { DAEMON_SPEC_ENV, oneLine, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
-import { readRecord } from "./records.ts";
+import { waitForDeathOf } from "./process-identity.ts";
+import { readRecord, removeStandby, writeStandby, type DeviceRecord } from "./records.ts";
 
 const MAX_DELAY_MS = 30_000;
 /** A daemon that lived this long was healthy: the count of quick deaths starts again. */
@@ -21,17 +25,50 @@ function log(message: string): void {
   console.error(`${new Date().toISOString()} ublk-bun supervisor[${process.pid}]: ${message}`);
 }
 
-/** Resolves when `pid` is gone. Polled: addDevice has let the child go, and processAlive counts an unreaped zombie as gone. */
-async function waitForDeath(pid: number): Promise<void> {
-  while (processAlive(pid)) await Bun.sleep(50);
+/** A warm spare daemon ("standby" mode): loaded and waiting for the serving daemon to die, then recovering. */
+interface Standby {
+  pid: number;
+  /** Resolves when it reported STANDBY (fully loaded). */
+  loaded: Promise<void>;
+  /** Resolves with the record once it serves the device, or with the reason it could not. */
+  outcome: Promise<DeviceRecord | string>;
+  child: ChildProcess;
+}
+
+/** Starts a standby for the daemon `record.pid` serves from; its status lines are its log entries here. */
+function startStandby(record: DeviceRecord, env: Record<string, string>): Standby {
+  let loadedResolve!: () => void;
+  const loaded = new Promise<void>((resolve) => { loadedResolve = resolve; });
+  let child!: ChildProcess;
+  const outcome = new Promise<DeviceRecord | string>((resolve) => {
+    child = spawnServer({ mode: "standby", watchPid: record.pid, config: record.config, target: record.target, createdAt: record.createdAt },
+      DAEMON_PATH, env, (line) => {
+        if (line === "STANDBY") loadedResolve();
+        else if (line.startsWith("READY ")) resolve(JSON.parse(line.slice(6)) as DeviceRecord);
+        else if (line.startsWith("ERROR ")) resolve(line.slice(6));
+      }, (error) => resolve(error ?? "the standby exited"));
+  });
+  return { pid: child.pid ?? 0, loaded, outcome, child };
+}
+
+function stopStandby(standby: Standby | null): void {
+  if (standby && standby.child.exitCode === null) {
+    try { standby.child.kill("SIGKILL"); } catch { /* gone meanwhile */ }
+  }
 }
 
 async function supervise(spec: DaemonSpec): Promise<void> {
   const env = { [SUPERVISOR_PID_ENV]: String(process.pid) };
   let stopping = false;
-  process.once("SIGTERM", () => { stopping = true; log("SIGTERM: leaving the daemon to whoever stops it"); process.exit(0); });
+  let standby: Standby | null = null;
+  process.once("SIGTERM", () => {
+    stopping = true;
+    log("SIGTERM: stopping the standby, leaving the daemon to whoever stops it");
+    stopStandby(standby);
+    process.exit(0);
+  });
 
-  let record;
+  let record: DeviceRecord;
   try {
     // ADDED goes on to the CLI at once: should the start fail or time out, the CLI removes the device.
     record = await addDevice(spec, DAEMON_PATH, env, (devId) => {
@@ -47,17 +84,52 @@ async function supervise(spec: DaemonSpec): Promise<void> {
 
   let quickDeaths = 0;
   let delayMs = 0;
+  let standbyFailures = 0;
   for (;;) {
     const startedAt = Date.now();
-    await waitForDeath(record.pid);
+    // A warm spare takes over the moment the daemon dies — unless daemons keep dying (a crash loop backs off).
+    if (!standby && record.pid > 0 && quickDeaths < QUICK_DEATHS_FREE) {
+      standby = startStandby(record, env);
+      writeStandby(devId, standby.pid);
+      const current: Standby = standby;
+      void current.loaded.then(() => log(`device ${devId}: standby pid ${current.pid} is ready`));
+    }
+    const spare = standby;
+    const event = await Promise.race([
+      waitForDeathOf(record.pid).then(() => "daemon" as const),
+      ...(spare ? [spare.outcome.then(() => "standby" as const)] : []),
+    ]);
     if (stopping) return;
+    if (event === "standby" && processAlive(record.pid)) {
+      // The spare failed while the daemon still serves: start another, slower each time it keeps failing.
+      log(`device ${devId}: standby pid ${spare!.pid} ended: ${await spare!.outcome}`);
+      standby = null;
+      standbyFailures++;
+      if (standbyFailures > 1) await Bun.sleep(Math.min(MAX_DELAY_MS, 1_000 * 2 ** standbyFailures));
+      continue;
+    }
     const current = readRecord(devId);
     if (!current || !kernelDevIds().includes(devId)) {
       log(`device ${devId}: deleted; supervisor exits`);
+      stopStandby(standby);
       return;
     }
     const livedMs = Date.now() - startedAt;
     quickDeaths = livedMs > HEALTHY_MS ? 0 : quickDeaths + 1;
+    if (spare) {
+      standby = null;
+      removeStandby(devId);
+      const outcome = await spare.outcome;
+      if (typeof outcome !== "string") {
+        log(`device ${devId}: daemon pid ${record.pid} died after ${livedMs} ms; standby pid ${outcome.pid} took over`);
+        releaseStatus(spare.child);
+        record = outcome;
+        standbyFailures = 0;
+        continue;
+      }
+      log(`device ${devId}: daemon pid ${record.pid} died; the standby could not take over: ${outcome}`);
+      stopStandby(spare);
+    }
     delayMs = quickDeaths <= QUICK_DEATHS_FREE ? 0 : Math.min(MAX_DELAY_MS, Math.max(1_000, delayMs * 2));
     log(`device ${devId}: daemon pid ${record.pid} died after ${livedMs} ms; recovering${delayMs ? ` in ${delayMs} ms` : ""}`);
     if (delayMs) await Bun.sleep(delayMs);

@@ -87,6 +87,12 @@ export const faultTarget: Target = {
     };
   },
 
+  async claim(record) {
+    const innerRecord = baseRecord(record);
+    const base = await loadTarget(innerRecord.type);
+    return (await base.claim?.(innerRecord)) ?? -1;
+  },
+
   async checkRecord(record) {
     const innerRecord = baseRecord(record);
     const base = await loadTarget(innerRecord.type);

@@ -204,6 +204,10 @@ export const fileTarget: Target = {
     }
   },
 
+  claim(record) {
+    return record.options.blockDevice === true ? openBacking(record, true) : -1;
+  },
+
   checkRecord(record) {
     close(openBacking(record, true));
   },
@@ -237,9 +241,9 @@ export const fileTarget: Target = {
 
   openQueue(record, queue): QueueHandler {
     const path = String(record.options.path);
-    // Queue 0 of a block device opens it with O_EXCL and keeps it claimed while it serves, so that nothing mounts
-    // it under us. One claiming fd per daemon: a second O_EXCL open fails with EBUSY even in the same process.
-    const fd = openBacking(record, queue.qId === 0);
+    // A block device is kept claimed (O_EXCL) by the daemon's main thread while it serves (claim() above), so
+    // that nothing mounts it under us; the queues open it plainly.
+    const fd = openBacking(record, false);
     const { ring, bufferAddress, maxIoBufBytes } = queue;
     const punchMode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
     const zeroMode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;

@@ -133,6 +133,13 @@ export interface Target {
    */
   checkRecord?(record: TargetRecord): void | Promise<void>;
   /**
+   * Optional; the serving daemon's main thread, once its queues are attached (after creating the device, or
+   * recovering it). Takes what must stay exclusive for as long as this daemon serves — a block device's O_EXCL
+   * claim — and returns an fd the daemon keeps open until it stops (-1: nothing). Not in openQueue: a standby
+   * daemon opens its queues while the serving daemon still holds the claim.
+   */
+  claim?(record: TargetRecord): number | Promise<number>;
+  /**
    * Optional; the process running `resize` (without it the target cannot be resized). Growing: called before
    * the kernel is told — make the backing store hold `newSizeBytes` (`record.sizeBytes` is still the old
    * size), or throw an Error with a one-line reason to refuse. Shrinking: called after the kernel was told
