@@ -10,7 +10,7 @@
  */
 import { closeSync, writeSync } from "node:fs";
 import { Device, pauseForTest, type DeviceConfig, type DeviceEvents } from "./device.ts";
-import { lockDevice, readRecord, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
+import { lockDevice, lockDeviceWaiting, readRecord, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { recordedIdentity, waitForDeathOf } from "./process-identity.ts";
 import { debug } from "./debug.ts";
 import { loadTarget } from "../targets/registry.ts";
@@ -37,6 +37,8 @@ export interface DaemonSpec {
 export const SUPERVISOR_PID_ENV = "UBLK_BUN_SUPERVISOR_PID";
 
 export const STATUS_FD = 3;
+/** How long a recovering daemon waits for the device's lock: a daemon just killed still holds it until it has exited. */
+const LOCK_WAIT_MS = 2_000;
 /** Back-off of the record write a recovered daemon retries (first delay, then doubling up to the max). */
 const RECORD_RETRY_FIRST_MS = 500;
 const RECORD_RETRY_MAX_MS = 30_000;
@@ -59,20 +61,25 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
   // The device lock is held for the life of the serving process: a second recover of the device is refused
   // instead of racing this one; the kernel drops it however this process dies. A standby takes it only when
   // its turn comes: until then the serving daemon holds it.
-  let lockFd = spec.mode === "recover" ? lockDevice(spec.config.devId, "recover") : -1;
+  let lockFd = -1;
   const devId = spec.config.devId;
-  /** A standby's turn: the serving daemon has exited, and the device is still ours to recover. */
-  const awaitTurn = async () => {
-    events.onStandby?.();
-    await waitForDeathOf(spec.watchPid ?? 0);
-    debug(`standby for device ${devId}: daemon ${spec.watchPid} exited; taking over`);
-    lockFd = lockDevice(devId, "standby");
-    if (readRecord(devId) === null) throw new Error(`standby: device ${devId} was deleted`);
+  /** A recovery's turn: the device is ours to recover once we hold its lock (a killed daemon releases it as it
+   * exits) and its record is still there (`del` removes it under the lock). A standby first waits, fully loaded,
+   * for the serving daemon to exit. */
+  const awaitTurn = async (prepared: Promise<void>) => {
+    if (spec.mode === "standby") {
+      await prepared;
+      events.onStandby?.();
+      await waitForDeathOf(spec.watchPid ?? 0);
+      debug(`standby for device ${devId}: daemon ${spec.watchPid} exited; taking over`);
+    }
+    lockFd = await lockDeviceWaiting(devId, spec.mode ?? "recover", LOCK_WAIT_MS);
+    if (readRecord(devId) === null) throw new Error(`${spec.mode}: device ${devId} has no record any more (deleted meanwhile)`);
   };
   let device: Device;
   try {
     device = spec.mode === "recover" || spec.mode === "standby"
-      ? await Device.recover(spec.config, spec.target, events, undefined, spec.mode === "standby" ? awaitTurn : undefined)
+      ? await Device.recover(spec.config, spec.target, events, undefined, awaitTurn)
       : await Device.create(spec.config, spec.target, events);
   } catch (error) {
     if (lockFd >= 0) closeSync(lockFd);

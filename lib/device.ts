@@ -141,11 +141,12 @@ export class Device {
    * (retrying EBUSY until the dead server's /dev/ublkcN is released), checks the kernel's params against the
    * record, hands the queues /dev/ublkcN (each FETCHes every tag) and, from this thread — never a queue thread —
    * END_USER_RECOVERY with our pid. `awaitTurn`, when given, is awaited once the Workers are started and before
-   * anything is asked of the device (a standby waits there for the serving daemon to die). On failure the device
-   * stays quiesced, ready for another attempt.
+   * anything is asked of the device, with a promise of the Workers being ready (the daemon takes the device's
+   * lock there; a standby first waits for the serving daemon to die). On failure the device stays quiesced, ready
+   * for another attempt.
    */
   static async recover(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}, waitTimeoutMs = 60_000,
-                       awaitTurn?: () => Promise<void>): Promise<Device> {
+                       awaitTurn?: (prepared: Promise<void>) => Promise<void>): Promise<Device> {
     const devId = config.devId;
     const ctrl = Ctrl.open();
     let charFd = -1, claimFd = -1;
@@ -155,10 +156,7 @@ export class Device {
       const targetModule = loadTarget(target.type);
       targetModule.catch(() => { /* awaited below */ });
       launched = launchQueues(ctrl, info, target, true, events, config.pollUs ?? "auto");
-      if (awaitTurn) {
-        await launched.prepared; // a standby is only ready once its queues are
-        await awaitTurn();
-      }
+      await awaitTurn?.(launched.prepared);
       info = ctrl.getDevInfo(devId);
       checkRecoverable(info, config);
       // Polled tightly: every millisecond here is the application's stall.

@@ -165,6 +165,17 @@ export function lockDevice(devId: number, purpose: string): number {
   return fd;
 }
 
+/** lockDevice, waiting up to `timeoutMs` for a holder on its way out (a killed daemon releases it as it exits). */
+export async function lockDeviceWaiting(devId: number, purpose: string, timeoutMs: number): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const fd = tryLockDevice(devId);
+    if (fd >= 0) return fd;
+    if (Date.now() > deadline) return lockDevice(devId, purpose); // throws, naming the holder
+    await Bun.sleep(2);
+  }
+}
+
 /**
  * The device's lock, or -1 while another process holds it; on success our pid is written into the lock file
  * for `lockHolderPid`. A lock taken on a file that `removeRecord` unlinked meanwhile would exclude nobody, so the

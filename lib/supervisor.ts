@@ -104,6 +104,7 @@ async function supervise(spec: DaemonSpec): Promise<void> {
       // The spare failed while the daemon still serves: start another, slower each time it keeps failing.
       log(`device ${devId}: standby pid ${spare!.pid} ended: ${await spare!.outcome}`);
       standby = null;
+      removeStandby(devId);
       standbyFailures++;
       if (standbyFailures > 1) await Bun.sleep(Math.min(MAX_DELAY_MS, 1_000 * 2 ** standbyFailures));
       continue;
