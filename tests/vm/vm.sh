@@ -536,6 +536,11 @@ build_run_archive "$RUN/run.cpio"
 exec {lock_fd}>"$CACHE/lock"
 flock "$lock_fd"
 rm -rf "$CACHE"/tmp.*
+# One early version of the kernel choice named trixie's kernel current-trixie.
+if [[ -s $CACHE/kernel/current-trixie && ! -e $CACHE/kernel/current ]]; then
+    mv "$CACHE/kernel/current-trixie" "$CACHE/kernel/current"
+fi
+rm -f "$CACHE/kernel/current-trixie"
 # A kernel that is named but missing was dropped by an older vm.sh, which
 # knew only one kernel: fetch it again.
 if [[ ${UBLK_BUN_VM_REFRESH:-0} == 1 || ! -s $CACHE/kernel/$CURRENT
