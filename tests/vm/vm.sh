@@ -93,10 +93,12 @@ done
 [[ ${1:-} == -- ]] && shift
 (($#)) || { log "no command given"; usage 2 >&2; }
 guest_cmd="$*"
+# KERNEL_SUITE: where apt looks for the kernel (both are Debian 13's). CURRENT: the cache file naming the
+# cached release of this choice; trixie's keeps the name it had before there was a choice, so a cache shared
+# with an older vm.sh stays valid for both.
 case $kernel_choice in
-    # The suite apt searches for the kernel; both are Debian 13's.
-    trixie) KERNEL_SUITE=trixie ;;
-    backports) KERNEL_SUITE=trixie-backports ;;
+    trixie) KERNEL_SUITE=trixie CURRENT=current ;;
+    backports) KERNEL_SUITE=trixie-backports CURRENT=current-backports ;;
     *) log "--kernel must be trixie or backports, got: $kernel_choice"; exit 2 ;;
 esac
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "--timeout must be a whole number of seconds"
@@ -331,11 +333,11 @@ fetch_kernel() {
     rm -rf "${CACHE:?}/kernel/$kver"
     mkdir -p "$CACHE/kernel"
     mv "$dest" "$CACHE/kernel/$kver"
-    echo "$kver" >"$CACHE/kernel/current-$kernel_choice"
+    echo "$kver" >"$CACHE/kernel/$CURRENT"
     # Drop kernels an earlier refresh left behind, keeping the current one of
     # each choice (runs copy theirs under the lock, so none is in use).
     local keep
-    keep=$(cat "$CACHE"/kernel/current-* | sort -u)
+    keep=$(cat "$CACHE"/kernel/current* 2>/dev/null | sort -u)
     for f in "$CACHE"/kernel/*/; do
         f=${f%/}
         grep -qxF "${f##*/}" <<<"$keep" || rm -rf "$f"
@@ -534,14 +536,18 @@ build_run_archive "$RUN/run.cpio"
 exec {lock_fd}>"$CACHE/lock"
 flock "$lock_fd"
 rm -rf "$CACHE"/tmp.*
-# Caches from before the kernel choice hold trixie's kernel as "current".
-if [[ -s $CACHE/kernel/current && ! -e $CACHE/kernel/current-trixie ]]; then
-    mv "$CACHE/kernel/current" "$CACHE/kernel/current-trixie"
+# One early version of the kernel choice named trixie's kernel current-trixie.
+if [[ -s $CACHE/kernel/current-trixie && ! -e $CACHE/kernel/current ]]; then
+    mv "$CACHE/kernel/current-trixie" "$CACHE/kernel/current"
 fi
-if [[ ${UBLK_BUN_VM_REFRESH:-0} == 1 || ! -s $CACHE/kernel/current-$kernel_choice ]]; then
+rm -f "$CACHE/kernel/current-trixie"
+# A kernel that is named but missing was dropped by an older vm.sh, which
+# knew only one kernel: fetch it again.
+if [[ ${UBLK_BUN_VM_REFRESH:-0} == 1 || ! -s $CACHE/kernel/$CURRENT
+      || ! -f $CACHE/kernel/$(cat "$CACHE/kernel/$CURRENT")/vmlinuz ]]; then
     fetch_kernel
 fi
-KVER=$(cat "$CACHE/kernel/current-$kernel_choice")
+KVER=$(cat "$CACHE/kernel/$CURRENT")
 [[ -f $CACHE/kernel/$KVER/vmlinuz ]] || die "kernel cache is broken; rerun with UBLK_BUN_VM_REFRESH=1"
 build_base "$KVER" "$bun"
 # Linux unpacks concatenated cpio archives in order; the per-run one goes last.
