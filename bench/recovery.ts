@@ -7,7 +7,8 @@
  *             device) and its phases are timed from its start: the new daemon process exists, START_USER_RECOVERY
  *             done, every queue FETCHed, END_USER_RECOVERY done, `recover` exits, the first completed I/O
  *   at-once   `recover` started right after the kill: kill → first completed I/O
- *   auto      `add --auto-recover`: kill → QUIESCED and kill → first completed I/O, no operator
+ *   auto      `add --auto-recover`: kill → QUIESCED and kill → first completed I/O, no operator; each kill once the
+ *             supervisor's standby daemon is ready and the serving daemon has lived long enough to count as healthy
  * The device state is polled in this process (GET_DEV_INFO on one open control ring), completed I/O from
  * /sys/block/ublkbN/stat; the daemon's phases come from its debug log (UBLK_BUN_DEBUG=1, wall-clock ms) and the
  * new process's start time from /proc. fio must end with no error. Medians (min–max) over all kills of a mode.
@@ -76,6 +77,21 @@ async function whenTrue(condition: () => boolean, timeoutMs: number): Promise<nu
   }
 }
 
+/** lib/supervisor.ts: a daemon that lived this long was healthy, and its death gets a standby take-over. */
+const HEALTHY_MS = 10_500;
+
+/** Waits (up to 30 s) until the supervisor logs more ready standbys for `devId` than `seen`; returns the count. */
+async function standbyReady(devId: number, seen: number): Promise<number> {
+  const pattern = new RegExp(`device ${devId}: standby pid \\d+ is ready`, "g");
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const count = (readFileSync(LOG, "utf8").match(pattern) ?? []).length;
+    if (count > seen) return count;
+    if (Date.now() > deadline) throw new Error(`device ${devId}: no standby became ready within 30 s`);
+    await Bun.sleep(50);
+  }
+}
+
 type Timing = Record<string, number>;
 const timings: Record<Mode, Timing[]> = { recover: [], "at-once": [], auto: [] };
 let fioErrors = 0;
@@ -87,7 +103,14 @@ async function round(mode: Mode): Promise<void> {
   const fio = Bun.spawn(["fio", "--name=stall", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
     "--ioengine=io_uring", "--iodepth=64", "--time_based", "--runtime=3600", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   await Bun.sleep(2_000); // fio running at full depth
+  let standbysReady = 0;
   for (let kill = 0; kill < kills; kill++) {
+    if (mode === "auto") {
+      // As in use: the daemon lived long enough to count as healthy (a crash loop gets no standby), and the
+      // supervisor's standby is loaded.
+      if (kill > 0) await Bun.sleep(HEALTHY_MS);
+      standbysReady = await standbyReady(devId, standbysReady);
+    }
     const oldPid = ctrl.getDevInfo(devId).ublksrvPid;
     const killedAt = performance.now();
     process.kill(oldPid, "SIGKILL");
@@ -160,7 +183,7 @@ const PHASES: Array<[Mode, string, string]> = [
   ["recover", "recoverExitedMs", "`recover` start → `recover` exits"],
   ["at-once", "killToLiveMs", "kill → LIVE, `recover` started at once"],
   ["at-once", "killToFirstIoMs", "kill → first completed I/O, `recover` started at once"],
-  ["auto", "killToQuiescedMs", "`--auto-recover`: kill → QUIESCED"],
+  ["auto", "killToQuiescedMs", "`--auto-recover` (standby ready): kill → QUIESCED"],
   ["auto", "killToLiveMs", "`--auto-recover`: kill → LIVE"],
   ["auto", "killToFirstIoMs", "`--auto-recover`: kill → first completed I/O"],
 ];

@@ -4,24 +4,19 @@
  * scripts keep working. Every failure is one line on stderr and a non-zero exit.
  */
 import { cac } from "cac";
-import {
-  addDevice, allDevIds, deleteDevice, findOrphans, formatListing, kernelFeatures, listDevices, listingJson, recoverDevice, runForeground, SUPERVISOR_PATH,
-} from "../lib/admin.ts";
 import { UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
-import { Ctrl } from "../lib/ctrl.ts";
-import { dataModeFlags, recoveryFlags } from "../lib/device.ts";
 import {
   CLI_NAMES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, parseDevId, parseDeviceShape, parseSize, parseSwitch, single, UsageError,
 } from "../lib/options.ts";
-import { resizeDevice } from "../lib/resize.ts";
-import { restartDevice } from "../lib/restart.ts";
-import { stopIfUnused } from "../lib/safe-delete.ts";
-import { canonicalType, loadTarget } from "../targets/registry.ts";
 import type { DaemonSpec } from "../lib/daemon.ts";
 import type { TargetOptions } from "../targets/types.ts";
 import packageJson from "../package.json" with { type: "json" };
 
 type Flags = Record<string, unknown>;
+
+// Each command loads what it needs when it runs: `recover` starts its daemon before anything else is loaded
+// (every millisecond until the new daemon runs is the application's stall).
+const admin = () => import("../lib/admin.ts");
 
 const cli = cac("ublk-bun");
 
@@ -102,6 +97,9 @@ async function add(flags: Flags): Promise<void> {
   }, CLI_NAMES);
   const userCopy = flags.userCopy === true, needGetData = flags.needGetData === true;
   if (userCopy && needGetData) throw new UsageError("-u and --need-get-data cannot be combined");
+  const { dataModeFlags, recoveryFlags } = await import("../lib/device.ts");
+  const { Ctrl } = await import("../lib/ctrl.ts");
+  const { canonicalType, loadTarget } = await import("../targets/registry.ts");
   const config = {
     ...shape,
     flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
@@ -164,6 +162,7 @@ function userTargetOptions(value: unknown): TargetOptions {
 }
 
 async function serve(spec: DaemonSpec, flags: Flags): Promise<void> {
+  const { addDevice, formatListing, listDevices, listingJson, runForeground, SUPERVISOR_PATH } = await admin();
   const show = (devId: number) => {
     const [listing] = listDevices(devId);
     console.log(flags.json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));
@@ -180,6 +179,7 @@ async function recover(flags: Flags): Promise<void> {
   if (flags.number === undefined || flags.number === true) throw new UsageError("recover: -n ID is required");
   const devId = parseDevId("-n", single("-n", flags.number));
   let lastReportS = -1;
+  const { recoverDevice } = await import("../lib/recover.ts");
   const record = await recoverDevice(devId, (elapsedMs, state) => {
     const seconds = Math.floor(elapsedMs / 1000);
     if (process.stderr.isTTY && seconds !== lastReportS) {
@@ -188,6 +188,7 @@ async function recover(flags: Flags): Promise<void> {
     }
   });
   if (lastReportS >= 0) process.stderr.write("\n");
+  const { formatListing, listDevices, listingJson } = await admin();
   const [listing] = listDevices(record.devId);
   console.log(flags.json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));
 }
@@ -195,6 +196,8 @@ async function recover(flags: Flags): Promise<void> {
 async function del(flags: Flags): Promise<void> {
   const force = flags.force === true;
   if (flags.force !== undefined && flags.force !== true) throw new UsageError("--force takes no value");
+  const { allDevIds, deleteDevice, findOrphans } = await admin();
+  const { stopIfUnused } = await import("../lib/safe-delete.ts");
   if (flags.all) {
     if (flags.number !== undefined) throw new UsageError("del: give -n ID or -a, not both");
     const failures: string[] = [];
@@ -221,6 +224,7 @@ async function resize(flags: Flags): Promise<void> {
   if (flags.size === undefined || flags.size === true) throw new UsageError("resize: -s SIZE is required");
   const devId = parseDevId("-n", single("-n", flags.number));
   const sizeBytes = parseSize("-s", single("-s", flags.size));
+  const { resizeDevice } = await import("../lib/resize.ts");
   const result = await resizeDevice(devId, sizeBytes);
   console.log(`device ${devId}: ${result.oldSizeBytes} -> ${result.newSizeBytes} bytes`);
 }
@@ -228,6 +232,8 @@ async function resize(flags: Flags): Promise<void> {
 async function restart(flags: Flags): Promise<void> {
   if (flags.number === undefined || flags.number === true) throw new UsageError("restart: -n ID is required");
   const devId = parseDevId("-n", single("-n", flags.number));
+  const { restartDevice } = await import("../lib/restart.ts");
+  const { formatListing, listDevices, listingJson } = await admin();
   const result = await restartDevice(devId);
   console.log(`device ${devId}: daemon pid ${result.oldPid} handed over to pid ${result.newPid}; I/O stalled at most ${Math.round(result.stallMs)} ms`);
   const [listing] = listDevices(devId);
@@ -236,6 +242,7 @@ async function restart(flags: Flags): Promise<void> {
 
 async function list(flags: Flags): Promise<void> {
   const devId = flags.number === undefined ? undefined : parseDevId("-n", single("-n", flags.number));
+  const { findOrphans, formatListing, listDevices, listingJson } = await admin();
   const listings = listDevices(devId);
   if (flags.json) console.log(JSON.stringify(listings.map(listingJson), null, 2));
   else for (const listing of listings) console.log(formatListing(listing));
@@ -243,7 +250,8 @@ async function list(flags: Flags): Promise<void> {
   if (devId === undefined) for (const orphan of await findOrphans()) console.error(`orphan: ${orphan.description} (del -a removes it)`);
 }
 
-function features(flags: Flags): void {
+async function features(flags: Flags): Promise<void> {
+  const { kernelFeatures } = await admin();
   const { mask, names } = kernelFeatures();
   if (flags.json) console.log(JSON.stringify({ mask, names }));
   else {

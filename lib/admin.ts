@@ -2,17 +2,16 @@
  * What the CLI does, as functions: add (spawn the daemon and wait for READY), list, del, features.
  * Kept apart from bin/ so the embedding API and tests can call the same code.
  */
-import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
+import { closeSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
 import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
-import { DAEMON_SPEC_ENV, oneLine, runDaemon, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
-import { RECOVERABLE_STATES, waitForState } from "./device.ts";
+import { oneLine, runDaemon, type DaemonSpec } from "./daemon.ts";
+import { DAEMON_PATH, daemonLogPath, runServer } from "./server-process.ts";
 import { lockPath, readRecord, readStandby, recordedDevIds, recordPath, removeRecord, runDir, tryLockDevice, type DeviceRecord } from "./records.ts";
 import {
-  lockHolder, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, stillRunning, waitForExitOf, type ProcessIdentity,
+  isOurDaemon, lockHolder, processAlive, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, stillRunning, waitForExitOf, type ProcessIdentity,
 } from "./process-identity.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -30,172 +29,22 @@ export interface DeviceListing {
   queues: Array<{ qId: number; tid: number; cpus: number[] }>;
 }
 
-/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
-function readyTimeoutMs(): number {
-  const fromEnv = Number(process.env.UBLK_BUN_READY_TIMEOUT_MS);
-  return Number.isInteger(fromEnv) && fromEnv > 0 ? fromEnv : 120_000;
-}
-
-export const DAEMON_PATH = new URL("./daemon.ts", import.meta.url).pathname;
-export const SUPERVISOR_PATH = new URL("./supervisor.ts", import.meta.url).pathname;
-
-export function daemonLogPath(): string {
-  return join(runDir(), "daemon.log");
-}
-
 /**
  * Starts a daemon (or an --auto-recover supervisor, which starts one) for `spec` and resolves with the
  * record once the device is READY. On failure the device the daemon added (if any) is deleted again and the
- * error says why; a failed recovery leaves the device quiesced for another attempt.
+ * error says why.
  */
 export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {},
-                                onAdded?: (devId: number) => void,
-                                onWaiting?: (elapsedMs: number, state: string) => void): Promise<DeviceRecord> {
-  const readyTimeout = readyTimeoutMs();
-  const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
-  let addedDevId = -1;
-  let child: ChildProcess | undefined;
-  const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
-    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${readyTimeout / 1000} s` }), readyTimeout);
-    const finish = (value: { record?: DeviceRecord; error?: string }) => {
-      clearTimeout(timer);
-      resolve(value);
-    };
-    child = spawnServer(spec, entryPath, extraEnv, (line) => {
-      if (line.startsWith("ADDED ")) {
-        addedDevId = Number(line.slice(6));
-        onAdded?.(addedDevId);
-      } else if (line.startsWith("WAITING ")) {
-        const [elapsedMs, state] = line.slice(8).split(" ");
-        onWaiting?.(Number(elapsedMs), state ?? "?");
-      } else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
-      else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
-    }, (error) => finish({ error: error ?? `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${daemonLogPath()})` }));
-  });
-  if (outcome.record) {
-    releaseStatus(child!);
-    return outcome.record;
-  }
-  // The daemon failed or hung: make sure it is gone — and with a supervisor, every daemon it started — before
-  // anything it created is removed; a survivor could still reach READY on a device whose data is gone.
-  if (child!.pid && !inSupervisor) await killProcessGroup(child!.pid);
-  else if (child!.pid && child!.exitCode === null) {
-    try { process.kill(child!.pid, "SIGKILL"); } catch { /* already gone */ }
-    await waitForExit(child!.pid, 5_000);
-  }
-  if (addedDevId >= 0) await removeLeftovers(addedDevId);
-  throw new Error(outcome.error ?? "the daemon failed");
+                                onAdded?: (devId: number) => void): Promise<DeviceRecord> {
+  const outcome = await runServer(spec, entryPath, extraEnv, onAdded);
+  if (outcome.record) return outcome.record;
+  if (outcome.addedDevId >= 0) await removeLeftovers(outcome.addedDevId);
+  throw new Error(outcome.error);
 }
 
-/**
- * Starts a daemon (or supervisor) process for `spec`, its stdout and stderr in the daemon log, and passes each
- * status line it writes on fd 3 to `onLine`; `onEnd` when that pipe closes (the process exited) or the process
- * could not be started (with the reason).
- */
-export function spawnServer(spec: DaemonSpec, entryPath: string, extraEnv: Record<string, string>, onLine: (line: string) => void,
-                            onEnd: (error?: string) => void): ChildProcess {
-  mkdirSync(runDir(), { recursive: true, mode: 0o700 });
-  const logFd = openSync(daemonLogPath(), "a", 0o600);
-  // The child leads a process group of its own (a new session, away from the terminal). A supervisor's daemons
-  // stay in the supervisor's group, so a failed `add --auto-recover` can end the whole tree with one signal.
-  const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
-  const child = spawn(process.execPath, [entryPath], {
-    detached: !inSupervisor,
-    stdio: ["ignore", logFd, logFd, "pipe"],
-    env: { ...process.env, ...extraEnv, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
-  });
-  closeSync(logFd);
-  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
-  let buffered = "";
-  status.on("data", (chunk: Buffer) => {
-    buffered += chunk.toString("utf8");
-    let newline: number;
-    while ((newline = buffered.indexOf("\n")) >= 0) {
-      const line = buffered.slice(0, newline);
-      buffered = buffered.slice(newline + 1);
-      onLine(line);
-    }
-  });
-  status.on("end", () => onEnd());
-  child.on("error", (error) => onEnd(`cannot start the daemon: ${error.message}`));
-  return child;
-}
-
-/** Stops listening to a server that is READY, and lets this process exit without it. */
-export function releaseStatus(child: ChildProcess): void {
-  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
-  status.removeAllListeners();
-  (status as unknown as { destroy?: () => void }).destroy?.();
-  child.unref();
-}
-
-/**
- * SIGKILLs every process in the group `pgid` (a child we spawned detached, and the daemons it started) and
- * waits until none is left. While any member lives the id names no one else: the kernel does not reuse a pid
- * that still names a process group.
- */
-async function killProcessGroup(pgid: number, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      process.kill(-pgid, "SIGKILL");
-    } catch {
-      return; // ESRCH: the group is empty
-    }
-    // Zombies stay in the group until reaped (an orphan's by init, which may be slow to do it); they hold nothing.
-    if (!groupHasLiveMember(pgid) || Date.now() > deadline) return;
-    await Bun.sleep(20);
-  }
-}
-
-function groupHasLiveMember(pgid: number): boolean {
-  for (const name of readdirSync("/proc")) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
-      // After the ")" that ends the command name: state, ppid, pgrp.
-      const [state, , pgrp] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      if (Number(pgrp) === pgid && state !== "Z" && state !== "X") return true;
-    } catch { /* exited meanwhile */ }
-  }
-  return false;
-}
-
-/**
- * `recover -n ID`: checks that the device can be recovered, waits until the kernel has quiesced it, then starts
- * a daemon that re-attaches (Device.recover) and resolves with the new record.
- */
-export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, state: string) => void,
-                                    entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {}): Promise<DeviceRecord> {
-  const record = readRecord(devId);
-  const ctrl = Ctrl.open();
-  let info: DevInfo;
-  try {
-    try {
-      info = ctrl.getDevInfo(devId);
-    } catch (error) {
-      if (error instanceof ErrnoError && error.errno === ENODEV) throw new ErrnoError("recover", ENODEV, `recover: no ublk device ${devId}`);
-      throw error;
-    }
-    if (!record) throw new Error(`recover: device ${devId} has no record in ${runDir()}; only devices added by ublk-bun can be recovered`);
-    if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
-      throw new Error(`recover: device ${devId} was created without recovery (-r 1 or -i 1); it can only be deleted`);
-    }
-    if (info.state === UBLK_S_DEV_LIVE && processAlive(info.ublksrvPid)) {
-      throw new Error(`recover: device ${devId} is LIVE with daemon pid ${info.ublksrvPid}; nothing to recover`);
-    }
-    const supervisor = record.supervisorPid ?? 0;
-    if (supervisor > 0 && supervisor !== Number(extraEnv[SUPERVISOR_PID_ENV] ?? 0) && processAlive(supervisor) && isOurDaemon(supervisor)) {
-      throw new Error(`recover: device ${devId} is watched by supervisor pid ${supervisor} (--auto-recover), which recovers it`);
-    }
-  } finally {
-    ctrl.close();
-  }
-  // The daemon starts at once: it waits for the kernel to quiesce the device itself (reporting WAITING lines),
-  // while its queue Workers load — no second wait here before it.
-  return addDevice({ mode: "recover", config: { ...record.config, devId }, target: record.target, createdAt: record.createdAt },
-    entryPath, extraEnv, undefined, onWait);
-}
+export { DAEMON_PATH, daemonLogPath, releaseStatus, spawnServer, SUPERVISOR_PATH, waitForExit } from "./server-process.ts";
+export { isOurDaemon, processAlive } from "./process-identity.ts";
+export { recoverDevice } from "./recover.ts";
 
 /** Runs the daemon in this process (--foreground); `onReady` sees the record. Resolves when stopped by a signal. */
 export async function runForeground(spec: DaemonSpec, onReady: (record: DeviceRecord) => void): Promise<void> {
@@ -298,37 +147,6 @@ export function listingJson(listing: DeviceListing): object {
 function liveStandby(devId: number): ProcessIdentity | null {
   const noted = readStandby(devId);
   return noted && stillRunning(noted) && isOurDaemon(noted.pid) ? noted : null;
-}
-
-/** True while `pid` names a live process (zombies count as gone). */
-export function processAlive(pid: number): boolean {
-  if (!(pid > 0)) return false;
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
-    return state !== "Z" && state !== "X";
-  } catch {
-    return false;
-  }
-}
-
-/** True when `pid` runs our daemon (so a recycled pid is never signalled). */
-export function isOurDaemon(pid: number): boolean {
-  try {
-    const commandLine = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    return commandLine.includes("daemon.ts") || commandLine.includes("supervisor.ts") || commandLine.includes("ublk-bun");
-  } catch {
-    return false;
-  }
-}
-
-export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (processAlive(pid)) {
-    if (Date.now() > deadline) return false;
-    await Bun.sleep(20);
-  }
-  return true;
 }
 
 /**

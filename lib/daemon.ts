@@ -13,6 +13,9 @@ import { Device, pauseForTest, type DeviceConfig, type DeviceEvents } from "./de
 import { lockDevice, lockDeviceWaiting, readRecord, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { recordedIdentity, waitForDeathOf } from "./process-identity.ts";
 import { debug } from "./debug.ts";
+import { DAEMON_SPEC_ENV, STATUS_FD, SUPERVISOR_PID_ENV } from "./server-process.ts";
+
+export { DAEMON_SPEC_ENV, STATUS_FD, SUPERVISOR_PID_ENV };
 import { loadTarget } from "../targets/registry.ts";
 import { UBLK_S_DEV_DEAD } from "../ffi/uapi/ublk_cmd.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -33,16 +36,12 @@ export interface DaemonSpec {
   createdAt?: string;
 }
 
-/** Set by an --auto-recover supervisor in the environment of the daemons it starts. */
-export const SUPERVISOR_PID_ENV = "UBLK_BUN_SUPERVISOR_PID";
 
-export const STATUS_FD = 3;
 /** How long a recovering daemon waits for the device's lock: a daemon just killed still holds it until it has exited. */
 const LOCK_WAIT_MS = 2_000;
 /** Back-off of the record write a recovered daemon retries (first delay, then doubling up to the max). */
 const RECORD_RETRY_FIRST_MS = 500;
 const RECORD_RETRY_MAX_MS = 30_000;
-export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
 
 /** A started device with its record written; `stop()` deletes the device, the record and the target's state. */
 export interface ServedDevice {

@@ -3,7 +3,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, spawnPaused, waitFor } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, spawnPaused, ublkHolders, waitFor } from "./helpers.ts";
 
 const work = "/tmp/ublk-bun-recovery";
 beforeAll(() => {
@@ -253,6 +253,36 @@ describe("recovery", () => {
     await expectFioClean(fio);
     cliOk(["del", "-n", String(devId)]);
     await waitFor("the supervisor to exit", () => !readdirSync("/proc").includes(String(supervisor)), 10_000);
+    expectClean();
+  });
+
+  test("--auto-recover keeps a warm standby that owns nothing, takes over the moment the daemon dies, and is replaced", async () => {
+    const devId = addDevice(["-t", "memory", "-s", "16M", "-i", "1", "--auto-recover"]);
+    const standbyOf = () => Number(/\tstandby daemon: (\d+) /.exec(cliOk(["list", "-n", String(devId)]))?.[1] ?? 0);
+    const readyLogged = (pid: number) => readFileSync("/run/ublk-bun/daemon.log", "utf8").includes(`device ${devId}: standby pid ${pid} is ready`);
+    let standby = 0;
+    await waitFor("a ready standby", () => (standby = standbyOf()) > 0 && readyLogged(standby), 60_000);
+    const daemon = daemonPidOf(devId);
+    expect(standby).not.toBe(daemon);
+    // It holds neither /dev/ublkcN nor the device's lock: the kernel can quiesce the device when the daemon dies.
+    expect(ublkHolders().map((holder) => Number(holder.split("/")[0]))).toEqual([daemon]);
+    expect(readFileSync(`/run/ublk-bun/${devId}.lock`, "utf8").trim()).toBe(String(daemon));
+    const fio = startFio(devId, ["--name=standby", "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=8",
+      "--runtime=300", "--time_based", "--verify=crc32c", "--verify_backlog=256"]);
+    await Bun.sleep(1500);
+    process.kill(daemon, "SIGKILL");
+    await waitFor("the standby to serve", () => {
+      try { return state(devId) === "LIVE" && daemonPidOf(devId) === standby; } catch { return false; }
+    }, 30_000);
+    expect(readFileSync("/run/ublk-bun/daemon.log", "utf8")).toContain(`standby pid ${standby} took over`);
+    // A new standby behind it.
+    let next = 0;
+    await waitFor("the next standby", () => (next = standbyOf()) > 0 && next !== standby && readyLogged(next), 60_000);
+    await Bun.sleep(1000);
+    expect(fio.exitCode).toBeNull();
+    await expectFioClean(fio);
+    cliOk(["del", "-n", String(devId)]);
+    await waitFor("the standby to be gone", () => !readdirSync("/proc").includes(String(next)), 10_000);
     expectClean();
   });
 

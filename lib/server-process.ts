@@ -1,0 +1,164 @@
+/**
+ * Starting server processes (daemons, supervisors) and reading the status lines they write on fd 3. Kept to few
+ * imports: `recover` starts its daemon from here before it loads anything else, since every millisecond before
+ * the new daemon runs is the application's stall.
+ *
+ * Status lines:
+ *   ADDED <devId>        ADD_DEV succeeded (if nothing follows, the caller removes the device again)
+ *   WAITING <ms> <state> a recovery waits for the kernel to quiesce the device
+ *   STANDBY              a standby daemon is loaded and waits for the serving daemon to exit
+ *   READY <json>         the device is served; json = the DeviceRecord
+ *   ERROR <message>      start failed and everything was cleaned up
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { runDir, type DeviceRecord } from "./records.ts";
+import { processAlive } from "./process-identity.ts";
+import type { DaemonSpec } from "./daemon.ts";
+
+export const STATUS_FD = 3;
+export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
+/** Set by an --auto-recover supervisor in the environment of the daemons it starts. */
+export const SUPERVISOR_PID_ENV = "UBLK_BUN_SUPERVISOR_PID";
+
+/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
+function readyTimeoutMs(): number {
+  const fromEnv = Number(process.env.UBLK_BUN_READY_TIMEOUT_MS);
+  return Number.isInteger(fromEnv) && fromEnv > 0 ? fromEnv : 120_000;
+}
+
+export const DAEMON_PATH = new URL("./daemon.ts", import.meta.url).pathname;
+export const SUPERVISOR_PATH = new URL("./supervisor.ts", import.meta.url).pathname;
+
+export function daemonLogPath(): string {
+  return join(runDir(), "daemon.log");
+}
+
+
+/**
+ * Starts a daemon (or an --auto-recover supervisor, which starts one) for `spec` and waits for its READY. On
+ * failure or timeout the process — and with a supervisor, every daemon it started — is killed before this
+ * returns, so that nothing can still reach READY; the caller removes what it created (`addedDevId`).
+ */
+export async function runServer(spec: DaemonSpec, entryPath: string, extraEnv: Record<string, string> = {},
+                                onAdded?: (devId: number) => void,
+                                onWaiting?: (elapsedMs: number, state: string) => void): Promise<{ record?: DeviceRecord; error?: string; addedDevId: number }> {
+  const readyTimeout = readyTimeoutMs();
+  const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
+  let addedDevId = -1;
+  let child: ChildProcess | undefined;
+  const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
+    const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${readyTimeout / 1000} s` }), readyTimeout);
+    const finish = (value: { record?: DeviceRecord; error?: string }) => {
+      clearTimeout(timer);
+      resolve(value);
+    };
+    child = spawnServer(spec, entryPath, extraEnv, (line) => {
+      if (line.startsWith("ADDED ")) {
+        addedDevId = Number(line.slice(6));
+        onAdded?.(addedDevId);
+      } else if (line.startsWith("WAITING ")) {
+        const [elapsedMs, state] = line.slice(8).split(" ");
+        onWaiting?.(Number(elapsedMs), state ?? "?");
+      } else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
+      else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
+    }, (error) => finish({ error: error ?? `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${daemonLogPath()})` }));
+  });
+  if (outcome.record) {
+    releaseStatus(child!);
+    return { record: outcome.record, addedDevId };
+  }
+  // The daemon failed or hung: make sure it is gone — and with a supervisor, every daemon it started — before
+  // anything it created is removed; a survivor could still reach READY on a device whose data is gone.
+  if (child!.pid && !inSupervisor) await killProcessGroup(child!.pid);
+  else if (child!.pid && child!.exitCode === null) {
+    try { process.kill(child!.pid, "SIGKILL"); } catch { /* already gone */ }
+    await waitForExit(child!.pid, 5_000);
+  }
+  return { error: outcome.error ?? "the daemon failed", addedDevId };
+}
+
+/**
+ * Starts a daemon (or supervisor) process for `spec`, its stdout and stderr in the daemon log, and passes each
+ * status line it writes on fd 3 to `onLine`; `onEnd` when that pipe closes (the process exited) or the process
+ * could not be started (with the reason).
+ */
+export function spawnServer(spec: DaemonSpec, entryPath: string, extraEnv: Record<string, string>, onLine: (line: string) => void,
+                            onEnd: (error?: string) => void): ChildProcess {
+  mkdirSync(runDir(), { recursive: true, mode: 0o700 });
+  const logFd = openSync(daemonLogPath(), "a", 0o600);
+  // The child leads a process group of its own (a new session, away from the terminal). A supervisor's daemons
+  // stay in the supervisor's group, so a failed `add --auto-recover` can end the whole tree with one signal.
+  const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
+  const child = spawn(process.execPath, [entryPath], {
+    detached: !inSupervisor,
+    stdio: ["ignore", logFd, logFd, "pipe"],
+    env: { ...process.env, ...extraEnv, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
+  });
+  closeSync(logFd);
+  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
+  let buffered = "";
+  status.on("data", (chunk: Buffer) => {
+    buffered += chunk.toString("utf8");
+    let newline: number;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, newline);
+      buffered = buffered.slice(newline + 1);
+      onLine(line);
+    }
+  });
+  status.on("end", () => onEnd());
+  child.on("error", (error) => onEnd(`cannot start the daemon: ${error.message}`));
+  return child;
+}
+
+/** Stops listening to a server that is READY, and lets this process exit without it. */
+export function releaseStatus(child: ChildProcess): void {
+  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
+  status.removeAllListeners();
+  (status as unknown as { destroy?: () => void }).destroy?.();
+  child.unref();
+}
+
+/**
+ * SIGKILLs every process in the group `pgid` (a child we spawned detached, and the daemons it started) and
+ * waits until none is left. While any member lives the id names no one else: the kernel does not reuse a pid
+ * that still names a process group.
+ */
+export async function killProcessGroup(pgid: number, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      process.kill(-pgid, "SIGKILL");
+    } catch {
+      return; // ESRCH: the group is empty
+    }
+    // Zombies stay in the group until reaped (an orphan's by init, which may be slow to do it); they hold nothing.
+    if (!groupHasLiveMember(pgid) || Date.now() > deadline) return;
+    await Bun.sleep(20);
+  }
+}
+
+function groupHasLiveMember(pgid: number): boolean {
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, "utf8");
+      // After the ")" that ends the command name: state, ppid, pgrp.
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (Number(pgrp) === pgid && state !== "Z" && state !== "X") return true;
+    } catch { /* exited meanwhile */ }
+  }
+  return false;
+}
+
+
+export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (processAlive(pid)) {
+    if (Date.now() > deadline) return false;
+    await Bun.sleep(20);
+  }
+  return true;
+}
