@@ -179,7 +179,7 @@ async function recover(flags: Flags): Promise<void> {
   if (flags.number === undefined || flags.number === true) throw new UsageError("recover: -n ID is required");
   const devId = parseDevId("-n", single("-n", flags.number));
   let lastReportS = -1;
-  const { recoverDevice } = await import("../lib/recover.ts");
+  const { recoverDevice } = await import("../lib/server-process.ts");
   const record = await recoverDevice(devId, (elapsedMs, state) => {
     const seconds = Math.floor(elapsedMs / 1000);
     if (process.stderr.isTTY && seconds !== lastReportS) {

@@ -8,10 +8,10 @@ import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
 import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { oneLine, runDaemon, type DaemonSpec } from "./daemon.ts";
-import { DAEMON_PATH, daemonLogPath, runServer } from "./server-process.ts";
+import { DAEMON_PATH, daemonLogPath, isOurDaemon, processAlive, runServer } from "./server-process.ts";
 import { lockPath, readRecord, readStandby, recordedDevIds, recordPath, removeRecord, runDir, tryLockDevice, type DeviceRecord } from "./records.ts";
 import {
-  isOurDaemon, lockHolder, processAlive, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, stillRunning, waitForExitOf, type ProcessIdentity,
+  lockHolder, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, stillRunning, waitForExitOf, type ProcessIdentity,
 } from "./process-identity.ts";
 import { builtInTypes, loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -43,8 +43,7 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
 }
 
 export { DAEMON_PATH, daemonLogPath, releaseStatus, spawnServer, SUPERVISOR_PATH, waitForExit } from "./server-process.ts";
-export { isOurDaemon, processAlive } from "./process-identity.ts";
-export { recoverDevice } from "./recover.ts";
+export { isOurDaemon, processAlive, recoverDevice } from "./server-process.ts";
 
 /** Runs the daemon in this process (--foreground); `onReady` sees the record. Resolves when stopped by a signal. */
 export async function runForeground(spec: DaemonSpec, onReady: (record: DeviceRecord) => void): Promise<void> {

@@ -13,11 +13,14 @@ import { Device, pauseForTest, type DeviceConfig, type DeviceEvents } from "./de
 import { lockDevice, lockDeviceWaiting, readRecord, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { recordedIdentity, waitForDeathOf } from "./process-identity.ts";
 import { debug } from "./debug.ts";
-import { DAEMON_SPEC_ENV, STATUS_FD, SUPERVISOR_PID_ENV } from "./server-process.ts";
+import { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./server-process.ts";
+import { Ctrl, type DevInfo } from "./ctrl.ts";
+import { ENODEV, ErrnoError } from "../ffi/errno.ts";
+import { runDir } from "./run-dir.ts";
 
 export { DAEMON_SPEC_ENV, STATUS_FD, SUPERVISOR_PID_ENV };
 import { loadTarget } from "../targets/registry.ts";
-import { UBLK_S_DEV_DEAD } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE } from "../ffi/uapi/ublk_cmd.ts";
 import type { TargetRecord } from "../targets/types.ts";
 
 export interface DaemonSpec {
@@ -42,6 +45,43 @@ const LOCK_WAIT_MS = 2_000;
 /** Back-off of the record write a recovered daemon retries (first delay, then doubling up to the max). */
 const RECORD_RETRY_FIRST_MS = 500;
 const RECORD_RETRY_MAX_MS = 30_000;
+
+/** What `recover -n ID` sends: the daemon checks the device and reads its record itself (see recoverySpec). */
+export interface RecoveryRequest {
+  mode: "recover";
+  devId: number;
+}
+
+/**
+ * The spec that recovers device `devId` from its record, after the checks `recover` makes: the device exists,
+ * has a record and recovery, is not served by a live daemon, and is not watched by a supervisor (other than the
+ * one that started us). Throws one line naming what is wrong.
+ */
+export function recoverySpec(devId: number): DaemonSpec {
+  const record = readRecord(devId);
+  const ctrl = Ctrl.open();
+  let info: DevInfo;
+  try {
+    info = ctrl.getDevInfo(devId);
+  } catch (error) {
+    if (error instanceof ErrnoError && error.errno === ENODEV) throw new ErrnoError("recover", ENODEV, `recover: no ublk device ${devId}`);
+    throw error;
+  } finally {
+    ctrl.close();
+  }
+  if (!record) throw new Error(`recover: device ${devId} has no record in ${runDir()}; only devices added by ublk-bun can be recovered`);
+  if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
+    throw new Error(`recover: device ${devId} was created without recovery (-r 1 or -i 1); it can only be deleted`);
+  }
+  if (info.state === UBLK_S_DEV_LIVE && processAlive(info.ublksrvPid)) {
+    throw new Error(`recover: device ${devId} is LIVE with daemon pid ${info.ublksrvPid}; nothing to recover`);
+  }
+  const supervisor = record.supervisorPid ?? 0;
+  if (supervisor > 0 && supervisor !== Number(process.env[SUPERVISOR_PID_ENV] ?? 0) && processAlive(supervisor) && isOurDaemon(supervisor)) {
+    throw new Error(`recover: device ${devId} is watched by supervisor pid ${supervisor} (--auto-recover), which recovers it`);
+  }
+  return { mode: "recover", config: { ...record.config, devId }, target: record.target, createdAt: record.createdAt };
+}
 
 /** A started device with its record written; `stop()` deletes the device, the record and the target's state. */
 export interface ServedDevice {
@@ -148,7 +188,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
 }
 
 /** Runs a device until a stop signal; `report` receives the status lines. Resolves when stopped. */
-export async function runDaemon(spec: DaemonSpec, report: (line: string) => void): Promise<void> {
+export async function runDaemon(request: DaemonSpec | RecoveryRequest, report: (line: string) => void): Promise<void> {
   let served: ServedDevice | undefined;
   let handingOver = false;
   const onFatal = (error: Error) => {
@@ -165,6 +205,7 @@ export async function runDaemon(spec: DaemonSpec, report: (line: string) => void
     process.exit(1);
   };
   try {
+    const spec = "devId" in request ? recoverySpec(request.devId) : request;
     served = await startServing(spec, {
       onAdded: (devId) => report(`ADDED ${devId}`),
       onWaiting: (elapsedMs, state) => report(`WAITING ${Math.round(elapsedMs)} ${state}`),
@@ -200,7 +241,7 @@ export function oneLine(error: unknown): string {
 }
 
 if (import.meta.main) {
-  const spec = JSON.parse(process.env[DAEMON_SPEC_ENV] ?? "null") as DaemonSpec | null;
+  const spec = JSON.parse(process.env[DAEMON_SPEC_ENV] ?? "null") as DaemonSpec | RecoveryRequest | null;
   if (!spec) {
     console.error(`ublk-bun daemon: ${DAEMON_SPEC_ENV} is not set (the daemon is started by "ublk-bun add")`);
     process.exit(2);

@@ -5,6 +5,7 @@
  */
 import { closeSync, constants, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, statSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
+import { runDir } from "./run-dir.ts";
 import { identityOf, type ProcessIdentity } from "./process-identity.ts";
 import type { DeviceConfig, QueueInfo } from "./device.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -32,13 +33,7 @@ export interface DeviceRecord {
   createdAt: string;
 }
 
-/** The directory records live in (root: /run/ublk-bun); UBLK_BUN_RUN_DIR overrides it. */
-export function runDir(): string {
-  if (process.env.UBLK_BUN_RUN_DIR) return process.env.UBLK_BUN_RUN_DIR;
-  const uid = process.getuid?.() ?? 0;
-  // A user serving unprivileged devices keeps records in their own runtime directory.
-  return uid === 0 ? "/run/ublk-bun" : join(process.env.XDG_RUNTIME_DIR || `/run/user/${uid}`, "ublk-bun");
-}
+export { runDir };
 
 export function recordPath(devId: number): string {
   return join(runDir(), `${devId}.json`);

@@ -1,7 +1,7 @@
 /**
- * Starting server processes (daemons, supervisors) and reading the status lines they write on fd 3. Kept to few
- * imports: `recover` starts its daemon from here before it loads anything else, since every millisecond before
- * the new daemon runs is the application's stall.
+ * Starting server processes (daemons, supervisors) and reading the status lines they write on fd 3. Node
+ * modules only, no FFI: `recover` starts its daemon from here before it loads anything else, since every
+ * millisecond before the new daemon runs is the application's stall (the daemon does recover's checks itself).
  *
  * Status lines:
  *   ADDED <devId>        ADD_DEV succeeded (if nothing follows, the caller removes the device again)
@@ -13,9 +13,9 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { runDir, type DeviceRecord } from "./records.ts";
-import { processAlive } from "./process-identity.ts";
-import type { DaemonSpec } from "./daemon.ts";
+import type { DaemonSpec, RecoveryRequest } from "./daemon.ts";
+import type { DeviceRecord } from "./records.ts";
+import { runDir } from "./run-dir.ts";
 
 export const STATUS_FD = 3;
 export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
@@ -41,7 +41,7 @@ export function daemonLogPath(): string {
  * failure or timeout the process — and with a supervisor, every daemon it started — is killed before this
  * returns, so that nothing can still reach READY; the caller removes what it created (`addedDevId`).
  */
-export async function runServer(spec: DaemonSpec, entryPath: string, extraEnv: Record<string, string> = {},
+export async function runServer(spec: DaemonSpec | RecoveryRequest, entryPath: string, extraEnv: Record<string, string> = {},
                                 onAdded?: (devId: number) => void,
                                 onWaiting?: (elapsedMs: number, state: string) => void): Promise<{ record?: DeviceRecord; error?: string; addedDevId: number }> {
   const readyTimeout = readyTimeoutMs();
@@ -84,7 +84,7 @@ export async function runServer(spec: DaemonSpec, entryPath: string, extraEnv: R
  * status line it writes on fd 3 to `onLine`; `onEnd` when that pipe closes (the process exited) or the process
  * could not be started (with the reason).
  */
-export function spawnServer(spec: DaemonSpec, entryPath: string, extraEnv: Record<string, string>, onLine: (line: string) => void,
+export function spawnServer(spec: DaemonSpec | RecoveryRequest, entryPath: string, extraEnv: Record<string, string>, onLine: (line: string) => void,
                             onEnd: (error?: string) => void): ChildProcess {
   mkdirSync(runDir(), { recursive: true, mode: 0o700 });
   const logFd = openSync(daemonLogPath(), "a", 0o600);
@@ -161,4 +161,38 @@ export async function waitForExit(pid: number, timeoutMs: number): Promise<boole
     await Bun.sleep(20);
   }
   return true;
+}
+
+/**
+ * `recover -n ID`: starts a daemon that checks the device can be recovered, waits until the kernel has quiesced
+ * it and re-attaches (Device.recover); resolves with the new record. A failed recovery leaves the device
+ * quiesced for another attempt.
+ */
+export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, state: string) => void,
+                                    entryPath = DAEMON_PATH, extraEnv: Record<string, string> = {}): Promise<DeviceRecord> {
+  const outcome = await runServer({ mode: "recover", devId }, entryPath, extraEnv, undefined, onWait);
+  if (!outcome.record) throw new Error(outcome.error);
+  return outcome.record;
+}
+
+/** True while `pid` names a live process (zombies count as gone). */
+export function processAlive(pid: number): boolean {
+  if (!(pid > 0)) return false;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
+}
+
+/** True when `pid` runs our daemon (so a recycled pid is never signalled). */
+export function isOurDaemon(pid: number): boolean {
+  try {
+    const commandLine = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    return commandLine.includes("daemon.ts") || commandLine.includes("supervisor.ts") || commandLine.includes("ublk-bun");
+  } catch {
+    return false;
+  }
 }
