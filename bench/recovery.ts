@@ -2,19 +2,21 @@
 /**
  * `npm run bench:recovery`: how long an application stalls when the daemon dies, per phase. A null device
  * (`-q 2 -d 128 -i 1`) is read by fio (4k randread QD64) while its daemon is killed with SIGKILL, KILLS times per
- * round and mode, ROUNDS rounds alternating the modes, in one boot:
+ * round and mode, ROUNDS rounds alternating the modes (and the servers), in one boot:
  *   recover   kill → QUIESCED; then `recover` is started (as an operator would, after the kernel quiesced the
- *             device) and its phases are timed from its start: the new daemon process exists, START_USER_RECOVERY
- *             done, every queue FETCHed, END_USER_RECOVERY done, `recover` exits, the first completed I/O
- *   at-once   `recover` started right after the kill: kill → first completed I/O
+ *             device) and timed from its start: the new daemon process exists, START_USER_RECOVERY done, every
+ *             queue FETCHed, END_USER_RECOVERY done, `recover` exits, the first completed I/O
+ *   at-once   `recover` started right after the kill: kill → LIVE, kill → first completed I/O
  *   auto      `add --auto-recover`: kill → QUIESCED and kill → first completed I/O, no operator; each kill once the
  *             supervisor's standby daemon is ready and the serving daemon has lived long enough to count as healthy
+ * With UBLKSRV_DIR naming a build of the C reference server (ublksrv: ublk, ublk.null; ../shared/tools has a
+ * build script), the recover and at-once modes run with it too, alternating, and the table gives ours ÷ C.
  * The device state is polled in this process (GET_DEV_INFO on one open control ring), completed I/O from
- * /sys/block/ublkbN/stat; the daemon's phases come from its debug log (UBLK_BUN_DEBUG=1, wall-clock ms) and the
- * new process's start time from /proc. fio must end with no error. Medians (min–max) over all kills of a mode.
- * On a machine without ublk_drv it runs itself in the test VM.
+ * /sys/block/ublkbN/stat; our daemon's phases come from its debug log (UBLK_BUN_DEBUG=1, wall-clock ms) and its
+ * start time from /proc. fio must end with no error. Medians (min–max) over all kills of a mode.
+ * On a machine without ublk_drv it runs itself in the test VM (UBLKSRV_DIR is copied in with it).
  *
- *   RECOVERY_KILLS=5 RECOVERY_ROUNDS=3 npm run bench:recovery
+ *   RECOVERY_KILLS=5 RECOVERY_ROUNDS=3 UBLKSRV_DIR=/tmp/ublkbin npm run bench:recovery [-- --kernel backports]
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -24,14 +26,15 @@ import { UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED } from "../ffi/uapi/ublk_cmd.ts";
 const root = join(import.meta.dir, "..");
 const kills = Number(process.env.RECOVERY_KILLS ?? 5);
 const rounds = Number(process.env.RECOVERY_ROUNDS ?? 3);
-const modes = (process.env.RECOVERY_MODES ?? "recover,at-once,auto").split(",") as Mode[];
 type Mode = "recover" | "at-once" | "auto";
+const modes = (process.env.RECOVERY_MODES ?? "recover,at-once,auto").split(",") as Mode[];
 
 if (!existsSync("/dev/ublk-control")) {
   if (process.env.UBLK_BUN_VM === "1") throw new Error("bench: ublk_drv is not loaded in the VM");
   const env = ["RECOVERY_KILLS", "RECOVERY_ROUNDS", "RECOVERY_MODES"].filter((k) => process.env[k]).flatMap((k) => ["--env", `${k}=${process.env[k]}`]);
-  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", "--timeout", "3600", "--out", join(root, "bench/results"), ...env, "--", "bun bench/recovery.ts"],
-    { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
+  const peer = process.env.UBLKSRV_DIR ? ["--with", process.env.UBLKSRV_DIR, "--env", "UBLKSRV_DIR=/with"] : [];
+  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", ...process.argv.slice(2), "--timeout", "3600", "--out", join(root, "bench/results"), ...peer, ...env,
+    "--", "bun bench/recovery.ts"], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
   process.exit(run.exitCode ?? 1);
 }
 
@@ -39,13 +42,41 @@ const outDir = process.env.UBLK_BUN_VM === "1" ? "/out" : join(root, "bench/resu
 mkdirSync(outDir, { recursive: true });
 const CLI = join(root, "bin/ublk-bun.ts");
 const env = { ...process.env, UBLK_BUN_DEBUG: "1" };
-const cli = (args: string[]) => {
-  const run = Bun.spawnSync([process.execPath, CLI, ...args], { stdin: "ignore", env });
-  if (run.exitCode !== 0) throw new Error(`ublk-bun ${args.join(" ")}: ${run.stderr}`);
-  return run.stdout.toString();
-};
 const LOG = "/run/ublk-bun/daemon.log";
 const ctrl = Ctrl.open();
+
+function run(command: string[], extraEnv: Record<string, string> = {}): string {
+  const result = Bun.spawnSync(command, { stdin: "ignore", env: { ...env, ...extraEnv } });
+  if (result.exitCode !== 0) throw new Error(`${command.join(" ")}: ${result.stderr}`);
+  return result.stdout.toString();
+}
+
+/** A server under test: how to add a recoverable null device, recover it and delete it. */
+interface Server {
+  name: string;
+  add(auto: boolean): number;
+  recoverCommand(devId: number): string[];
+  extraEnv: Record<string, string>;
+  del(devId: number): void;
+}
+const ours: Server = {
+  name: "ublk-bun",
+  add: (auto) => Number(/^dev id (\d+):/m.exec(run([process.execPath, CLI, "add", "-t", "null", "-q", "2", "-d", "128", "-i", "1", ...(auto ? ["--auto-recover"] : [])]))![1]),
+  recoverCommand: (devId) => [process.execPath, CLI, "recover", "-n", String(devId)],
+  extraEnv: {},
+  del: (devId) => void run([process.execPath, CLI, "del", "-n", String(devId)]),
+};
+const peerDir = process.env.UBLKSRV_DIR;
+const c: Server | null = peerDir ? {
+  name: "C (ublksrv)",
+  add: () => {
+    run([join(peerDir, "ublk"), "add", "-t", "null", "-n", "9", "-q", "2", "-d", "128", "-r", "1", "-i", "1"], c!.extraEnv);
+    return 9;
+  },
+  recoverCommand: (devId) => [join(peerDir, "ublk"), "recover", "-n", String(devId)],
+  extraEnv: existsSync(join(peerDir, "lib")) ? { LD_LIBRARY_PATH: join(peerDir, "lib") } : {},
+  del: (devId) => void run([join(peerDir, "ublk"), "del", "-n", String(devId)], c!.extraEnv),
+} : null;
 
 /** Requests completed on the device so far (reads + writes), from the block layer's counters. */
 function completedIos(devId: number): number {
@@ -93,16 +124,23 @@ async function standbyReady(devId: number, seen: number): Promise<number> {
 }
 
 type Timing = Record<string, number>;
-const timings: Record<Mode, Timing[]> = { recover: [], "at-once": [], auto: [] };
+const timings = new Map<string, Timing[]>();
 let fioErrors = 0;
 
-async function round(mode: Mode): Promise<void> {
-  const add = mode === "auto" ? ["--auto-recover"] : [];
-  const out = cli(["add", "-t", "null", "-q", "2", "-d", "128", "-i", "1", ...add]);
-  const devId = Number(/^dev id (\d+):/m.exec(out)![1]);
+/** Live with a daemon other than `oldPid`, then one more completed I/O: resolves with both times. */
+async function resumed(devId: number, oldPid: number): Promise<{ liveAt: number; firstIoAt: number }> {
+  const liveAt = await whenTrue(() => { const info = ctrl.getDevInfo(devId); return info.state === UBLK_S_DEV_LIVE && info.ublksrvPid !== oldPid; }, 60_000);
+  // I/O completed after the kill while the old daemon's commits drained is not a resumption: counted from LIVE.
+  const iosAtLive = completedIos(devId);
+  return { liveAt, firstIoAt: await whenTrue(() => completedIos(devId) > iosAtLive, 10_000) };
+}
+
+async function round(server: Server, mode: Mode): Promise<void> {
+  const devId = server.add(mode === "auto");
   const fio = Bun.spawn(["fio", "--name=stall", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
     "--ioengine=io_uring", "--iodepth=64", "--time_based", "--runtime=3600", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   await Bun.sleep(2_000); // fio running at full depth
+  const key = `${server.name}:${mode}`;
   let standbysReady = 0;
   for (let kill = 0; kill < kills; kill++) {
     if (mode === "auto") {
@@ -116,42 +154,41 @@ async function round(mode: Mode): Promise<void> {
     process.kill(oldPid, "SIGKILL");
     const timing: Timing = {};
     if (mode === "at-once") {
-      const recover = Bun.spawn([process.execPath, CLI, "recover", "-n", String(devId)], { stdin: "ignore", stdout: "ignore", stderr: "pipe", env });
-      // I/O completed after the kill while the old daemon's commits drained is not a resumption: wait for LIVE first.
-      const liveAt = await whenTrue(() => { const info = ctrl.getDevInfo(devId); return info.state === UBLK_S_DEV_LIVE && info.ublksrvPid !== oldPid; }, 60_000);
-      const iosAtLive = completedIos(devId);
-      timing.killToFirstIoMs = (await whenTrue(() => completedIos(devId) > iosAtLive, 10_000)) - killedAt;
+      const recover = Bun.spawn(server.recoverCommand(devId), { stdin: "ignore", stdout: "ignore", stderr: "pipe", env: { ...env, ...server.extraEnv } });
+      const { liveAt, firstIoAt } = await resumed(devId, oldPid);
       timing.killToLiveMs = liveAt - killedAt;
+      timing.killToFirstIoMs = firstIoAt - killedAt;
       if ((await recover.exited) !== 0) throw new Error(`recover failed: ${await new Response(recover.stderr).text()}`);
     } else {
       timing.killToQuiescedMs = (await whenTrue(() => ctrl.getDevInfo(devId).state === UBLK_S_DEV_QUIESCED, 60_000)) - killedAt;
       if (mode === "auto") {
-        const liveAt = await whenTrue(() => { const info = ctrl.getDevInfo(devId); return info.state === UBLK_S_DEV_LIVE && info.ublksrvPid !== oldPid; }, 60_000);
-        const iosAtLive = completedIos(devId);
-        timing.killToFirstIoMs = (await whenTrue(() => completedIos(devId) > iosAtLive, 10_000)) - killedAt;
+        const { liveAt, firstIoAt } = await resumed(devId, oldPid);
         timing.killToLiveMs = liveAt - killedAt;
+        timing.killToFirstIoMs = firstIoAt - killedAt;
       } else {
         await Bun.sleep(300);
         const iosBefore = completedIos(devId);
         const startAt = performance.now();
         const startWallMs = Date.now();
-        const recover = Bun.spawn([process.execPath, CLI, "recover", "-n", String(devId)], { stdin: "ignore", stdout: "ignore", stderr: "pipe", env });
+        const recover = Bun.spawn(server.recoverCommand(devId), { stdin: "ignore", stdout: "ignore", stderr: "pipe", env: { ...env, ...server.extraEnv } });
         const firstIoAt = await whenTrue(() => completedIos(devId) > iosBefore, 60_000);
         const status = await recover.exited;
         const exitAt = performance.now();
         if (status !== 0) throw new Error(`recover failed: ${await new Response(recover.stderr).text()}`);
-        const newPid = ctrl.getDevInfo(devId).ublksrvPid;
-        const log = readFileSync(LOG, "utf8");
-        timing.daemonStartedMs = processStartMs(newPid) - startWallMs;
-        timing.startUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: START_USER_RECOVERY done") - startWallMs;
-        timing.queuesFetchedMs = logTimeMs(log, newPid, "device \\d+: every queue fetched") - startWallMs;
-        timing.endUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: END_USER_RECOVERY done") - startWallMs;
-        timing.recoverExitedMs = exitAt - startAt;
         timing.firstIoMs = firstIoAt - startAt;
+        timing.recoverExitedMs = exitAt - startAt;
+        if (server === ours) {
+          const newPid = ctrl.getDevInfo(devId).ublksrvPid;
+          const log = readFileSync(LOG, "utf8");
+          timing.daemonStartedMs = processStartMs(newPid) - startWallMs;
+          timing.startUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: START_USER_RECOVERY done") - startWallMs;
+          timing.queuesFetchedMs = logTimeMs(log, newPid, "device \\d+: every queue fetched") - startWallMs;
+          timing.endUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: END_USER_RECOVERY done") - startWallMs;
+        }
       }
     }
-    timings[mode].push(timing);
-    console.log(`${mode} kill ${kill + 1}: ${Object.entries(timing).map(([k, v]) => `${k} ${v.toFixed(0)}`).join(", ")}`);
+    timings.set(key, [...(timings.get(key) ?? []), timing]);
+    console.log(`${key} kill ${kill + 1}: ${Object.entries(timing).map(([k, v]) => `${k} ${v.toFixed(0)}`).join(", ")}`);
     await Bun.sleep(1_000); // serving again at full depth before the next kill
   }
   fio.kill("SIGINT");
@@ -160,18 +197,27 @@ async function round(mode: Mode): Promise<void> {
   const json = JSON.parse(text.slice(text.indexOf("{")));
   const errors = json.jobs.reduce((sum: number, job: { error: number }) => sum + job.error, 0);
   fioErrors += errors;
-  console.log(`${mode}: fio ${json.jobs[0].read.io_bytes >> 20} MiB read, ${errors} errors`);
-  cli(["del", "-n", String(devId)]);
+  console.log(`${key}: fio ${json.jobs[0].read.io_bytes >> 20} MiB read, ${errors} errors`);
+  server.del(devId);
 }
 
-cli(["del", "-a"]);
-for (let r = 0; r < rounds; r++) for (const mode of modes) await round(mode);
+run([process.execPath, CLI, "del", "-a"]);
+for (let r = 0; r < rounds; r++) {
+  for (const mode of modes) {
+    await round(ours, mode);
+    if (c && mode !== "auto") await round(c, mode);
+  }
+}
 ctrl.close();
 
+const median = (values: number[]) => {
+  const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
+  return sorted.length === 0 ? Number.NaN : sorted[Math.floor(sorted.length / 2)]!;
+};
 const stats = (values: number[]) => {
   const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
   if (sorted.length === 0) return "—";
-  return `${sorted[Math.floor(sorted.length / 2)]!.toFixed(0)} (${sorted[0]!.toFixed(0)}–${sorted.at(-1)!.toFixed(0)})`;
+  return `${median(sorted).toFixed(0)} (${sorted[0]!.toFixed(0)}–${sorted.at(-1)!.toFixed(0)})`;
 };
 const PHASES: Array<[Mode, string, string]> = [
   ["recover", "killToQuiescedMs", "kill -9 → device QUIESCED"],
@@ -187,20 +233,27 @@ const PHASES: Array<[Mode, string, string]> = [
   ["auto", "killToLiveMs", "`--auto-recover`: kill → LIVE"],
   ["auto", "killToFirstIoMs", "`--auto-recover`: kill → first completed I/O"],
 ];
+const column = (server: Server, mode: Mode, key: string) => (timings.get(`${server.name}:${mode}`) ?? []).map((t) => t[key] ?? Number.NaN);
 const lines = [
   `# ublk-bun recovery stall (${new Date().toISOString().slice(0, 10)}; kernel ${Bun.spawnSync(["uname", "-r"]).stdout.toString().trim()}; ` +
-    `${rounds} rounds × ${kills} kills per mode, one boot)`,
+    `${rounds} rounds × ${kills} kills per mode and server, alternating, one boot)`,
   "",
   "`-t null -q 2 -d 128 -i 1` under fio 4k randread QD64 (io_uring). Milliseconds, median (min–max).",
   "",
-  "| phase | ms |",
-  "| --- | ---: |",
-  ...PHASES.filter(([mode]) => modes.includes(mode)).map(([mode, key, label]) => `| ${label} | ${stats(timings[mode].map((t) => t[key]!))} |`),
+  c ? "| phase | ublk-bun | C (ublksrv) | ours ÷ C |" : "| phase | ublk-bun |",
+  c ? "| --- | ---: | ---: | ---: |" : "| --- | ---: |",
+  ...PHASES.filter(([mode]) => modes.includes(mode)).map(([mode, key, label]) => {
+    const mine = column(ours, mode, key);
+    if (!c) return `| ${label} | ${stats(mine)} |`;
+    const theirs = column(c, mode, key);
+    const ratio = median(mine) / median(theirs);
+    return `| ${label} | ${stats(mine)} | ${stats(theirs)} | ${Number.isFinite(ratio) ? ratio.toFixed(2) : "—"} |`;
+  }),
   "",
   `fio errors across all kills: ${fioErrors}`,
   "",
 ];
 writeFileSync(join(outDir, "recovery.md"), lines.join("\n"));
-writeFileSync(join(outDir, "recovery.json"), JSON.stringify({ kills, rounds, timings, fioErrors }, null, 1));
+writeFileSync(join(outDir, "recovery.json"), JSON.stringify({ kills, rounds, timings: Object.fromEntries(timings), fioErrors }, null, 1));
 console.log(lines.join("\n"));
 process.exit(fioErrors === 0 ? 0 : 1);

@@ -2,13 +2,15 @@
 # shellcheck disable=SC2054,SC2317 # commas in qemu options; trap handlers
 # Run a shell command inside a throwaway Linux VM that has ublk_drv.
 #
-#   bash tests/vm/vm.sh [--kernel K] [--timeout SEC] [--out HOSTDIR] [--env K=V]... [--] CMD...
+#   bash tests/vm/vm.sh [--kernel K] [--timeout SEC] [--out HOSTDIR] [--with HOSTDIR] [--env K=V]... [--] CMD...
 #   npm run vm -- CMD          bun run vm -- CMD
 #
 #   --kernel K      the guest kernel: trixie (Debian 13's own, default) or
 #                   backports (the newest trixie-backports cloud kernel)
 #   --timeout SEC   kill the VM after SEC seconds of boot + CMD (default 1800)
 #   --out HOSTDIR   copy what the guest wrote under /out into HOSTDIR
+#   --with HOSTDIR  copy the files of HOSTDIR into the guest at /with (e.g. a
+#                   build of the C reference server for the bench)
 #   --env K=V       export K=V to CMD (repeatable); UBLK_BUN_VM=1 always
 #
 # CMD (all remaining words, joined by spaces) runs under the guest's busybox
@@ -71,6 +73,7 @@ usage() {
 timeout_s=${UBLK_BUN_VM_TIMEOUT:-1800}
 kernel_choice=${UBLK_BUN_VM_KERNEL:-trixie}
 out_dir=
+with_dir=
 guest_env=()
 while (($#)); do
     case $1 in
@@ -80,6 +83,8 @@ while (($#)); do
         --timeout=*) timeout_s=${1#*=}; shift ;;
         --out) out_dir=${2:?--out needs a directory}; shift 2 ;;
         --out=*) out_dir=${1#*=}; shift ;;
+        --with) with_dir=${2:?--with needs a directory}; shift 2 ;;
+        --with=*) with_dir=${1#*=}; shift ;;
         --env) guest_env+=("${2:?--env needs K=V}"); shift 2 ;;
         --env=*) guest_env+=("${1#*=}"); shift ;;
         -h|--help) usage 0 ;;
@@ -502,11 +507,17 @@ build_run_archive() {
     # straight from the work tree (only the last path component is lstat'ed,
     # and /ublk-bun itself comes from the base archive as a directory).
     ln -s "$REPO" "$stage/ublk-bun"
+    # --with files are copied (small: a peer server's binaries), so /with is a real directory in the guest.
+    if [[ -n $with_dir ]]; then mkdir -p "$stage/with" && cp -a "$with_dir"/. "$stage/with/"; fi
     (
         cd "$stage"
         {
             printf '%s\n' init etc etc/ublk-bun-vm etc/ublk-bun-vm/cmd etc/ublk-bun-vm/nonce etc/ublk-bun-vm/env
             project_files | sed 's|^|ublk-bun/|'
+            if [[ -n $with_dir ]]; then
+                echo with
+                (cd "$stage" && find with -mindepth 1)
+            fi
         } | cpio -o -H newc -R 0:0 --quiet
     ) >"$dest"
 }
