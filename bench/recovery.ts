@@ -84,12 +84,15 @@ function completedIos(devId: number): number {
   return Number(fields[0]) + Number(fields[4]);
 }
 
-/** Wall-clock ms when a process started (/proc/PID/stat starttime, in clock ticks since boot). */
+/** Ms since boot when a process started (/proc/PID/stat starttime, in clock ticks of 10 ms). */
 function processStartMs(pid: number): number {
   const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  const startTicks = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19]);
-  const bootS = Number(/^btime (\d+)$/m.exec(readFileSync("/proc/stat", "utf8"))![1]);
-  return bootS * 1000 + startTicks * 10; // USER_HZ is 100 on Linux
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19]) * 10; // USER_HZ is 100 on Linux
+}
+
+/** Ms since boot now, on the clock processStartMs uses. */
+function uptimeMs(): number {
+  return Number(readFileSync("/proc/uptime", "utf8").split(" ")[0]) * 1000;
 }
 
 /** The wall-clock ms of the first debug line of `pid` matching `pattern`, NaN if none. */
@@ -125,7 +128,8 @@ async function standbyReady(devId: number, seen: number): Promise<number> {
 
 type Timing = Record<string, number>;
 const timings = new Map<string, Timing[]>();
-let fioErrors = 0;
+/** fio errors per server: ours must stay at 0 (the exit status says so); the C server's are reported. */
+const fioErrors = new Map<string, number>();
 
 /** Live with a daemon other than `oldPid`, then one more completed I/O: resolves with both times. */
 async function resumed(devId: number, oldPid: number): Promise<{ liveAt: number; firstIoAt: number }> {
@@ -170,6 +174,7 @@ async function round(server: Server, mode: Mode): Promise<void> {
         const iosBefore = completedIos(devId);
         const startAt = performance.now();
         const startWallMs = Date.now();
+        const startUptimeMs = uptimeMs();
         const recover = Bun.spawn(server.recoverCommand(devId), { stdin: "ignore", stdout: "ignore", stderr: "pipe", env: { ...env, ...server.extraEnv } });
         const firstIoAt = await whenTrue(() => completedIos(devId) > iosBefore, 60_000);
         const status = await recover.exited;
@@ -180,7 +185,7 @@ async function round(server: Server, mode: Mode): Promise<void> {
         if (server === ours) {
           const newPid = ctrl.getDevInfo(devId).ublksrvPid;
           const log = readFileSync(LOG, "utf8");
-          timing.daemonStartedMs = processStartMs(newPid) - startWallMs;
+          timing.daemonStartedMs = processStartMs(newPid) - startUptimeMs; // ±10 ms
           timing.startUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: START_USER_RECOVERY done") - startWallMs;
           timing.queuesFetchedMs = logTimeMs(log, newPid, "device \\d+: every queue fetched") - startWallMs;
           timing.endUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: END_USER_RECOVERY done") - startWallMs;
@@ -196,8 +201,8 @@ async function round(server: Server, mode: Mode): Promise<void> {
   const text = await new Response(fio.stdout).text();
   const json = JSON.parse(text.slice(text.indexOf("{")));
   const errors = json.jobs.reduce((sum: number, job: { error: number }) => sum + job.error, 0);
-  fioErrors += errors;
-  console.log(`${key}: fio ${json.jobs[0].read.io_bytes >> 20} MiB read, ${errors} errors`);
+  fioErrors.set(server.name, (fioErrors.get(server.name) ?? 0) + errors);
+  console.log(`${key}: fio ${Math.floor(json.jobs[0].read.io_bytes / 2 ** 20)} MiB read, ${errors} errors`);
   server.del(devId);
 }
 
@@ -250,10 +255,10 @@ const lines = [
     return `| ${label} | ${stats(mine)} | ${stats(theirs)} | ${Number.isFinite(ratio) ? ratio.toFixed(2) : "—"} |`;
   }),
   "",
-  `fio errors across all kills: ${fioErrors}`,
+  `fio errors across all kills: ${[...fioErrors].map(([name, errors]) => `${name} ${errors}`).join(", ")}`,
   "",
 ];
 writeFileSync(join(outDir, "recovery.md"), lines.join("\n"));
-writeFileSync(join(outDir, "recovery.json"), JSON.stringify({ kills, rounds, timings: Object.fromEntries(timings), fioErrors }, null, 1));
+writeFileSync(join(outDir, "recovery.json"), JSON.stringify({ kills, rounds, timings: Object.fromEntries(timings), fioErrors: Object.fromEntries(fioErrors) }, null, 1));
 console.log(lines.join("\n"));
-process.exit(fioErrors === 0 ? 0 : 1);
+process.exit(fioErrors.get(ours.name) === 0 ? 0 : 1);
