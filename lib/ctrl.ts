@@ -304,6 +304,16 @@ export class Ctrl {
     this.command("QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV, devId, { data: waitMs, devPathLen: this.pathPrefix(devId) }, { timeoutMs: waitMs + 30_000 });
   }
 
+  /** getDevInfo for the user's command `op` (recover, resize …): a missing device is one line, "op: no ublk device N". */
+  getDevInfoFor(op: string, devId: number): DevInfo {
+    try {
+      return this.getDevInfo(devId);
+    } catch (error) {
+      if (error instanceof ErrnoError && error.errno === ENODEV) throw new ErrnoError(op, ENODEV, `${op}: no ublk device ${devId}`);
+      throw error;
+    }
+  }
+
   /** UBLK_U_CMD_GET_DEV_INFO, falling back to GET_DEV_INFO2 (which names /dev/ublkcN) where the first is refused. */
   getDevInfo(devId: number): DevInfo {
     let info: DevInfo;

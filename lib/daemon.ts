@@ -15,7 +15,6 @@ import { recordedIdentity, waitForDeathOf } from "./process-identity.ts";
 import { debug } from "./debug.ts";
 import { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./server-process.ts";
 import { Ctrl, type DevInfo } from "./ctrl.ts";
-import { ENODEV, ErrnoError } from "../ffi/errno.ts";
 import { runDir } from "./run-dir.ts";
 
 export { DAEMON_SPEC_ENV, STATUS_FD, SUPERVISOR_PID_ENV };
@@ -62,10 +61,7 @@ export function recoverySpec(devId: number): DaemonSpec {
   const ctrl = Ctrl.open();
   let info: DevInfo;
   try {
-    info = ctrl.getDevInfo(devId);
-  } catch (error) {
-    if (error instanceof ErrnoError && error.errno === ENODEV) throw new ErrnoError("recover", ENODEV, `recover: no ublk device ${devId}`);
-    throw error;
+    info = ctrl.getDevInfoFor("recover", devId);
   } finally {
     ctrl.close();
   }

@@ -9,7 +9,7 @@
  */
 import { closeSync, constants, mkdirSync, openSync } from "node:fs";
 import { join } from "node:path";
-import { EAGAIN, ENODEV, ErrnoError } from "../ffi/errno.ts";
+import { EAGAIN, ErrnoError } from "../ffi/errno.ts";
 import { flock, LOCK_EX, LOCK_NB } from "../ffi/libc.ts";
 import { UBLK_F_UPDATE_SIZE, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl } from "./ctrl.ts";
@@ -48,13 +48,7 @@ export async function resizeDevice(devId: number, newSizeBytes: number): Promise
     if ((ctrl.getFeatures() & UBLK_F_UPDATE_SIZE) === 0) {
       throw new UsageError("resize: this kernel's ublk_drv has no UPDATE_SIZE (it needs Linux ≥ 6.16)");
     }
-    let info;
-    try {
-      info = ctrl.getDevInfo(devId);
-    } catch (error) {
-      if (error instanceof ErrnoError && error.errno === ENODEV) throw new ErrnoError("resize", ENODEV, `resize: no ublk device ${devId}`);
-      throw error;
-    }
+    const info = ctrl.getDevInfoFor("resize", devId);
     // UPDATE_SIZE on a device without a disk (not started, or stopped) oopses kernels before 7.0's fix.
     if (info.state !== UBLK_S_DEV_LIVE) {
       throw new Error(`resize: device ${devId} is ${UBLK_S_NAMES[info.state] ?? info.state}, not LIVE; recover it first`);

@@ -10,7 +10,6 @@
  * but a request the old daemon held when it died is served twice — we do not hide that behind "restart".
  */
 import { closeSync } from "node:fs";
-import { ENODEV, ErrnoError } from "../ffi/errno.ts";
 import { UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { isOurDaemon, processAlive, recoverDevice, waitForExit } from "./admin.ts";
 import { Ctrl } from "./ctrl.ts";
@@ -38,13 +37,7 @@ export async function restartDevice(devId: number): Promise<RestartResult> {
     if ((ctrl.getFeatures() & UBLK_F_QUIESCE) === 0) {
       throw new UsageError("restart: this kernel's ublk_drv has no QUIESCE_DEV (it needs Linux ≥ 6.16); with -i 1, kill the daemon and \"recover\" instead");
     }
-    let info;
-    try {
-      info = ctrl.getDevInfo(devId);
-    } catch (error) {
-      if (error instanceof ErrnoError && error.errno === ENODEV) throw new ErrnoError("restart", ENODEV, `restart: no ublk device ${devId}`);
-      throw error;
-    }
+    const info = ctrl.getDevInfoFor("restart", devId);
     if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
       throw new Error(`restart: device ${devId} was created without recovery (-r 1 or -i 1), which restart needs`);
     }
