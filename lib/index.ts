@@ -13,7 +13,7 @@ import { startServing } from "./daemon.ts";
 import { Ctrl } from "./ctrl.ts";
 import { resizeDevice } from "./resize.ts";
 import { UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/uapi/ublk_cmd.ts";
-import { canonicalType, loadTarget } from "../targets/registry.ts";
+import { canonicalType, loadTarget, registerTarget } from "../targets/registry.ts";
 import type { Target, TargetOptions, TargetRecord } from "../targets/types.ts";
 import type { DevInfo } from "./ctrl.ts";
 import { API_NAMES, parseChoice, parseDeviceShape, type PollSetting } from "./options.ts";
@@ -82,6 +82,7 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     if (!options.module) throw new Error("createDevice: a Target object needs `module`, the file it is exported from");
     type = canonicalType(pathOf(options.module));
     target = options.target;
+    registerTarget(type, target);
   } else {
     type = canonicalType(pathOf(options.target));
     target = await loadTarget(type);

@@ -35,7 +35,21 @@ export function canonicalType(type: string, cwd = process.cwd()): string {
 }
 
 /** Loads a target; throws an Error with a one-line message when it cannot. */
+/** Targets this thread was handed as objects (see registerTarget). */
+const registered = new Map<string, Target>();
+
+/**
+ * Makes loadTarget(type) return `target` in this thread without importing its module: createDevice() is given the
+ * object, and its module may be the program itself, still inside its top-level await (importing it again would
+ * wait for that forever). Queue Workers still import the module.
+ */
+export function registerTarget(type: string, target: Target): void {
+  registered.set(type, target);
+}
+
 export async function loadTarget(type: string): Promise<Target> {
+  const given = registered.get(type);
+  if (given) return given;
   let specifier = BUILT_IN[type] ?? type;
   let module: Record<string, unknown>;
   try {
