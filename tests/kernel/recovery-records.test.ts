@@ -120,12 +120,17 @@ describe("the record holds what the kernel granted", () => {
     expectClean();
   });
 
-  test("createDevice({ maxIoBytes }) the kernel rounds down: the record has the kernel's value; kill -9, recover works", async () => {
+  test("a request size the kernel rounds down: the record has the kernel's value; kill -9, recover works", async () => {
+    // createDevice() and the CLI take only multiples of 4 KiB; the layer below them (startServing) still records
+    // what the kernel granted for whatever it is given.
     const script = join(work, "serve.ts");
     writeFileSync(script, `
-import { createDevice } from "${ROOT}/lib/index.ts";
-const device = await createDevice({ target: "memory", targetOptions: { sizeBytes: 16 << 20 }, maxIoBytes: 512 * 1024 + 1000, recovery: "recover" });
-console.log("DEV " + device.devId);
+import { startServing } from "${ROOT}/lib/daemon.ts";
+import memory from "${ROOT}/targets/memory.ts";
+import { UBLK_F_USER_RECOVERY } from "${ROOT}/ffi/uapi/ublk_cmd.ts";
+const target = { ...(await memory.prepare({ sizeBytes: 16 << 20 })), type: "memory" };
+const served = await startServing({ config: { devId: -1, nrHwQueues: 1, queueDepth: 128, maxIoBufBytes: 512 * 1024 + 1000, flags: UBLK_F_USER_RECOVERY }, target });
+console.log("DEV " + served.device.devId);
 setInterval(() => {}, 1 << 30); // serve until killed
 `);
     const server = Bun.spawn([process.execPath, script], { stdin: "ignore", stdout: "pipe", stderr: "inherit" });

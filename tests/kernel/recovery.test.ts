@@ -311,21 +311,28 @@ describe("recovery", () => {
     expectClean();
   });
 
-  test("a queue Worker that throws takes the whole daemon down at once; recover brings the device back", async () => {
+  test("a queue Worker that fails (its target throws outside any request) takes the whole daemon down at once; recover brings the device back", async () => {
+    // A throw in handleIo fails only that request (bad-target.test.ts); one from onTargetCqe ends the queue.
     const module = join(work, "crashy.ts");
     writeFileSync(module, `
 import { nullTarget } from "${ROOT}/targets/null.ts";
-import type { Target } from "${ROOT}/lib/index.ts";
+import { IO_PENDING, TARGET_USER_DATA, type Target } from "${ROOT}/lib/index.ts";
 let served = 0;
 const target: Target = {
   ...nullTarget, name: "crashy",
   prepare: (options) => ({ ...nullTarget.prepare(options) as any, type: "crashy" }),
   openQueue(record, queue) {
     const inner = nullTarget.openQueue(record, queue) as any;
-    return { handleIo(tag: number, op: number, flags: number, start: number, n: number) {
-      if (!queue.recovering && ++served === 200) throw new Error("crashy target: deliberate failure");
-      return inner.handleIo(tag, op, flags, start, n);
-    } };
+    return {
+      handleIo(tag: number, op: number, flags: number, start: number, n: number) {
+        if (queue.recovering || ++served !== 200) return inner.handleIo(tag, op, flags, start, n);
+        queue.ring.prepNop(queue.getSqe(), tag, TARGET_USER_DATA);
+        return IO_PENDING;
+      },
+      onTargetCqe() {
+        throw new Error("crashy target: deliberate failure");
+      },
+    };
   },
 };
 export default target;
