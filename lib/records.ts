@@ -137,13 +137,18 @@ export function removeStandby(devId: number): void {
 
 /** Removes a record if present (a symlink in its place is removed, not followed). */
 export function removeRecord(devId: number): void {
-  for (const path of [recordPath(devId), lockPath(devId), standbyPath(devId)]) {
+  for (const path of [recordPath(devId), lockPath(devId), standbyPath(devId), adminLockPath(devId)]) {
     try {
       unlinkSync(path);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
     }
   }
+}
+
+/** Held by one resize or restart of the device at a time (lib/resize.ts). */
+export function adminLockPath(devId: number): string {
+  return join(runDir(), `${devId}.admin.lock`);
 }
 
 export function lockPath(devId: number): string {

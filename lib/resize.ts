@@ -14,7 +14,7 @@ import { flock, LOCK_EX, LOCK_NB } from "../ffi/libc.ts";
 import { UBLK_F_UPDATE_SIZE, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl } from "./ctrl.ts";
 import { UsageError } from "./options.ts";
-import { readRecord, runDir, writeRecord, type DeviceRecord } from "./records.ts";
+import { adminLockPath, readRecord, runDir, writeRecord, type DeviceRecord } from "./records.ts";
 import { loadTarget } from "../targets/registry.ts";
 
 export interface ResizeResult {
@@ -30,7 +30,7 @@ export interface ResizeResult {
  */
 export function lockAdmin(devId: number, op: string): number {
   mkdirSync(runDir(), { recursive: true, mode: 0o700 });
-  const path = join(runDir(), `${devId}.admin.lock`);
+  const path = adminLockPath(devId);
   const fd = openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_NOFOLLOW, 0o600);
   const locked = flock(fd, LOCK_EX | LOCK_NB);
   if (locked < 0) {
