@@ -93,6 +93,7 @@ describe("resize (UPDATE_SIZE)", () => {
     cliOk(["del", "-n", String(devId)]);
     expectClean();
     expect(existsSync(shmPath)).toBe(false);
+    expect(existsSync(`/run/ublk-bun/${devId}.admin.lock`)).toBe(false); // resize's lock goes with the record
   });
 
   test.skipIf(!has("UPDATE_SIZE"))("file: grow extends the file; shrink leaves it as it is", () => {
