@@ -141,7 +141,7 @@ describe("bad input: one line, non-zero exit, nothing left", () => {
     ["non-numeric size", ["add", "-t", "null", "-s", "lots"], /-s: "lots" is not a size/],
     ["zero size", ["add", "-t", "null", "-s", "0"], /-s: size must be greater than zero/],
     ["missing type", ["add"], /-t TYPE is required/],
-    ["unknown flag", ["add", "-t", "null", "--frobnicate"], /Unknown option/],
+    ["unknown flag", ["add", "-t", "null", "--frobnicate"], /^ublk-bun: add: unknown option --frobnicate \(try: ublk-bun add --help\)$/m],
     ["del of a missing id", ["del", "-n", "4242"], /no ublk device 4242/],
     ["del without id", ["del"], /-n ID or -a is required/],
     ["bad id", ["list", "-n", "abc"], /-n: "abc" is not a whole number/],
