@@ -125,7 +125,7 @@ describe("stopping while the target holds requests", () => {
     const devId = addDevice(["-t", BAD_TARGET, "-o", "badSector=8", "-o", "bad=hold", "-o", "holdMs=3000"]);
     const reader = dd(devId, false, 8);
     await Bun.sleep(1000);
-    const del = cli(["del", "-n", String(devId)]);
+    const del = cli(["del", "--force", "-n", String(devId)]); // dd holds the device open: plain del refuses
     expect([del.status, del.stderr]).toEqual([0, ""]);
     expect((await reader).status).toBe(0);
     expectClean();
