@@ -3,13 +3,12 @@
  * Kept apart from bin/ so the embedding API and tests can call the same code.
  */
 import { closeSync, readdirSync, readFileSync } from "node:fs";
-import { join } from "node:path";
 import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
 import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { oneLine, runDaemon, type DaemonSpec } from "./daemon.ts";
 import { DAEMON_PATH, daemonLogPath, isOurDaemon, processAlive, runServer } from "./server-process.ts";
-import { lockPath, readRecord, readStandby, recordedDevIds, recordPath, removeRecord, runDir, tryLockDevice, type DeviceRecord } from "./records.ts";
+import { lockPath, readRecord, readStandby, recordedDevIds, recordPath, removeRecord, tryLockDevice, type DeviceRecord } from "./records.ts";
 import {
   lockHolder, provenProcess, provenServers, SIGKILL, SIGTERM, signalProven, stillRunning, waitForExitOf, type ProcessIdentity,
 } from "./process-identity.ts";

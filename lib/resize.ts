@@ -8,7 +8,6 @@
  * If UPDATE_SIZE fails the record is put back. Running queues learn of a grow by themselves (targets/mapping.ts).
  */
 import { closeSync, constants, mkdirSync, openSync } from "node:fs";
-import { join } from "node:path";
 import { EAGAIN, ErrnoError } from "../ffi/errno.ts";
 import { flock, LOCK_EX, LOCK_NB } from "../ffi/libc.ts";
 import { UBLK_F_UPDATE_SIZE, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
