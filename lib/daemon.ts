@@ -9,7 +9,7 @@
  *   ERROR <message>      start failed and everything was cleaned up
  */
 import { closeSync, writeSync } from "node:fs";
-import { Device, pauseForTest, type DeviceConfig, type DeviceEvents } from "./device.ts";
+import { Device, pauseForTest, QueueRetiredError, type DeviceConfig, type DeviceEvents } from "./device.ts";
 import { lockDevice, lockDeviceWaiting, readRecord, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { recordedIdentity, waitForDeathOf } from "./process-identity.ts";
 import { debug } from "./debug.ts";
@@ -187,17 +187,29 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
 export async function runDaemon(request: DaemonSpec | RecoveryRequest, report: (line: string) => void): Promise<void> {
   let served: ServedDevice | undefined;
   let handingOver = false;
-  const onFatal = (error: Error) => {
-    if (handingOver) return; // the queues end by themselves during a hand-over
+  let fatalSeen = false;
+  const onFatal = async (error: Error) => {
+    if (handingOver || fatalSeen) return; // the queues end by themselves during a hand-over; one report is enough
+    fatalSeen = true;
+    const starting = served === undefined;
+    await pauseForTest("on-fatal");
     // `del` stopped the device itself (TRY_STOP_DEV): the queues ended because the disk is gone. Finish the
-    // deletion quietly instead of reporting a failure.
+    // deletion quietly instead of reporting a failure. Not after a queue failed: 6.12 stops a device whose
+    // queue thread died too (its monitor work), and that device stays for `del`, its record with it.
     let dead = false;
-    try { dead = served !== undefined && served.device.refreshInfo().state === UBLK_S_DEV_DEAD; } catch { /* report below */ }
+    try {
+      dead = error instanceof QueueRetiredError && served !== undefined && served.device.refreshInfo().state === UBLK_S_DEV_DEAD;
+    } catch { /* report below */ }
     if (dead) {
       served!.stop().then(() => process.exit(0), () => process.exit(1));
       return;
     }
-    console.error(`ublk-bun: device ${served?.device.devId ?? "?"}: ${error.message}; exiting so the kernel can quiesce the device`);
+    if (starting || served === undefined) {
+      // Still starting: whoever waits for READY hears why (and removes a device it added).
+      report(`ERROR ${oneLine(error)}`);
+      process.exit(1);
+    }
+    console.error(`ublk-bun: device ${served.device.devId}: ${error.message}; exiting so the kernel can quiesce the device`);
     process.exit(1);
   };
   try {

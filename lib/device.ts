@@ -116,16 +116,23 @@ export class Device {
     events.onAdded?.(info.devId);
     let charFd = -1, claimFd = -1;
     let queues: QueueWorker[] = [];
+    let devStarted = false;
     try {
       charFd = await openCharDevice(info.devId);
-      queues = await startQueues(ctrl, info, target, charFd, false, events, config.pollUs ?? "auto");
+      const launched = launchQueues(ctrl, info, target, false, events, config.pollUs ?? "auto");
+      queues = launched.queues;
+      await launched.attach(charFd);
       claimFd = await claimFor(target);
       ctrl.setParams(info.devId, paramsOf(target, info));
       await pauseForTest("before-start-dev");
       ctrl.startDev(info.devId, getpid());
+      devStarted = true;
+      await launched.goLive();
       const started = ctrl.getDevInfo(info.devId);
       return new Device(ctrl, started, grantedConfig({ ...config, flags }, info), target, charFd, queues, claimFd);
     } catch (error) {
+      // A started disk goes first, so that DEL_DEV does not wait behind it.
+      if (devStarted) try { ctrl.stopDev(info.devId, { timeoutMs: 10_000 }); } catch { /* DEL_DEV below still tries */ }
       await stopQueues(queues);
       if (claimFd >= 0) close(claimFd);
       if (charFd >= 0) close(charFd);
@@ -182,6 +189,8 @@ export class Device {
       await pauseForTest("before-end-recovery");
       ctrl.endUserRecovery(devId, getpid());
       debug(`device ${devId}: END_USER_RECOVERY done`);
+      // A queue that died meanwhile fails this recovery; once we exit the kernel quiesces the device again.
+      await launched.goLive();
       const live = ctrl.getDevInfo(devId);
       // A record written before records held the granted sizes is healed by the next record write.
       return new Device(ctrl, live, grantedConfig(config, info), target, charFd, queues, claimFd);
@@ -303,6 +312,13 @@ export async function openCharDevice(devId: number, timeoutMs = 10_000, pollMs =
   }
 }
 
+/** A queue ended because the kernel retired all its tags (-ENODEV: the device was stopped), not by a failure. */
+export class QueueRetiredError extends Error {
+  constructor(qId: number) {
+    super(`queue ${qId}: the kernel retired its tags (the device was stopped)`);
+  }
+}
+
 /** Queue Workers started ahead of /dev/ublkcN (see launchQueues). */
 export interface LaunchedQueues {
   queues: QueueWorker[];
@@ -312,12 +328,18 @@ export interface LaunchedQueues {
   /** Hands every queue /dev/ublkcN; resolves once each has FETCHed every tag (bounded by QUEUE_FETCH_TIMEOUT_MS).
    * On failure the Workers are stopped and it rejects with the first queue's one-line reason. */
   attach(charFd: number): Promise<QueueWorker[]>;
+  /** Once the kernel has the device (START_DEV or END_USER_RECOVERY done): throws the failure of a queue that
+   * ended meanwhile; from then on a queue's end goes to `events.onFatal`. */
+  goLive(): Promise<void>;
 }
 
 /** Starts one Worker per queue and resolves once every queue has FETCHed every tag. */
 export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, charFd: number, recovering: boolean,
                                   events: DeviceEvents, pollUs: PollSetting): Promise<QueueWorker[]> {
-  return launchQueues(ctrl, info, target, recovering, events, pollUs).attach(charFd);
+  const launched = launchQueues(ctrl, info, target, recovering, events, pollUs);
+  const queues = await launched.attach(charFd);
+  await launched.goLive();
+  return queues;
 }
 
 /**
@@ -331,8 +353,15 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
   const ready: Promise<void>[] = [];
   const preparedEach: Promise<void>[] = [];
   let started = false;
+  let live = false;
+  /** A queue that ended after attach() but before goLive(): create()/recover() fail with it. */
+  let earlyFailure: Error | undefined;
   const fatal = (error: Error) => {
     if (!started) return; // before start, the failure rejects create()/recover() instead
+    if (!live) {
+      earlyFailure ??= error;
+      return;
+    }
     if (events.onFatal) events.onFatal(error);
     else {
       console.error(`ublk-bun: device ${info.devId}: ${error.message}; exiting so the kernel can quiesce the device`);
@@ -358,6 +387,7 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
     let exitedResolve!: () => void;
     queue.exited = new Promise<void>((resolve) => { exitedResolve = resolve; });
     let failure = "";
+    let retired = false;
     let preparedResolve!: () => void;
     const prepared = new Promise<void>((resolve) => { preparedResolve = resolve; });
     const fetched = new Promise<void>((resolve, reject) => {
@@ -368,9 +398,11 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
           queue.info.tid = reply.tid;
           resolve();
         } else if (reply.type === "exited") {
+          retired = true;
           exitedResolve();
         } else if (reply.type === "failed") {
           failure = reply.message;
+          if (started && !live) earlyFailure ??= new Error(`queue ${qId}: ${failure}`);
         }
       };
       worker.onerror = (event: ErrorEvent) => {
@@ -382,7 +414,10 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
       worker.addEventListener("close", () => {
         exitedResolve();
         reject(new Error(`queue ${qId}: worker ended before it was ready`));
-        if (!queue.stopping) fatal(new Error(`queue ${qId}: its Worker ended unexpectedly`));
+        if (queue.stopping) return;
+        // Only a queue that said "exited" without a failure ended because the kernel retired its tags (the
+        // device was stopped under it); any other end is this server's failure.
+        fatal(retired && !failure ? new QueueRetiredError(qId) : new Error(`queue ${qId}: ${failure || "its Worker ended unexpectedly"}`));
       });
     });
     fetched.catch(() => { /* reported by attach(); a queue that fails while nobody waits yet is not unhandled */ });
@@ -422,6 +457,14 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
       }
       started = true;
       return queues;
+    },
+    async goLive(): Promise<void> {
+      // START_DEV blocked this thread while the kernel sent its first requests (the partition scan): let the
+      // Workers' messages from that time arrive first.
+      await new Promise<void>((resolve) => setTimeout(resolve, 0));
+      await pauseForTest("before-live");
+      if (earlyFailure) throw earlyFailure;
+      live = true;
     },
   };
 }

@@ -26,8 +26,8 @@ export function cliOk(args: string[], env: Record<string, string> = {}): string 
 }
 
 /** `add` and return the new device id (parsed from the list block it prints). */
-export function addDevice(args: string[]): number {
-  const out = cliOk(["add", ...args]);
+export function addDevice(args: string[], env: Record<string, string> = {}): number {
+  const out = cliOk(["add", ...args], env);
   const match = /^dev id (\d+):/m.exec(out);
   if (!match) throw new Error(`add printed no device: ${out}`);
   return Number(match[1]);
