@@ -13,7 +13,7 @@ import { Device, pauseForTest, QueueRetiredError, type DeviceConfig, type Device
 import { lockDevice, lockDeviceWaiting, readRecord, removeRecord, RECORD_VERSION, writeRecord, type DeviceRecord } from "./records.ts";
 import { recordedIdentity, waitForDeathOf } from "./process-identity.ts";
 import { debug } from "./debug.ts";
-import { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./server-process.ts";
+import { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
 import { Ctrl, type DevInfo } from "./ctrl.ts";
 import { runDir } from "./run-dir.ts";
 

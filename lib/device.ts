@@ -4,14 +4,13 @@
  * scans partitions synchronously and that I/O must already be served from the queue threads.
  * `stop()` undoes it all. The daemon, the CLI's --foreground mode and the embedding API all use this class.
  */
-import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
+import { close, eventfd, getpid, O_RDWR, open, write } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
   UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
-import { wakeQueueForStop } from "./queue-worker.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import { loadTarget } from "../targets/registry.ts";
@@ -467,6 +466,12 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
       live = true;
     },
   };
+}
+
+/** Asks a queue Worker blocked in io_uring_enter to leave its loop (its stop eventfd is polled on its ring). Here,
+ * not in queue-worker.ts: the main thread then never loads the Worker's module. */
+function wakeQueueForStop(stopFd: number): void {
+  write(stopFd, new BigUint64Array([1n]), 8);
 }
 
 /** Wakes every queue out of its loop (if STOP_DEV has not already retired it) and ends the Workers. */

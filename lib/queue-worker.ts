@@ -14,7 +14,7 @@
  */
 import {
   gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ,
-  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, threadPreemptions, write,
+  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, threadPreemptions,
 } from "../ffi/libc.ts";
 import { EIO, ETIME, ErrnoError, errnoName } from "../ffi/errno.ts";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
@@ -499,11 +499,6 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     `in ${enters} io_uring_enter calls, ${(ioCqes / Math.max(enters, 1)).toFixed(2)} ublk CQEs per enter; ` +
     `spins: ${spinHits} found a request, ${spinMisses} did not; ${contendedChecks} back-offs for a contended CPU`);
   return servedIos;
-}
-
-/** Asks a queue Worker blocked in io_uring_enter to leave its loop (its stop eventfd is polled on its ring). */
-export function wakeQueueForStop(stopFd: number): void {
-  write(stopFd, new BigUint64Array([1n]), 8);
 }
 
 declare const self: Worker;

@@ -17,10 +17,8 @@ import type { DaemonSpec, RecoveryRequest } from "./daemon.ts";
 import type { DeviceRecord } from "./records.ts";
 import { runDir } from "./run-dir.ts";
 
-export const STATUS_FD = 3;
-export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
-/** Set by an --auto-recover supervisor in the environment of the daemons it starts. */
-export const SUPERVISOR_PID_ENV = "UBLK_BUN_SUPERVISOR_PID";
+export { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
+import { DAEMON_SPEC_ENV, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
 
 /** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
 function readyTimeoutMs(): number {
@@ -34,7 +32,6 @@ export const SUPERVISOR_PATH = new URL("./supervisor.ts", import.meta.url).pathn
 export function daemonLogPath(): string {
   return join(runDir(), "daemon.log");
 }
-
 
 /**
  * Starts a daemon (or an --auto-recover supervisor, which starts one) for `spec` and waits for its READY. On
@@ -153,7 +150,6 @@ function groupHasLiveMember(pgid: number): boolean {
   return false;
 }
 
-
 export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
   while (processAlive(pid)) {
@@ -175,24 +171,3 @@ export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, 
   return outcome.record;
 }
 
-/** True while `pid` names a live process (zombies count as gone). */
-export function processAlive(pid: number): boolean {
-  if (!(pid > 0)) return false;
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
-    return state !== "Z" && state !== "X";
-  } catch {
-    return false;
-  }
-}
-
-/** True when `pid` runs our daemon (so a recycled pid is never signalled). */
-export function isOurDaemon(pid: number): boolean {
-  try {
-    const commandLine = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    return commandLine.includes("daemon.ts") || commandLine.includes("supervisor.ts") || commandLine.includes("ublk-bun");
-  } catch {
-    return false;
-  }
-}
