@@ -129,3 +129,33 @@ export async function spawnPaused(args: string[], step: string, notPid = 0, paus
   }, 60_000);
   return { child, daemonPid };
 }
+
+/** Waits (bounded) for a background fio; a hung one is killed and reported as "hung". */
+export async function fioResult(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, timeoutMs = 120_000): Promise<{ status: number | string; stdout: string; stderr: string }> {
+  const status = await Promise.race([fio.exited, Bun.sleep(timeoutMs).then(() => "hung")]);
+  if (status === "hung") fio.kill("SIGKILL");
+  return { status, stdout: await new Response(fio.stdout).text(), stderr: await new Response(fio.stderr).text() };
+}
+
+/**
+ * Lets a long fio job run on for `afterMs` more (I/O after the last recovery), stops it with SIGINT — fio then
+ * writes its JSON and exits 128 — and checks it saw no error and did real I/O (more than `minIos`). Stopping by
+ * signal instead of `--runtime` keeps the test independent of how long the kills took on a slow machine.
+ */
+export async function expectFioClean(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, afterMs = 2000, minIos = 1000): Promise<void> {
+  await Bun.sleep(afterMs);
+  expect(fio.exitCode).toBeNull(); // it must not have ended by itself (that would be an error)
+  fio.kill("SIGINT");
+  const { status, stdout, stderr } = await fioResult(fio);
+  expect(stderr).not.toMatch(/verify|error/i);
+  expect(status).toBe(128);
+  const result = fioJson(stdout);
+  expect(result.errors).toBe(0);
+  expect(result.ios).toBeGreaterThan(minIos);
+}
+
+export function fioJson(text: string): { errors: number; ios: number } {
+  const json = JSON.parse(text.slice(text.indexOf("{")));
+  const job = json.jobs[0];
+  return { errors: job.error, ios: (job.read?.total_ios ?? 0) + (job.write?.total_ios ?? 0) };
+}

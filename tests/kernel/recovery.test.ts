@@ -3,7 +3,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, ROOT, spawnPaused, ublkHolders, waitFor } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, expectFioClean, fioResult, ROOT, spawnPaused, ublkHolders, waitFor } from "./helpers.ts";
 
 const work = "/tmp/ublk-bun-recovery";
 beforeAll(() => {
@@ -78,35 +78,6 @@ async function killAndRecover(devId: number, pauseMs = 500): Promise<KillTiming>
 }
 
 /** Waits for fio to end (by itself, or after our SIGINT); "hung" if it does not within `timeoutMs`. */
-async function fioResult(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, timeoutMs = 120_000): Promise<{ status: number | string; stdout: string; stderr: string }> {
-  const status = await Promise.race([fio.exited, Bun.sleep(timeoutMs).then(() => "hung")]);
-  if (status === "hung") fio.kill("SIGKILL");
-  return { status, stdout: await new Response(fio.stdout).text(), stderr: await new Response(fio.stderr).text() };
-}
-
-/**
- * Lets a long fio read on for `afterMs` more (I/O after the last recovery), stops it with SIGINT — fio then
- * writes its JSON and exits 128 — and checks it saw no error and did real I/O. Stopping by signal instead of
- * `--runtime` keeps the test independent of how long the kills took on a slow machine.
- */
-async function expectFioClean(fio: Bun.Subprocess<"ignore", "pipe", "pipe">, afterMs = 2000): Promise<void> {
-  await Bun.sleep(afterMs);
-  expect(fio.exitCode).toBeNull(); // it must not have ended by itself (that would be an error)
-  fio.kill("SIGINT");
-  const { status, stdout, stderr } = await fioResult(fio);
-  expect(stderr).not.toMatch(/verify|error/i);
-  expect(status).toBe(128);
-  const result = fioJson(stdout);
-  expect(result.errors).toBe(0);
-  expect(result.ios).toBeGreaterThan(1000);
-}
-
-function fioJson(text: string): { errors: number; ios: number } {
-  const json = JSON.parse(text.slice(text.indexOf("{")));
-  const job = json.jobs[0];
-  return { errors: job.error, ios: (job.read?.total_ios ?? 0) + (job.write?.total_ios ?? 0) };
-}
-
 function report(name: string, timings: KillTiming[]): void {
   const fmt = (values: number[]) => values.map((v) => Math.round(v)).join("/");
   console.log(`${name}: kill→QUIESCED ms ${fmt(timings.map((t) => t.killToQuiescedMs))}; ` +
