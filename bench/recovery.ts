@@ -9,6 +9,8 @@
  *   at-once   `recover` started right after the kill: kill → LIVE, kill → first completed I/O
  *   auto      `add --auto-recover`: kill → QUIESCED and kill → first completed I/O, no operator; each kill once the
  *             supervisor's standby daemon is ready and the serving daemon has lived long enough to count as healthy
+ *   standby   `add --standby`: as recover, once the warm spare is ready; `recover` hands the device to it (the C
+ *             column of its row is the C server's plain recover)
  * With UBLKSRV_DIR naming a build of the C reference server (ublksrv: ublk, ublk.null; ../shared/tools has a
  * build script), the recover and at-once modes run with it too, alternating, and the table gives ours ÷ C.
  * The device state is polled in this process (GET_DEV_INFO on one open control ring), completed I/O from
@@ -26,8 +28,8 @@ import { UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED } from "../ffi/uapi/ublk_cmd.ts";
 const root = join(import.meta.dir, "..");
 const kills = Number(process.env.RECOVERY_KILLS ?? 5);
 const rounds = Number(process.env.RECOVERY_ROUNDS ?? 3);
-type Mode = "recover" | "at-once" | "auto";
-const modes = (process.env.RECOVERY_MODES ?? "recover,at-once,auto").split(",") as Mode[];
+type Mode = "recover" | "at-once" | "auto" | "standby";
+const modes = (process.env.RECOVERY_MODES ?? "recover,at-once,auto,standby").split(",") as Mode[];
 
 if (!existsSync("/dev/ublk-control")) {
   if (process.env.UBLK_BUN_VM === "1") throw new Error("bench: ublk_drv is not loaded in the VM");
@@ -54,14 +56,15 @@ function run(command: string[], extraEnv: Record<string, string> = {}): string {
 /** A server under test: how to add a recoverable null device, recover it and delete it. */
 interface Server {
   name: string;
-  add(auto: boolean): number;
+  add(mode: Mode): number;
   recoverCommand(devId: number): string[];
   extraEnv: Record<string, string>;
   del(devId: number): void;
 }
 const ours: Server = {
   name: "ublk-bun",
-  add: (auto) => Number(/^dev id (\d+):/m.exec(run([process.execPath, CLI, "add", "-t", "null", "-q", "2", "-d", "128", "-i", "1", ...(auto ? ["--auto-recover"] : [])]))![1]),
+  add: (mode) => Number(/^dev id (\d+):/m.exec(run([process.execPath, CLI, "add", "-t", "null", "-q", "2", "-d", "128", "-i", "1",
+    ...(mode === "auto" ? ["--auto-recover"] : mode === "standby" ? ["--standby"] : [])]))![1]),
   recoverCommand: (devId) => [process.execPath, CLI, "recover", "-n", String(devId)],
   extraEnv: {},
   del: (devId) => void run([process.execPath, CLI, "del", "-n", String(devId)]),
@@ -114,12 +117,16 @@ async function whenTrue(condition: () => boolean, timeoutMs: number): Promise<nu
 /** lib/supervisor.ts: a daemon that lived this long was healthy, and its death gets a standby take-over. */
 const HEALTHY_MS = 10_500;
 
-/** Waits (up to 30 s) until the supervisor logs more ready standbys for `devId` than `seen`; returns the count. */
+/** Ready standbys of `devId` the log names so far (a supervisor's or an --standby daemon's). */
+function standbysLogged(devId: number): number {
+  return (readFileSync(LOG, "utf8").match(new RegExp(`device ${devId}: standby pid \\d+ is ready`, "g")) ?? []).length;
+}
+
+/** Waits (up to 30 s) until the log names more ready standbys for `devId` than `seen`; returns the count. */
 async function standbyReady(devId: number, seen: number): Promise<number> {
-  const pattern = new RegExp(`device ${devId}: standby pid \\d+ is ready`, "g");
   const deadline = Date.now() + 30_000;
   for (;;) {
-    const count = (readFileSync(LOG, "utf8").match(pattern) ?? []).length;
+    const count = standbysLogged(devId);
     if (count > seen) return count;
     if (Date.now() > deadline) throw new Error(`device ${devId}: no standby became ready within 30 s`);
     await Bun.sleep(50);
@@ -140,12 +147,14 @@ async function resumed(devId: number, oldPid: number): Promise<{ liveAt: number;
 }
 
 async function round(server: Server, mode: Mode): Promise<void> {
-  const devId = server.add(mode === "auto");
+  const logCharsBeforeAdd = existsSync(LOG) ? readFileSync(LOG, "utf8").length : 0;
+  const devId = server.add(mode);
   const fio = Bun.spawn(["fio", "--name=stall", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
     "--ioengine=io_uring", "--iodepth=64", "--time_based", "--runtime=3600", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   await Bun.sleep(2_000); // fio running at full depth
   const key = `${server.name}:${mode}`;
-  let standbysReady = 0;
+  // A device id comes back round after round: count only this round's standbys.
+  let standbysReady = existsSync(LOG) ? (readFileSync(LOG, "utf8").slice(0, logCharsBeforeAdd).match(new RegExp(`device ${devId}: standby pid \\d+ is ready`, "g")) ?? []).length : 0;
   for (let kill = 0; kill < kills; kill++) {
     if (mode === "auto") {
       // As in use: the daemon lived long enough to count as healthy (a crash loop gets no standby), and the
@@ -153,6 +162,7 @@ async function round(server: Server, mode: Mode): Promise<void> {
       if (kill > 0) await Bun.sleep(HEALTHY_MS);
       standbysReady = await standbyReady(devId, standbysReady);
     }
+    if (mode === "standby") standbysReady = await standbyReady(devId, standbysReady);
     const oldPid = ctrl.getDevInfo(devId).ublksrvPid;
     const killedAt = performance.now();
     process.kill(oldPid, "SIGKILL");
@@ -182,7 +192,7 @@ async function round(server: Server, mode: Mode): Promise<void> {
         if (status !== 0) throw new Error(`recover failed: ${await new Response(recover.stderr).text()}`);
         timing.firstIoMs = firstIoAt - startAt;
         timing.recoverExitedMs = exitAt - startAt;
-        if (server === ours) {
+        if (server === ours && mode === "recover") {
           const newPid = ctrl.getDevInfo(devId).ublksrvPid;
           const log = readFileSync(LOG, "utf8");
           timing.daemonStartedMs = processStartMs(newPid) - startUptimeMs; // ±10 ms
@@ -210,7 +220,7 @@ run([process.execPath, CLI, "del", "-a"]);
 for (let r = 0; r < rounds; r++) {
   for (const mode of modes) {
     await round(ours, mode);
-    if (c && mode !== "auto") await round(c, mode);
+    if (c && mode !== "auto" && mode !== "standby") await round(c, mode);
   }
 }
 ctrl.close();
@@ -237,6 +247,9 @@ const PHASES: Array<[Mode, string, string]> = [
   ["auto", "killToQuiescedMs", "`--auto-recover` (standby ready): kill → QUIESCED"],
   ["auto", "killToLiveMs", "`--auto-recover`: kill → LIVE"],
   ["auto", "killToFirstIoMs", "`--auto-recover`: kill → first completed I/O"],
+  ["standby", "killToQuiescedMs", "`add --standby` (spare ready): kill → QUIESCED"],
+  ["standby", "firstIoMs", "`add --standby`: `recover` start → first completed I/O (C: plain recover)"],
+  ["standby", "recoverExitedMs", "`add --standby`: `recover` start → `recover` exits (C: plain recover)"],
 ];
 const column = (server: Server, mode: Mode, key: string) => (timings.get(`${server.name}:${mode}`) ?? []).map((t) => t[key] ?? Number.NaN);
 const lines = [
@@ -250,7 +263,7 @@ const lines = [
   ...PHASES.filter(([mode]) => modes.includes(mode)).map(([mode, key, label]) => {
     const mine = column(ours, mode, key);
     if (!c) return `| ${label} | ${stats(mine)} |`;
-    const theirs = column(c, mode, key);
+    const theirs = column(c, mode === "standby" ? "recover" : mode, key);
     const ratio = median(mine) / median(theirs);
     return `| ${label} | ${stats(mine)} | ${stats(theirs)} | ${Number.isFinite(ratio) ? ratio.toFixed(2) : "—"} |`;
   }),

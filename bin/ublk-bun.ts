@@ -43,6 +43,7 @@ cli
   .option("-e, --recovery-fail-io <0|1>", "USER_RECOVERY + FAIL_IO: I/O fails fast while no daemon (kernel ≥ 6.13)")
   .option("--no-part-scan", "NO_AUTO_PART_SCAN: do not scan the new disk for partitions (kernel ≥ 7.0)")
   .option("--auto-recover", "Watch the daemon and recover the device by itself when it dies (needs -r 1, -i 1 or -e 1)")
+  .option("--standby", "Keep a warm spare daemon that `recover` hands the device to at once (needs -r 1, -i 1 or -e 1; one more process)")
   .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
   .option("--json", "Print the device as JSON")
   .action((flags: Flags) => run(() => add(flags)));
@@ -108,6 +109,9 @@ async function add(flags: Flags): Promise<void> {
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0 && !failIo) throw new UsageError("--auto-recover needs -r 1, -i 1 or -e 1");
   if (flags.autoRecover && flags.foreground) throw new UsageError("--auto-recover and --foreground cannot be combined");
+  if (flags.standby !== undefined && flags.standby !== true) throw new UsageError("--standby takes no value");
+  if (flags.standby && (config.flags & UBLK_F_USER_RECOVERY) === 0 && !failIo) throw new UsageError("--standby needs -r 1, -i 1 or -e 1");
+  if (flags.standby && flags.autoRecover) throw new UsageError("--standby and --auto-recover cannot be combined (the supervisor keeps its own standby)");
   if (flags.unprivileged === true) {
     // ublk_drv clears the recovery flags of unprivileged devices (a user's daemon could stall recovery forever).
     if ((config.flags & UBLK_F_USER_RECOVERY) !== 0 || failIo) throw new UsageError("--unprivileged: the kernel allows no recovery (-r, -i, -e) for unprivileged devices");
@@ -139,7 +143,7 @@ async function add(flags: Flags): Promise<void> {
   if (flags.file !== undefined) targetOptions.file = String(single("-f", flags.file));
   for (const key of ["buffered", "readOnly", "grow"] as const) if (flags[key] === true) targetOptions[key] = true;
   const record = await target.prepare(targetOptions);
-  const spec: DaemonSpec = { config, target: { ...record, type: targetType } };
+  const spec: DaemonSpec = { config, target: { ...record, type: targetType }, ...(flags.standby ? { standby: true } : {}) };
   try {
     await serve(spec, flags);
   } catch (error) {

@@ -119,7 +119,10 @@ export function formatListing(listing: DeviceListing): string {
   const supervisor = listing.record?.supervisorPid ?? 0;
   if (supervisor > 0) lines.push(`\tauto-recover supervisor: ${supervisor}${processAlive(supervisor) ? "" : " (not running)"}`);
   const standby = liveStandby(info.devId);
-  if (standby) lines.push(`\tstandby daemon: ${standby.pid} (takes over the moment the daemon dies)`);
+  if (standby) {
+    const when = supervisor > 0 ? "takes over the moment the daemon dies" : `"recover -n ${info.devId}" hands it the device`;
+    lines.push(`\tstandby daemon: ${standby.pid} (${when})`);
+  }
   if (!processAlive(info.ublksrvPid) && !(supervisor > 0 && processAlive(supervisor))) {
     const recoverable = (info.flags & UBLK_F_USER_RECOVERY) !== 0 && info.state !== UBLK_S_DEV_DEAD && listing.record !== null;
     lines.push(`\torphan: no daemon serves it; ${recoverable ? `"recover -n ${info.devId}" or ` : ""}"del -n ${info.devId}"`);

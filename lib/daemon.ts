@@ -16,6 +16,7 @@ import { debug } from "./debug.ts";
 import { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
 import { Ctrl, type DevInfo } from "./ctrl.ts";
 import { runDir } from "./run-dir.ts";
+import { forget, keepStandby, recoverAsked, type Asker, type KeptStandby } from "./standby.ts";
 
 export { DAEMON_SPEC_ENV, STATUS_FD, SUPERVISOR_PID_ENV };
 import { loadTarget } from "../targets/registry.ts";
@@ -32,6 +33,11 @@ export interface DaemonSpec {
   mode?: "create" | "recover" | "standby";
   /** With "standby": the serving daemon's pid. */
   watchPid?: number;
+  /** With "standby": once `watchPid` has exited, recover only when `recover -n ID` asks (on the standby's socket,
+   * see standbySocketPath) — the spare of `add --standby`, not of a supervisor. */
+  waitForRecover?: boolean;
+  /** `add --standby`: every daemon of the device keeps a warm spare that `recover` hands the device to. */
+  standby?: boolean;
   config: DeviceConfig;
   target: TargetRecord;
   /** With "recover": when the device was first created (kept in the record). */
@@ -76,7 +82,8 @@ export function recoverySpec(devId: number): DaemonSpec {
   if (supervisor > 0 && supervisor !== Number(process.env[SUPERVISOR_PID_ENV] ?? 0) && processAlive(supervisor) && isOurDaemon(supervisor)) {
     throw new Error(`recover: device ${devId} is watched by supervisor pid ${supervisor} (--auto-recover), which recovers it`);
   }
-  return { mode: "recover", config: { ...record.config, devId }, target: record.target, createdAt: record.createdAt };
+  return { mode: "recover", config: { ...record.config, devId }, target: record.target, createdAt: record.createdAt,
+    ...(record.standby ? { standby: true } : {}) };
 }
 
 /** A started device with its record written; `stop()` deletes the device, the record and the target's state. */
@@ -92,7 +99,8 @@ export interface ServedDevice {
 export const HANDOVER_SIGNAL = "SIGUSR2";
 
 /** Creates and starts the device and writes its record (used by the daemon, --foreground and createDevice). */
-export async function startServing(spec: DaemonSpec, events: DeviceEvents & { onStandby?(): void } = {}): Promise<ServedDevice> {
+export async function startServing(spec: DaemonSpec, events: DeviceEvents & { onStandby?(): void; recoverAsked?(): Promise<void> } = {}):
+    Promise<ServedDevice> {
   // The device lock is held for the life of the serving process: a second recover of the device is refused
   // instead of racing this one; the kernel drops it however this process dies. A standby takes it only when
   // its turn comes: until then the serving daemon holds it.
@@ -106,6 +114,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
       await prepared;
       events.onStandby?.();
       await waitForDeathOf(spec.watchPid ?? 0);
+      if (spec.waitForRecover) await events.recoverAsked?.();
       debug(`standby for device ${devId}: daemon ${spec.watchPid} exited; taking over`);
     }
     lockFd = await lockDeviceWaiting(devId, spec.mode ?? "recover", LOCK_WAIT_MS);
@@ -132,7 +141,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
   const record: DeviceRecord = {
     version: RECORD_VERSION, devId: device.devId, config: device.config, target: spec.target, pid: process.pid,
     queues: device.queueInfo, createdAt: spec.createdAt ?? new Date().toISOString(),
-    ...(supervisorPid > 0 ? { supervisorPid } : {}), ...recordedIdentity(supervisorPid),
+    ...(supervisorPid > 0 ? { supervisorPid } : {}), ...recordedIdentity(supervisorPid), ...(spec.standby ? { standby: true } : {}),
   };
   await pauseForTest("before-record");
   let retryTimer: ReturnType<typeof setTimeout> | undefined;
@@ -184,8 +193,14 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
 }
 
 /** Runs a device until a stop signal; `report` receives the status lines. Resolves when stopped. */
-export async function runDaemon(request: DaemonSpec | RecoveryRequest, report: (line: string) => void): Promise<void> {
+export async function runDaemon(request: DaemonSpec | RecoveryRequest, reportToStarter: (line: string) => void): Promise<void> {
   let served: ServedDevice | undefined;
+  /** An --standby spare's `recover` hears what the process that started us would. */
+  let asker: Asker | undefined;
+  const report = (line: string) => {
+    reportToStarter(line);
+    asker?.write(line);
+  };
   let handingOver = false;
   let fatalSeen = false;
   const onFatal = async (error: Error) => {
@@ -218,6 +233,7 @@ export async function runDaemon(request: DaemonSpec | RecoveryRequest, report: (
       onAdded: (devId) => report(`ADDED ${devId}`),
       onWaiting: (elapsedMs, state) => report(`WAITING ${Math.round(elapsedMs)} ${state}`),
       onStandby: () => report("STANDBY"),
+      recoverAsked: () => recoverAsked(spec.config.devId, spec.watchPid ?? 0, (who) => { asker = who; }),
       onFatal,
     });
   } catch (error) {
@@ -225,12 +241,24 @@ export async function runDaemon(request: DaemonSpec | RecoveryRequest, report: (
     throw error;
   }
   report(`READY ${JSON.stringify(served.record)}`);
+  asker = undefined;
+  // A spare's own note goes once it serves; a supervisor keeps the spares of its devices itself.
+  forget(served.device.devId, process.pid);
+  let spare: KeptStandby | undefined;
+  if (served.record.standby && !served.record.supervisorPid) {
+    try {
+      spare = await keepStandby(served.record, log);
+    } catch (error) {
+      log(`device ${served.device.devId}: cannot start a standby: ${oneLine(error)}`);
+    }
+  }
   const how = await new Promise<"stop" | "hand over">((resolve) => {
     process.once("SIGTERM", () => resolve("stop"));
     process.once("SIGINT", () => resolve("stop"));
     process.once("SIGHUP", () => resolve("stop"));
     process.once(HANDOVER_SIGNAL, () => resolve("hand over"));
   });
+  spare?.stop(); // it would wait for a recover that the stop or the new server makes pointless
   if (how === "hand over") {
     handingOver = true;
     await served.handOver();

@@ -6,6 +6,7 @@
 import { closeSync, constants, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, statSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { runDir } from "./run-dir.ts";
+import { standbySocketPath } from "./daemon-env.ts";
 import { identityOf, type ProcessIdentity } from "./process-identity.ts";
 import type { DeviceConfig, QueueInfo } from "./device.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -30,6 +31,8 @@ export interface DeviceRecord {
   pidStartTicks?: number;
   supervisorStartTicks?: number;
   exe?: string;
+  /** `add --standby`: each daemon keeps a warm spare for `recover` (lib/standby.ts). */
+  standby?: boolean;
   createdAt: string;
 }
 
@@ -137,7 +140,7 @@ export function removeStandby(devId: number): void {
 
 /** Removes a record if present (a symlink in its place is removed, not followed). */
 export function removeRecord(devId: number): void {
-  for (const path of [recordPath(devId), lockPath(devId), standbyPath(devId), adminLockPath(devId)]) {
+  for (const path of [recordPath(devId), lockPath(devId), standbyPath(devId), standbySocketPath(devId), adminLockPath(devId)]) {
     try {
       unlinkSync(path);
     } catch (error) {

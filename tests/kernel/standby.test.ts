@@ -1,0 +1,108 @@
+// `add --standby`: a warm spare daemon that `recover` hands the device to (lib/standby.ts). Real ublk_drv.
+import { afterEach, describe, expect, test } from "bun:test";
+import { readdirSync, readFileSync } from "node:fs";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, expectFioClean, waitFor } from "./helpers.ts";
+
+afterEach(cleanUp);
+
+/** Pids running our daemon entry (serving or spare). */
+function daemonProcesses(): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync("/proc").filter((entry) => /^\d+$/.test(entry))) {
+    try {
+      if (readFileSync(`/proc/${name}/cmdline`, "utf8").includes("lib/daemon.ts")) pids.push(Number(name));
+    } catch { /* raced */ }
+  }
+  return pids;
+}
+
+const alive = (pid: number) => readdirSync("/proc").includes(String(pid));
+const stateOf = (devId: number) => / state (\S+)/.exec(cliOk(["list", "-n", String(devId)]))?.[1];
+
+/** Waits until `list` names a standby other than `notPid`; returns its pid. */
+async function standbyOf(devId: number, notPid = 0): Promise<number> {
+  let pid = 0;
+  await waitFor(`a standby daemon for device ${devId}`, () => {
+    pid = Number(/standby daemon: (\d+)/.exec(cliOk(["list", "-n", String(devId)]))?.[1] ?? 0);
+    return pid > 0 && pid !== notPid;
+  }, 60_000);
+  return pid;
+}
+
+async function killAndWaitQuiesced(devId: number): Promise<number> {
+  const pid = daemonPidOf(devId);
+  process.kill(pid, "SIGKILL");
+  await waitFor(`device ${devId} to quiesce`, () => stateOf(devId) === "QUIESCED", 30_000);
+  return pid;
+}
+
+async function expectNoDaemonLeft(): Promise<void> {
+  await waitFor("every daemon and standby to exit", () => daemonProcesses().length === 0, 10_000);
+}
+
+const VERIFY_WRITER = ["--name=verify", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=8",
+  "--size=16M", "--time_based", "--runtime=300", "--verify=crc32c", "--verify_backlog=128", "--verify_fatal=1"];
+
+describe("add --standby", () => {
+  test("-i 1 under fio verify: kill -9 leaves the device quiesced; recover hands it to the standby, which starts the next; 0 errors; del leaves nothing", async () => {
+    const devId = addDevice(["-t", "memory", "-s", "32M", "-i", "1", "-d", "32", "--standby"]);
+    const spare = await standbyOf(devId);
+    expect(cliOk(["list", "-n", String(devId)])).toContain(`"recover -n ${devId}" hands it the device`);
+    const fio = Bun.spawn(["fio", `--filename=/dev/ublkb${devId}`, ...VERIFY_WRITER, "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    await Bun.sleep(1500);
+    const oldPid = await killAndWaitQuiesced(devId);
+    await Bun.sleep(1500); // the spare recovers only when asked
+    expect(stateOf(devId)).toBe("QUIESCED");
+    expect(alive(spare)).toBe(true);
+    cliOk(["recover", "-n", String(devId)]);
+    expect(daemonPidOf(devId)).toBe(spare); // no daemon was started: the spare serves
+    expect(alive(oldPid)).toBe(false);
+    const next = await standbyOf(devId, spare);
+    expect(alive(next)).toBe(true);
+    await expectFioClean(fio, 2000, 500);
+    // Twice in a row: the next spare works as the first did.
+    await killAndWaitQuiesced(devId);
+    cliOk(["recover", "-n", String(devId)]);
+    expect(daemonPidOf(devId)).toBe(next);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+    await expectNoDaemonLeft();
+  }, 240_000);
+
+  test("a standby that died: recover starts a daemon as without --standby, and that daemon keeps a new standby", async () => {
+    const devId = addDevice(["-t", "null", "-r", "1", "--standby"]);
+    const spare = await standbyOf(devId);
+    process.kill(spare, "SIGKILL");
+    await waitFor("list to drop the dead standby", () => !cliOk(["list", "-n", String(devId)]).includes("standby daemon:"), 30_000);
+    const oldPid = await killAndWaitQuiesced(devId);
+    cliOk(["recover", "-n", String(devId)]);
+    const served = daemonPidOf(devId);
+    expect([oldPid, spare]).not.toContain(served);
+    expect(stateOf(devId)).toBe("LIVE");
+    await standbyOf(devId, spare);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+    await expectNoDaemonLeft();
+  }, 180_000);
+
+  test("del of a quiesced device whose standby waits for recover: both go, nothing is left", async () => {
+    const devId = addDevice(["-t", "null", "-r", "1", "--standby"]);
+    await standbyOf(devId);
+    await killAndWaitQuiesced(devId);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+    await expectNoDaemonLeft();
+  }, 120_000);
+
+  test("refusals: without recovery, or with --auto-recover: one line, nothing created", () => {
+    for (const [args, message] of [
+      [["-t", "null", "--standby"], "ublk-bun: --standby needs -r 1, -i 1 or -e 1\n"],
+      [["-t", "null", "-r", "1", "--standby", "--auto-recover"], "ublk-bun: --standby and --auto-recover cannot be combined (the supervisor keeps its own standby)\n"],
+    ] as const) {
+      const run = cli(["add", ...args]);
+      expect([run.status, run.stderr]).toEqual([1, message]);
+    }
+    expectClean();
+    expect(daemonProcesses()).toEqual([]);
+  });
+});
