@@ -192,10 +192,11 @@ async function round(server: Server, mode: Mode): Promise<void> {
         if (status !== 0) throw new Error(`recover failed: ${await new Response(recover.stderr).text()}`);
         timing.firstIoMs = firstIoAt - startAt;
         timing.recoverExitedMs = exitAt - startAt;
-        if (server === ours && mode === "recover") {
+        if (server === ours) {
           const newPid = ctrl.getDevInfo(devId).ublksrvPid;
           const log = readFileSync(LOG, "utf8");
-          timing.daemonStartedMs = processStartMs(newPid) - startUptimeMs; // ±10 ms
+          if (mode === "recover") timing.daemonStartedMs = processStartMs(newPid) - startUptimeMs; // ±10 ms
+          else timing.standbyAskedMs = logTimeMs(log, newPid, "standby for device \\d+: recover asked") - startWallMs;
           timing.startUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: START_USER_RECOVERY done") - startWallMs;
           timing.queuesFetchedMs = logTimeMs(log, newPid, "device \\d+: every queue fetched") - startWallMs;
           timing.endUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: END_USER_RECOVERY done") - startWallMs;
@@ -248,6 +249,10 @@ const PHASES: Array<[Mode, string, string]> = [
   ["auto", "killToLiveMs", "`--auto-recover`: kill → LIVE"],
   ["auto", "killToFirstIoMs", "`--auto-recover`: kill → first completed I/O"],
   ["standby", "killToQuiescedMs", "`add --standby` (spare ready): kill → QUIESCED"],
+  ["standby", "standbyAskedMs", "`add --standby`: `recover` start → the spare has the request"],
+  ["standby", "startUserRecoveryMs", "`add --standby`: `recover` start → START_USER_RECOVERY done"],
+  ["standby", "queuesFetchedMs", "`add --standby`: `recover` start → every queue FETCHed"],
+  ["standby", "endUserRecoveryMs", "`add --standby`: `recover` start → END_USER_RECOVERY done"],
   ["standby", "firstIoMs", "`add --standby`: `recover` start → first completed I/O (C: plain recover)"],
   ["standby", "recoverExitedMs", "`add --standby`: `recover` start → `recover` exits (C: plain recover)"],
 ];

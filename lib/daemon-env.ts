@@ -34,6 +34,10 @@ export function isOurDaemon(pid: number): boolean {
   }
 }
 
+export function daemonLogPath(): string {
+  return join(runDir(), "daemon.log");
+}
+
 /** What `recover` writes on a spare's socket. */
 export const RECOVER_REQUEST = "RECOVER";
 

@@ -114,7 +114,10 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
       await prepared;
       events.onStandby?.();
       await waitForDeathOf(spec.watchPid ?? 0);
-      if (spec.waitForRecover) await events.recoverAsked?.();
+      if (spec.waitForRecover) {
+        await events.recoverAsked?.();
+        debug(`standby for device ${devId}: recover asked`);
+      }
       debug(`standby for device ${devId}: daemon ${spec.watchPid} exited; taking over`);
     }
     lockFd = await lockDeviceWaiting(devId, spec.mode ?? "recover", LOCK_WAIT_MS);

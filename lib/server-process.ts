@@ -11,27 +11,19 @@
  *   ERROR <message>      start failed and everything was cleaned up
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
-import { join } from "node:path";
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
 import type { DaemonSpec, RecoveryRequest } from "./daemon.ts";
 import type { DeviceRecord } from "./records.ts";
 import { runDir } from "./run-dir.ts";
 
-export { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
-import { DAEMON_SPEC_ENV, processAlive, RECOVER_REQUEST, standbySocketPath, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
+export { DAEMON_SPEC_ENV, daemonLogPath, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
+import { DAEMON_SPEC_ENV, daemonLogPath, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
+import { readyTimeoutMs, recoverThroughStandby } from "./standby-client.ts";
 
-/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
-function readyTimeoutMs(): number {
-  const fromEnv = Number(process.env.UBLK_BUN_READY_TIMEOUT_MS);
-  return Number.isInteger(fromEnv) && fromEnv > 0 ? fromEnv : 120_000;
-}
 
 export const DAEMON_PATH = new URL("./daemon.ts", import.meta.url).pathname;
 export const SUPERVISOR_PATH = new URL("./supervisor.ts", import.meta.url).pathname;
 
-export function daemonLogPath(): string {
-  return join(runDir(), "daemon.log");
-}
 
 /**
  * Starts a daemon (or an --auto-recover supervisor, which starts one) for `spec` and waits for its READY. On
@@ -172,54 +164,4 @@ export async function recoverDevice(devId: number, onWait?: (elapsedMs: number, 
   const outcome = await runServer({ mode: "recover", devId }, entryPath, extraEnv, undefined, onWait);
   if (!outcome.record) throw new Error(outcome.error);
   return outcome.record;
-}
-
-/**
- * Hands the recovery to the device's `add --standby` spare (lib/standby.ts) when one listens: its status lines
- * come back on the socket. Neither record nor error when none listens: the caller then starts a daemon. A spare
- * that took the request and went away without an answer may have recovered the device or not: that is an error
- * (a second `recover` finds out), never a second daemon racing the first.
- */
-async function recoverThroughStandby(devId: number, onWaiting?: (elapsedMs: number, state: string) => void): Promise<{ record?: DeviceRecord; error?: string }> {
-  const path = standbySocketPath(devId);
-  if (!existsSync(path)) return {};
-  return await new Promise((resolve) => {
-    let buffered = "";
-    let answered = false;
-    let asked = false;
-    const timer = setTimeout(() => finish({ error: `the standby daemon did not report READY within ${readyTimeoutMs() / 1000} s` }), readyTimeoutMs());
-    const wentAway = () => finish(asked ? { error: `the standby daemon of device ${devId} went away before it answered (see ${daemonLogPath()})` } : {});
-    function finish(value: { record?: DeviceRecord; error?: string }) {
-      if (answered) return;
-      answered = true;
-      clearTimeout(timer);
-      resolve(value);
-    }
-    Bun.connect({
-      unix: path,
-      socket: {
-        open: (socket) => {
-          asked = true;
-          socket.write(`${RECOVER_REQUEST}\n`);
-        },
-        data(_socket, chunk) {
-          buffered += chunk.toString("utf8");
-          let newline: number;
-          while ((newline = buffered.indexOf("\n")) >= 0) {
-            const line = buffered.slice(0, newline);
-            buffered = buffered.slice(newline + 1);
-            if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
-            else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
-            else if (line.startsWith("WAITING ")) {
-              const [elapsedMs, state] = line.slice(8).split(" ");
-              onWaiting?.(Number(elapsedMs), state ?? "?");
-            }
-          }
-        },
-        close: () => wentAway(),
-        error: () => wentAway(),
-        connectError: () => finish({}),
-      },
-    }).catch(() => finish({}));
-  });
 }

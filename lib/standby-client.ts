@@ -1,0 +1,63 @@
+/**
+ * `recover` through a device's `add --standby` spare (lib/standby.ts): node's fs and Bun's sockets only, so that
+ * bin/ublk-bun.ts can hand the device over before it loads the rest of the CLI — the application waits meanwhile.
+ */
+import { existsSync } from "node:fs";
+import { daemonLogPath, RECOVER_REQUEST, standbySocketPath } from "./daemon-env.ts";
+import type { DeviceRecord } from "./records.ts";
+
+/** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
+export function readyTimeoutMs(): number {
+  const fromEnv = Number(process.env.UBLK_BUN_READY_TIMEOUT_MS);
+  return Number.isInteger(fromEnv) && fromEnv > 0 ? fromEnv : 120_000;
+}
+
+/**
+ * Hands the recovery to the device's `add --standby` spare (lib/standby.ts) when one listens: its status lines
+ * come back on the socket. Neither record nor error when none listens: the caller then starts a daemon. A spare
+ * that took the request and went away without an answer may have recovered the device or not: that is an error
+ * (a second `recover` finds out), never a second daemon racing the first.
+ */
+export async function recoverThroughStandby(devId: number, onWaiting?: (elapsedMs: number, state: string) => void): Promise<{ record?: DeviceRecord; error?: string }> {
+  const path = standbySocketPath(devId);
+  if (!existsSync(path)) return {};
+  return await new Promise((resolve) => {
+    let buffered = "";
+    let answered = false;
+    let asked = false;
+    const timer = setTimeout(() => finish({ error: `the standby daemon did not report READY within ${readyTimeoutMs() / 1000} s` }), readyTimeoutMs());
+    const wentAway = () => finish(asked ? { error: `the standby daemon of device ${devId} went away before it answered (see ${daemonLogPath()})` } : {});
+    function finish(value: { record?: DeviceRecord; error?: string }) {
+      if (answered) return;
+      answered = true;
+      clearTimeout(timer);
+      resolve(value);
+    }
+    Bun.connect({
+      unix: path,
+      socket: {
+        open: (socket) => {
+          asked = true;
+          socket.write(`${RECOVER_REQUEST}\n`);
+        },
+        data(_socket, chunk) {
+          buffered += chunk.toString("utf8");
+          let newline: number;
+          while ((newline = buffered.indexOf("\n")) >= 0) {
+            const line = buffered.slice(0, newline);
+            buffered = buffered.slice(newline + 1);
+            if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
+            else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
+            else if (line.startsWith("WAITING ")) {
+              const [elapsedMs, state] = line.slice(8).split(" ");
+              onWaiting?.(Number(elapsedMs), state ?? "?");
+            }
+          }
+        },
+        close: () => wentAway(),
+        error: () => wentAway(),
+        connectError: () => finish({}),
+      },
+    }).catch(() => finish({}));
+  });
+}
