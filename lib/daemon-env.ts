@@ -4,8 +4,7 @@
  * needs (every module a recovering daemon loads is the application's stall).
  */
 import { readFileSync } from "node:fs";
-import { join } from "node:path";
-import { runDir } from "./run-dir.ts";
+export { daemonLogPath, standbySocketPath } from "./run-dir.ts";
 
 export const STATUS_FD = 3;
 export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
@@ -32,16 +31,4 @@ export function isOurDaemon(pid: number): boolean {
   } catch {
     return false;
   }
-}
-
-export function daemonLogPath(): string {
-  return join(runDir(), "daemon.log");
-}
-
-/** What `recover` writes on a spare's socket. */
-export const RECOVER_REQUEST = "RECOVER";
-
-/** The unix socket an `add --standby` spare listens on for `recover` once its daemon died (lib/standby.ts). */
-export function standbySocketPath(devId: number): string {
-  return join(runDir(), `${devId}.standby.sock`);
 }

@@ -1,10 +1,21 @@
-/** Where records, locks and the daemon log live; node modules only (lib/server-process.ts starts daemons with it). */
-import { join } from "node:path";
+/**
+ * Where records, locks, the daemon log and standby sockets live. No imports at all: `recover` reaches an
+ * --standby spare through this before it loads anything else (lib/standby-client.ts).
+ */
 
 /** The directory records live in (root: /run/ublk-bun); UBLK_BUN_RUN_DIR overrides it. */
 export function runDir(): string {
   if (process.env.UBLK_BUN_RUN_DIR) return process.env.UBLK_BUN_RUN_DIR;
   const uid = process.getuid?.() ?? 0;
   // A user serving unprivileged devices keeps records in their own runtime directory.
-  return uid === 0 ? "/run/ublk-bun" : join(process.env.XDG_RUNTIME_DIR || `/run/user/${uid}`, "ublk-bun");
+  return uid === 0 ? "/run/ublk-bun" : `${process.env.XDG_RUNTIME_DIR || `/run/user/${uid}`}/ublk-bun`;
+}
+
+export function daemonLogPath(): string {
+  return `${runDir()}/daemon.log`;
+}
+
+/** The unix socket an `add --standby` spare listens on for `recover` once its daemon died (lib/standby.ts). */
+export function standbySocketPath(devId: number): string {
+  return `${runDir()}/${devId}.standby.sock`;
 }

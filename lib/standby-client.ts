@@ -1,10 +1,13 @@
 /**
- * `recover` through a device's `add --standby` spare (lib/standby.ts): node's fs and Bun's sockets only, so that
- * bin/ublk-bun.ts can hand the device over before it loads the rest of the CLI — the application waits meanwhile.
+ * `recover` through a device's `add --standby` spare (lib/standby.ts), with Bun's sockets and no node module
+ * (node:fs alone costs half a bare Bun start): bin/ublk-bun.ts hands the device over before it loads the rest
+ * of the CLI, while the application waits.
  */
-import { existsSync } from "node:fs";
-import { daemonLogPath, RECOVER_REQUEST, standbySocketPath } from "./daemon-env.ts";
+import { daemonLogPath, standbySocketPath } from "./run-dir.ts";
 import type { DeviceRecord } from "./records.ts";
+
+/** What `recover` writes on a spare's socket. */
+export const RECOVER_REQUEST = "RECOVER";
 
 /** How long `add` waits for the daemon's READY (TCG VMs are slow; START_DEV scans partitions). Tests shorten it. */
 export function readyTimeoutMs(): number {
@@ -20,7 +23,6 @@ export function readyTimeoutMs(): number {
  */
 export async function recoverThroughStandby(devId: number, onWaiting?: (elapsedMs: number, state: string) => void): Promise<{ record?: DeviceRecord; error?: string }> {
   const path = standbySocketPath(devId);
-  if (!existsSync(path)) return {};
   return await new Promise((resolve) => {
     let buffered = "";
     let answered = false;

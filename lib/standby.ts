@@ -10,7 +10,8 @@
 import type { Socket } from "bun";
 import type { ChildProcess } from "node:child_process";
 import { existsSync, unlinkSync } from "node:fs";
-import { processAlive, RECOVER_REQUEST, standbySocketPath } from "./daemon-env.ts";
+import { processAlive, standbySocketPath } from "./daemon-env.ts";
+import { RECOVER_REQUEST } from "./standby-client.ts";
 import { readRecord, readStandby, removeStandby, writeStandby, type DeviceRecord } from "./records.ts";
 
 /** How often a spare whose daemon died checks that it is still wanted. */
