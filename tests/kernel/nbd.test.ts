@@ -1,0 +1,175 @@
+// The NBD target against nbdkit inside the VM (servers only on unix sockets): data integrity, the bytes on the server,
+// read-only exports, bad input, a server that goes away, and kill -9 + recover.
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { close, ioctl, O_RDWR, open } from "../../ffi/libc.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, verify, waitFor } from "./helpers.ts";
+
+const work = mkdtempSync("/tmp/ublk-bun-nbd-");
+const socketPath = join(work, "nbd.sock");
+let server: Bun.Subprocess | null = null;
+
+beforeAll(() => cleanUp());
+afterEach(async () => {
+  cleanUp();
+  await stopServer();
+});
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+/** Starts `nbdkit ARGS…` in the foreground on our unix socket and waits (bounded) until it listens. */
+async function startServer(args: string[]): Promise<string> {
+  rmSync(socketPath, { force: true });
+  server = Bun.spawn(["nbdkit", "-f", "-U", socketPath, ...args], { stdin: "ignore", stdout: "inherit", stderr: "inherit" });
+  await waitFor("nbdkit to listen", () => existsSync(socketPath) || server!.exitCode !== null, 30_000);
+  if (server.exitCode !== null) throw new Error(`nbdkit ${args.join(" ")} exited with ${server.exitCode}`);
+  return `nbd+unix:///?socket=${socketPath}`;
+}
+
+async function stopServer(): Promise<void> {
+  if (!server) return;
+  server.kill("SIGKILL");
+  await server.exited;
+  server = null;
+}
+
+/** dd on the device with a bounded wait: [exit status or "hung", stderr]. */
+async function dd(args: string[], timeoutMs = 60_000): Promise<[number | string, string]> {
+  const child = Bun.spawn(["dd", ...args], { stdin: "ignore", stdout: "ignore", stderr: "pipe" });
+  const status = await Promise.race([child.exited, Bun.sleep(timeoutMs).then(() => "hung")]);
+  if (status === "hung") child.kill("SIGKILL");
+  return [status, await new Response(child.stderr).text()];
+}
+
+function expectOneLineFailure(args: string[], pattern: RegExp): void {
+  const run = cli(["add", ...args], {}, 60_000);
+  expect(run.status).not.toBe(0);
+  expect(run.stdout).toBe("");
+  expect(run.stderr.trim().split("\n")).toHaveLength(1);
+  expect(run.stderr).toMatch(pattern);
+  expectClean();
+}
+
+describe("nbd target", () => {
+  test("fio crc32c verify against nbdkit memory: 4k random QD1/QD32, 128k sequential QD32, 1 and 2 queues; list shows the URI", async () => {
+    const uri = await startServer(["memory", "64M"]);
+    for (const queues of [1, 2]) {
+      const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", String(queues)]);
+      try {
+        expect(cliOk(["list", "-n", String(devId)])).toContain(`"uri":"${uri}"`);
+        expect(readFileSync(`/sys/block/ublkb${devId}/size`, "utf8").trim()).toBe(String((64 << 20) / 512));
+        for (const [rw, bs, depth] of [["randwrite", "4k", 1], ["randwrite", "4k", 32], ["write", "128k", 32]] as const) {
+          const [name, status, errors] = verify(devId, rw, bs, depth, bs === "4k" ? "8m" : "32m");
+          expect({ queues, name, status, errors }).toEqual({ queues, name, status: 0, errors: 0 });
+        }
+      } finally {
+        cliOk(["del", "-n", String(devId)]);
+      }
+    }
+    expectClean();
+  });
+
+  test("bytes written through the device are the bytes in nbdkit file's backing file; trim and flush reach the server", async () => {
+    const backing = join(work, "backing.img");
+    const log = join(work, "nbdkit.log");
+    writeFileSync(backing, Buffer.alloc(16 << 20));
+    const uri = await startServer(["--filter=log", "file", backing, `logfile=${log}`]);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri]);
+    const pattern = Buffer.alloc(3 << 20);
+    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE((i * 2654435761) >>> 0, i);
+    writeFileSync(join(work, "pattern"), pattern);
+    const [status, stderr] = await dd([`if=${join(work, "pattern")}`, `of=/dev/ublkb${devId}`, "bs=64k", "seek=16", "oflag=direct", "conv=fsync"]);
+    expect({ status, stderr: status === 0 ? "" : stderr }).toEqual({ status: 0, stderr: "" });
+    // Trim the first MiB through the block layer's ioctl.
+    const fd = open(`/dev/ublkb${devId}`, O_RDWR);
+    expect(ioctl(fd, 0x1277 /* BLKDISCARD */, new BigUint64Array([0n, 1n << 20n]))).toBe(0);
+    close(fd);
+    cliOk(["del", "-n", String(devId)]);
+    expect(readFileSync(backing).subarray(1 << 20, (1 << 20) + pattern.length).equals(pattern)).toBe(true);
+    const logged = readFileSync(log, "utf8");
+    expect(logged).toMatch(/Flush/);
+    expect(logged).toMatch(/Trim/);
+    expectClean();
+  });
+
+  test("a read-only export makes a read-only device: a write fails, a read works, del does not hang", async () => {
+    const uri = await startServer(["-r", "memory", "16M"]);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri]);
+    expect(readFileSync(`/sys/block/ublkb${devId}/ro`, "utf8").trim()).toBe("1");
+    const [writeStatus] = await dd(["if=/dev/zero", `of=/dev/ublkb${devId}`, "bs=4k", "count=1", "oflag=direct"]);
+    expect(writeStatus).not.toBe("hung");
+    expect(writeStatus).not.toBe(0);
+    const [readStatus] = await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "iflag=direct"]);
+    expect(readStatus).toBe(0);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+
+  test("bad input: one line, a non-zero exit and nothing left", async () => {
+    expectOneLineFailure(["-t", "nbd"], /--nbd URI is required/);
+    expectOneLineFailure(["-t", "nbd", "--nbd", "nbd://"], /names no host/);
+    expectOneLineFailure(["-t", "nbd", "--nbd", "nbd+unix:///x"], /names no socket/);
+    expectOneLineFailure(["-t", "nbd", "--nbd", "nbds://127.0.0.1/x"], /TLS/);
+    expectOneLineFailure(["-t", "nbd", "--nbd", `nbd+unix:///?socket=${socketPath}`], /cannot connect to unix socket .*no such file/);
+    // Nothing listens on 127.0.0.1:1 inside the VM.
+    expectOneLineFailure(["-t", "nbd", "--nbd", "nbd://127.0.0.1:1/"], /cannot connect to 127\.0\.0\.1:1: connection refused/);
+    const strict = await startServer(["--filter=exportname", "memory", "16M", "exportname=good", "exportname-strict=true"]);
+    expectOneLineFailure(["-t", "nbd", "--nbd", strict.replace(":///", ":///bad")], /no export "bad"/);
+    expectOneLineFailure(["-t", "nbd", "--nbd", strict.replace(":///", ":///good"), "-s", "8M"], /-s 8388608 does not match .*16777216/);
+    const devId = addDevice(["-t", "nbd", "--nbd", strict.replace(":///", ":///good")]);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+
+  test("the server killed while serving: requests fail with EIO, nothing hangs; a restarted server is used again", async () => {
+    const uri = await startServer(["memory", "16M"]);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", "2"]);
+    expect((await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "iflag=direct"]))[0]).toBe(0);
+    await stopServer();
+    const [status] = await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "skip=100", "iflag=direct"]);
+    expect(status).not.toBe("hung");
+    expect(status).not.toBe(0);
+    await startServer(["memory", "16M"]);
+    // Reconnects back off up to 5 s between attempts: a few reads may still fail.
+    let readStatus: number | string = -1;
+    for (let attempt = 0; attempt < 20 && readStatus !== 0; attempt++) {
+      readStatus = (await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", `skip=${200 + attempt * 16}`, "iflag=direct"]))[0];
+      if (readStatus !== 0) await Bun.sleep(1000);
+    }
+    expect(readStatus).toBe(0);
+    await stopServer(); // del must not wait for a dead server either
+    const del = cli(["del", "-n", String(devId)], {}, 60_000);
+    expect(del.status).toBe(0);
+    expectClean();
+  });
+
+  test("kill -9 + recover under fio verify with -i 1: no errors", async () => {
+    const uri = await startServer(["memory", "64M"]);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri, "-i", "1", "-q", "2"]);
+    const fio = Bun.spawn(["fio", "--output-format=json", `--filename=/dev/ublkb${devId}`, "--name=verify", "--rw=randwrite", "--bs=4k",
+      "--direct=1", "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--time_based", "--runtime=300", "--verify=crc32c",
+      "--verify_backlog=256", "--verify_fatal=1"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    for (let kill = 0; kill < 2; kill++) {
+      await Bun.sleep(1500);
+      expect(fio.exitCode).toBeNull();
+      const pid = daemonPidOf(devId);
+      process.kill(pid, "SIGKILL");
+      await waitFor("QUIESCED", () => cliOk(["list", "-n", String(devId)]).split("\n")[1]!.trim().endsWith("QUIESCED"), 60_000);
+      const recover = cli(["recover", "-n", String(devId)]);
+      expect({ status: recover.status, stderr: recover.stderr }).toEqual({ status: 0, stderr: "" });
+      expect(daemonPidOf(devId)).not.toBe(pid);
+    }
+    await Bun.sleep(2000);
+    expect(fio.exitCode).toBeNull();
+    fio.kill("SIGINT");
+    const status = await Promise.race([fio.exited, Bun.sleep(120_000).then(() => "hung")]);
+    if (status === "hung") fio.kill("SIGKILL");
+    const stdout = await new Response(fio.stdout).text();
+    expect(status).toBe(128);
+    const job = JSON.parse(stdout.slice(stdout.indexOf("{"))).jobs[0];
+    expect(job.error).toBe(0);
+    expect(job.write.total_ios).toBeGreaterThan(1000);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+});
