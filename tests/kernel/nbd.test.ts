@@ -31,6 +31,7 @@ async function stopServer(): Promise<void> {
   server.kill("SIGKILL");
   await server.exited;
   server = null;
+  rmSync(socketPath, { force: true }); // a killed nbdkit leaves its socket behind
 }
 
 /** dd on the device with a bounded wait: [exit status or "hung", stderr]. */
@@ -122,13 +123,20 @@ describe("nbd target", () => {
   });
 
   test("the server killed while serving: requests fail with EIO, nothing hangs; a restarted server is used again", async () => {
-    const uri = await startServer(["memory", "16M"]);
+    // Each write waits 3 s in the server: the kill lands while a write is in flight (reads, as the partition scan
+    // at add, are not delayed).
+    const uri = await startServer(["--filter=delay", "memory", "16M", "wdelay=3"]);
     const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", "2"]);
-    expect((await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "iflag=direct"]))[0]).toBe(0);
+    const inFlight = dd(["if=/dev/zero", `of=/dev/ublkb${devId}`, "bs=4k", "count=16", "oflag=direct"]);
+    await Bun.sleep(1000);
     await stopServer();
-    const [status] = await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "skip=100", "iflag=direct"]);
+    const [status, stderr] = await inFlight;
     expect(status).not.toBe("hung");
     expect(status).not.toBe(0);
+    expect(stderr).toMatch(/Input\/output error/);
+    const [laterStatus] = await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "skip=100", "iflag=direct"]);
+    expect(laterStatus).not.toBe("hung");
+    expect(laterStatus).not.toBe(0);
     await startServer(["memory", "16M"]);
     // Reconnects back off up to 5 s between attempts: a few reads may still fail.
     let readStatus: number | string = -1;
