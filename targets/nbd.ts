@@ -10,13 +10,17 @@
  * when the first is partial. Requests that arrive while a send is in flight wait in a FIFO and leave together
  * with the next SENDMSG.
  *
- * When the connection drops, the requests it carried fail with EIO; later requests try to reconnect (at most
- * once per back-off interval, which doubles up to RECONNECT_MAX_MS) and fail with EIO while that does not work.
+ * When the connection drops, the queue keeps the requests it carried and reconnects on a timer on its ring (back-off
+ * from RECONNECT_MIN_MS doubling to RECONNECT_MAX_MS); once connected again it sends them again (reads, writes,
+ * flush, trim and write-zeroes may all be repeated). New requests wait with them. If no server is back within
+ * `-o timeout=S` (default 30 s), the held requests fail with EIO and so do new ones, at once, until a later attempt
+ * connects.
  */
 import {
   close, iovec, memoryAt, mmapAnonymous, msghdr, MSG_NOSIGNAL, MSG_WAITALL, PAGE_BYTES, SHUT_RDWR, shutdown,
 } from "../ffi/libc.ts";
 import { EIO, EOPNOTSUPP } from "../ffi/errno.ts";
+import { __kernel_timespec } from "../ffi/uapi/io_uring.ts";
 import {
   UBLK_ATTR_FUA, UBLK_ATTR_READ_ONLY, UBLK_ATTR_ROTATIONAL, UBLK_ATTR_VOLATILE_CACHE, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
   UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES,
@@ -37,16 +41,18 @@ const MAX_BATCH_REQUESTS = 256;
 const MAX_ZERO_SECTORS = 1 << 21;
 /** A queue's reconnect: how long one attempt may block the queue, and the back-off between attempts. */
 const RECONNECT_TIMEOUT_MS = 2_000;
+/** How long requests wait for a server that went away, by default (-o timeout=S). */
+const DEFAULT_TIMEOUT_S = 30;
 const RECONNECT_MIN_MS = 100;
 const RECONNECT_MAX_MS = 5_000;
 
 /** user_data low word of the target's SQEs: the kind in the low 2 bits, the connection's generation above, so
  * a completion from a connection that has since dropped is recognised and ignored. */
-const KIND_SEND = 1, KIND_RECV = 2;
+const KIND_SEND = 1, KIND_RECV = 2, KIND_TIMER = 3;
 
 /** Where each tag's request is. */
 const TAG_IDLE = 0; // not with us (or completed)
-const TAG_QUEUED = 1; // waiting for the send in flight to finish
+const TAG_QUEUED = 1; // waiting for the send in flight to finish, or for a connection
 const TAG_SENT = 2; // handed to a SENDMSG: a reply may come any time
 
 /** The export as the record describes it, checked against every later handshake (reconnect, recover). */
@@ -73,6 +79,10 @@ export const nbdTarget: Target = {
   async prepare(options): Promise<TargetRecord> {
     if (typeof options.nbd !== "string" || options.nbd === "") throw new Error("nbd: --nbd URI is required (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)");
     const uri = parseNbdUri(options.nbd);
+    const timeoutS = options.timeout ?? DEFAULT_TIMEOUT_S;
+    if (typeof timeoutS !== "number" || !(timeoutS > 0 && timeoutS <= 86_400)) {
+      throw new Error(`nbd: -o timeout=${String(timeoutS)}: give the seconds requests wait for a server that went away (0 < S ≤ 86400)`);
+    }
     const { fd, export: found } = connectExport(uri, await resolveAddress(uri.address));
     sendDisconnect(fd);
     close(fd);
@@ -105,7 +115,7 @@ export const nbdTarget: Target = {
         maxSectors: trim ? MAX_ZERO_SECTORS : 0,
         maxWriteZeroesSectors: zeroes ? MAX_ZERO_SECTORS : 0,
       } : undefined,
-      options: { uri: options.nbd, transmissionFlags: flags, maximumPayloadBytes: found.maximumPayloadBytes },
+      options: { uri: options.nbd, timeoutS, transmissionFlags: flags, maximumPayloadBytes: found.maximumPayloadBytes },
     };
   },
 
@@ -136,7 +146,7 @@ export const nbdTarget: Target = {
     // unmapped: a send or receive of a dropped connection may still complete after close() (a page or two per
     // queue, for the life of the daemon).
     const headersBytes = depth * HEADER_STRIDE_BYTES;
-    const replyOffset = headersBytes, msghdrOffset = headersBytes + 64, iovOffset = headersBytes + 128;
+    const replyOffset = headersBytes, timespecOffset = headersBytes + 32, msghdrOffset = headersBytes + 64, iovOffset = headersBytes + 128;
     const areaBytes = Math.ceil((iovOffset + MAX_BATCH_REQUESTS * 2 * iovec.SIZE) / PAGE_BYTES) * PAGE_BYTES;
     const area = mmapAnonymous(areaBytes);
     if (area < 0) {
@@ -145,6 +155,7 @@ export const nbdTarget: Target = {
     }
     const words = new Uint32Array(memoryAt(area, areaBytes));
     const replyAddress = area + replyOffset, msghdrAddress = area + msghdrOffset, iovAddress = area + iovOffset;
+    const timespecAddress = area + timespecOffset;
     const HEADER_WORDS = HEADER_STRIDE_BYTES / 4, REPLY_WORD = replyOffset / 4, IOV_WORD = iovOffset / 4;
     const IOV_WORDS = iovec.SIZE / 4;
     const TWO_POW_32 = 4294967296;
@@ -167,7 +178,10 @@ export const nbdTarget: Target = {
     /** The reply being received: its header (recvTag < 0) or a read's data for recvTag; bytes received so far. */
     let recvTag = -1, recvDoneBytes = 0;
     let connected = true, generation = 0;
-    let reconnectAtMs = 0, backoffMs = RECONNECT_MIN_MS;
+    /** While disconnected: requests wait until this time, then fail (and new ones fail at once: `failing`). */
+    let outageDeadlineMs = 0, failing = false;
+    let timerArmed = false, backoffMs = RECONNECT_MIN_MS;
+    const timeoutMs = Number(record.options.timeoutS ?? DEFAULT_TIMEOUT_S) * 1000;
 
     const userData = (kind: number) => ((generation << 2) | kind) >>> 0;
 
@@ -189,7 +203,7 @@ export const nbdTarget: Target = {
 
     /** Sends every queued request (up to a batch) in one SENDMSG, unless a send is already in flight. */
     function startSend(): void {
-      if (sending || sendQueueCount === 0) return;
+      if (sending || sendQueueCount === 0 || !connected) return;
       iovFirst = 0;
       iovCount = 0;
       sendRemainingBytes = 0;
@@ -229,7 +243,38 @@ export const nbdTarget: Target = {
       postSend();
     }
 
-    /** The connection is gone: every request it carried fails with EIO, and the next request tries to reconnect. */
+    /** Adds `tag` to the requests waiting to be sent. */
+    function enqueue(tag: number): void {
+      tagState[tag] = TAG_QUEUED;
+      const slot = sendQueueHead + sendQueueCount;
+      sendQueue[slot >= depth ? slot - depth : slot] = tag;
+      sendQueueCount++;
+    }
+
+    /** Fails every request the queue holds with EIO; returns how many. */
+    function failAll(): number {
+      let failed = 0;
+      sendQueueCount = 0;
+      for (let tag = 0; tag < depth; tag++) {
+        if (tagState[tag] === TAG_IDLE) continue;
+        tagState[tag] = TAG_IDLE;
+        failed++;
+        queue.complete(tag, -EIO);
+      }
+      return failed;
+    }
+
+    /** Arms the reconnect timer (a TIMEOUT SQE on the ring, so a queue blocked in io_uring_enter wakes for it). */
+    function armTimer(delayMs: number): void {
+      const seconds = Math.floor(delayMs / 1000);
+      const at = timespecOffset / 4;
+      storeU64(at + __kernel_timespec.tv_sec / 4, seconds);
+      storeU64(at + __kernel_timespec.tv_nsec / 4, Math.round((delayMs - seconds * 1000) * 1e6));
+      ring.prepTimeout(queue.getSqe(), timespecAddress, 0, 0, KIND_TIMER, TARGET_USER_DATA);
+      timerArmed = true;
+    }
+
+    /** The connection is gone: its requests wait for the next one (every held request goes back in the send queue). */
     function drop(why: string): void {
       if (!connected) return;
       connected = false;
@@ -237,38 +282,47 @@ export const nbdTarget: Target = {
       // Ends the send and receive still in flight (their completions carry the old generation and are ignored).
       shutdown(fd, SHUT_RDWR);
       close(fd);
-      let failed = 0;
       sending = false;
-      sendQueueCount = 0;
       recvTag = -1;
       recvDoneBytes = 0;
+      sendQueueHead = sendQueueCount = 0;
+      let held = 0;
       for (let tag = 0; tag < depth; tag++) {
         if (tagState[tag] === TAG_IDLE) continue;
-        tagState[tag] = TAG_IDLE;
-        failed++;
-        queue.complete(tag, -EIO);
+        enqueue(tag);
+        held++;
       }
-      console.error(`ublk-bun: nbd: ${where}: ${why}; ${failed} requests failed with EIO, reconnecting on the next request`);
-      reconnectAtMs = performance.now();
+      console.error(`ublk-bun: nbd: ${where}: ${why}; reconnecting, ${held} requests wait up to ${timeoutMs / 1000} s`);
+      outageDeadlineMs = performance.now() + timeoutMs;
+      failing = false;
       backoffMs = RECONNECT_MIN_MS;
+      if (!timerArmed) armTimer(backoffMs);
     }
 
-    /** Blocks this queue for one connection attempt at most; true when connected again. */
-    function reconnect(): boolean {
-      const nowMs = performance.now();
-      if (nowMs < reconnectAtMs) return false;
+    /** The reconnect timer fired: one connection attempt (blocking this queue up to RECONNECT_TIMEOUT_MS). */
+    function onTimer(): void {
+      timerArmed = false;
+      if (connected) return;
       try {
         fd = connectChecked(RECONNECT_TIMEOUT_MS).fd;
       } catch (error) {
-        reconnectAtMs = performance.now() + backoffMs;
+        const nowMs = performance.now();
         if (backoffMs === RECONNECT_MIN_MS) console.error(`ublk-bun: ${(error as Error).message}; retrying`);
+        if (!failing && nowMs >= outageDeadlineMs) {
+          failing = true;
+          const failed = failAll();
+          console.error(`ublk-bun: nbd: ${where}: no server for ${timeoutMs / 1000} s; ${failed} requests failed with EIO, ` +
+            "new ones fail until it is back");
+        }
         backoffMs = Math.min(backoffMs * 2, RECONNECT_MAX_MS);
-        return false;
+        armTimer(failing ? backoffMs : Math.max(1, Math.min(backoffMs, outageDeadlineMs - nowMs)));
+        return;
       }
       connected = true;
-      console.error(`ublk-bun: nbd: ${where}: connected again`);
+      failing = false;
+      console.error(`ublk-bun: nbd: ${where}: connected again; sending ${sendQueueCount} waiting requests`);
       postRecv();
-      return true;
+      startSend();
     }
 
     /** A whole reply header is in: completes the request, or starts receiving a read's data. */
@@ -295,7 +349,7 @@ export const nbdTarget: Target = {
 
     return {
       handleIo(tag, op, opFlags, startSector, nrSectors) {
-        if (!connected && !reconnect()) return -EIO;
+        if (failing) return -EIO;
         let command: number, commandFlags = 0;
         let lengthBytes = nrSectors * 512, offsetBytes = startSector * 512;
         switch (op) {
@@ -333,15 +387,13 @@ export const nbdTarget: Target = {
         words[at + nbd_request.length / 4] = byteSwap32(lengthBytes);
         tagCommand[tag] = command;
         tagLengthBytes[tag] = lengthBytes;
-        tagState[tag] = TAG_QUEUED;
-        const slot = sendQueueHead + sendQueueCount;
-        sendQueue[slot >= depth ? slot - depth : slot] = tag;
-        sendQueueCount++;
+        enqueue(tag);
         startSend();
         return IO_PENDING;
       },
 
       onTargetCqe(userDataLow, result) {
+        if (userDataLow === KIND_TIMER) return onTimer();
         if (!connected || userDataLow >>> 2 !== generation) return; // from a connection that has dropped
         if ((userDataLow & 3) === KIND_SEND) {
           if (result <= 0) return drop(result === 0 ? "the connection closed" : `sending failed (${-result})`);

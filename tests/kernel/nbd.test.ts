@@ -116,6 +116,7 @@ describe("nbd target", () => {
     await expectOneLineFailure(["-t", "nbd", "--nbd", "nbd://"], /names no host/);
     await expectOneLineFailure(["-t", "nbd", "--nbd", "nbd+unix:///x"], /names no socket/);
     await expectOneLineFailure(["-t", "nbd", "--nbd", "nbds://127.0.0.1/x"], /TLS/);
+    await expectOneLineFailure(["-t", "nbd", "--nbd", "nbd://127.0.0.1/x", "-o", "timeout=0"], /-o timeout=0: give the seconds/);
     await expectOneLineFailure(["-t", "nbd", "--nbd", `nbd+unix:///?socket=${socketPath}`], /cannot connect to unix socket .*no such file/);
     // Nothing listens on 127.0.0.1:1 inside the VM.
     await expectOneLineFailure(["-t", "nbd", "--nbd", "nbd://127.0.0.1:1/"], /cannot connect to 127\.0\.0\.1:1: connection refused/);
@@ -139,32 +140,56 @@ describe("nbd target", () => {
     }
   });
 
-  test("the server killed while serving: requests fail with EIO, nothing hangs; a restarted server is used again", async () => {
-    // Each write waits 3 s in the server: the kill lands while a write is in flight (reads, as the partition scan
-    // at add, are not delayed).
-    const uri = await startServer(["--filter=delay", "memory", "16M", "wdelay=3"]);
+  test("the server restarted within -o timeout: the write in flight is sent again, no error, its bytes are on the server", async () => {
+    const backing = join(work, "restart.img");
+    writeFileSync(backing, Buffer.alloc(16 << 20));
+    // Each write waits 2 s in the first server: the kill lands while one is in flight (reads, such as the partition
+    // scan at add, are not delayed).
+    const uri = await startServer(["--filter=delay", "file", backing, "wdelay=2"]);
     const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", "2"]);
-    const inFlight = dd(["if=/dev/zero", `of=/dev/ublkb${devId}`, "bs=4k", "count=16", "oflag=direct"]);
+    const pattern = Buffer.alloc(256 << 10);
+    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE((i * 40503 + 7) >>> 0, i);
+    writeFileSync(join(work, "pattern"), pattern);
+    const writing = dd([`if=${join(work, "pattern")}`, `of=/dev/ublkb${devId}`, "bs=64k", "oflag=direct"]);
     await Bun.sleep(1000);
     await stopServer();
-    const [status, stderr] = await inFlight;
+    await Bun.sleep(500);
+    await startServer(["file", backing]);
+    const [status, stderr] = await writing;
+    expect({ status, stderr: status === 0 ? "" : stderr }).toEqual({ status: 0, stderr: "" });
+    cliOk(["del", "-n", String(devId)]);
+    expect(readFileSync(backing).subarray(0, pattern.length).equals(pattern)).toBe(true);
+    expectClean();
+  });
+
+  test("no server within -o timeout: held requests fail with EIO, new ones at once, del does not hang; a server that comes back is used again", async () => {
+    const uri = await startServer(["--filter=delay", "memory", "16M", "wdelay=3"]);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", "2", "-o", "timeout=2"]);
+    const writing = dd(["if=/dev/zero", `of=/dev/ublkb${devId}`, "bs=4k", "count=16", "oflag=direct"]);
+    await Bun.sleep(1000);
+    await stopServer();
+    const [status, stderr] = await writing;
     expect(status).not.toBe("hung");
     expect(status).not.toBe(0);
     expect(stderr).toMatch(/Input\/output error/);
-    const [laterStatus] = await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "skip=100", "iflag=direct"]);
+    const [laterStatus] = await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "skip=100", "iflag=direct"], 10_000);
     expect(laterStatus).not.toBe("hung");
     expect(laterStatus).not.toBe(0);
     await startServer(["memory", "16M"]);
-    // Reconnects back off up to 5 s between attempts: a few reads may still fail.
+    // Reconnect attempts back off up to 5 s apart: reads fail until one connects.
     let readStatus: number | string = -1;
     for (let attempt = 0; attempt < 20 && readStatus !== 0; attempt++) {
       readStatus = (await dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", `skip=${200 + attempt * 16}`, "iflag=direct"]))[0];
       if (readStatus !== 0) await Bun.sleep(1000);
     }
     expect(readStatus).toBe(0);
-    await stopServer(); // del must not wait for a dead server either
+    // The server gone again, a read waiting for it: del ends within the timeout, and so does the read.
+    await stopServer();
+    const reading = dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=1", "skip=1000", "iflag=direct"]);
+    await Bun.sleep(300);
     const del = cli(["del", "-n", String(devId)], {}, 60_000);
-    expect(del.status).toBe(0);
+    expect({ status: del.status, stderr: del.stderr }).toEqual({ status: 0, stderr: "" });
+    expect((await reading)[0]).not.toBe("hung");
     expectClean();
   });
 
