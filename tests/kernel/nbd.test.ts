@@ -183,11 +183,11 @@ describe("nbd target", () => {
       if (readStatus !== 0) await Bun.sleep(1000);
     }
     expect(readStatus).toBe(0);
-    // The server gone again, a read waiting for it: del ends within the timeout, and so does the read.
+    // The server gone again, a read waiting for it: del --force (dd holds the device open) ends, and so does the read.
     await stopServer();
     const reading = dd([`if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=1", "skip=1000", "iflag=direct"]);
     await Bun.sleep(300);
-    const del = cli(["del", "-n", String(devId)], {}, 60_000);
+    const del = cli(["del", "-n", String(devId), "--force"], {}, 60_000);
     expect({ status: del.status, stderr: del.stderr }).toEqual({ status: 0, stderr: "" });
     expect((await reading)[0]).not.toBe("hung");
     expectClean();
