@@ -218,8 +218,8 @@ describe("nbd target", () => {
     fio.kill("SIGINT");
     const status = await Promise.race([fio.exited, Bun.sleep(120_000).then(() => "hung")]);
     if (status === "hung") fio.kill("SIGKILL");
-    const stdout = await new Response(fio.stdout).text();
     expect(status).toBe(128);
+    const stdout = await new Response(fio.stdout).text();
     const job = JSON.parse(stdout.slice(stdout.indexOf("{"))).jobs[0];
     expect(job.error).toBe(0);
     expect(job.write.total_ios).toBeGreaterThan(1000);
