@@ -22,7 +22,7 @@ const cli = cac("ublk-bun");
 
 cli
   .command("add", "Create a ublk block device served by a new daemon (prints its list block)")
-  .option("-t, --type <type>", "Target: null, memory, file (loop), or a path to a target module")
+  .option("-t, --type <type>", "Target: null, memory, file (loop), nbd, or a path to a target module")
   .option("-n, --number <id>", "Device id (default: the kernel picks)")
   .option("-q, --queues <count>", `Hardware queues (default ${DEFAULT_NR_HW_QUEUES})`)
   .option("-d, --depth <depth>", `Queue depth, 1..4096 (default ${DEFAULT_QUEUE_DEPTH})`)
@@ -38,6 +38,7 @@ cli
   .option("--buffered", "file target: use the page cache instead of O_DIRECT")
   .option("--read-only", "file target: serve the backing store read-only")
   .option("--grow", "file target: extend a regular file to -s SIZE")
+  .option("--nbd <uri>", "nbd target: the export, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
   .option("-o, --option <key=value>", "An option for a user-written target (repeatable)")
   .option("--unprivileged", "UNPRIVILEGED_DEV: a device owned by the calling user (needs /dev/ublk-control open to them and the udev rule)")
   .option("-e, --recovery-fail-io <0|1>", "USER_RECOVERY + FAIL_IO: I/O fails fast while no daemon (kernel ≥ 6.13)")
@@ -141,6 +142,7 @@ async function add(flags: Flags): Promise<void> {
   const target = await loadTarget(targetType);
   const targetOptions: TargetOptions = { ...userTargetOptions(flags.option), sizeBytes, logicalBlockBytes };
   if (flags.file !== undefined) targetOptions.file = String(single("-f", flags.file));
+  if (flags.nbd !== undefined) targetOptions.nbd = String(single("--nbd", flags.nbd));
   for (const key of ["buffered", "readOnly", "grow"] as const) if (flags[key] === true) targetOptions[key] = true;
   const record = await target.prepare(targetOptions);
   const spec: DaemonSpec = { config, target: { ...record, type: targetType }, ...(flags.standby ? { standby: true } : {}) };
@@ -281,7 +283,7 @@ function fail(error: unknown): never {
 /** What each option placeholder stands for, for "-n needs a device id". */
 const VALUE_NOUNS: Record<string, string> = {
   id: "a device id", type: "a target type", count: "a number of queues", depth: "a queue depth", size: "a size",
-  bytes: "a block size in bytes", "us|auto": "a number of µs or auto", "0|1": "0 or 1", path: "a path", "key=value": "key=value",
+  bytes: "a block size in bytes", "us|auto": "a number of µs or auto", "0|1": "0 or 1", path: "a path", "key=value": "key=value", uri: "an NBD URI",
 };
 
 /**

@@ -33,6 +33,14 @@ const lib = dlopen("libc.so.6", {
   gettid: { args: [], returns: i32 },
   sched_setaffinity: { args: [i32, u64, pointer], returns: i32 },
   getrusage: { args: [i32, pointer], returns: i32 },
+  socket: { args: [i32, i32, i32], returns: i32 },
+  connect: { args: [i32, pointer, u32], returns: i32 },
+  socketpair: { args: [i32, i32, i32, pointer], returns: i32 },
+  send: { args: [i32, pointer, u64, i32], returns: i64Fast },
+  recv: { args: [i32, pointer, u64, i32], returns: i64Fast },
+  setsockopt: { args: [i32, i32, i32, pointer, u32], returns: i32 },
+  shutdown: { args: [i32, i32], returns: i32 },
+  inet_pton: { args: [i32, pointer, pointer], returns: i32 },
   __errno_location: { args: [], returns: pointer },
 });
 const fn = lib.symbols;
@@ -173,6 +181,62 @@ export function gettid(): number {
 export function schedSetaffinity(tid: number, cpuMask: Uint8Array): number {
   if (cpuMask.byteLength === 0) return -EINVAL;
   return check(fn.sched_setaffinity(tid, cpuMask.byteLength, cpuMask));
+}
+
+// Sockets (x86_64 values).
+export const AF_UNIX = 1;
+export const AF_INET = 2;
+export const AF_INET6 = 10;
+export const SOCK_STREAM = 1;
+export const SOCK_CLOEXEC = 0o2000000;
+export const SOL_SOCKET = 1;
+export const SO_RCVTIMEO = 20;
+export const SO_SNDTIMEO = 21;
+export const IPPROTO_TCP = 6;
+export const TCP_NODELAY = 1;
+export const SHUT_RDWR = 2;
+export const MSG_DONTWAIT = 0x40;
+export const MSG_WAITALL = 0x100;
+/** A send on a connection the peer closed fails with EPIPE instead of raising SIGPIPE. */
+export const MSG_NOSIGNAL = 0x4000;
+/** struct msghdr and struct iovec (x86_64), as sendmsg reads them. */
+export const msghdr = struct("msghdr", 56, {
+  msg_name: [0, 8], msg_namelen: [8, 4], msg_iov: [16, 8], msg_iovlen: [24, 8], msg_control: [32, 8],
+  msg_controllen: [40, 8], msg_flags: [48, 4],
+});
+export const iovec = struct("iovec", 16, { iov_base: [0, 8], iov_len: [8, 8] });
+
+export function socket(domain: number, type: number, protocol = 0): number {
+  return check(fn.socket(domain, type | SOCK_CLOEXEC, protocol));
+}
+/** socketpair(2): two connected sockets, or -errno. */
+export function socketpair(domain: number, type: number): [number, number] | number {
+  const fds = new Int32Array(2);
+  const result = check(fn.socketpair(domain, type | SOCK_CLOEXEC, 0, fds));
+  return result < 0 ? result : [fds[0]!, fds[1]!];
+}
+/** connect(2) to a struct sockaddr held in `address` (bytes). */
+export function connect(fd: number, address: Uint8Array): number {
+  return check(fn.connect(fd, address, address.byteLength));
+}
+export function send(fd: number, buffer: BufferArg, lengthBytes: number, flags: number): number {
+  return check(fn.send(fd, buffer as Pointer, lengthBytes, flags));
+}
+export function recv(fd: number, buffer: BufferArg, lengthBytes: number, flags: number): number {
+  return check(fn.recv(fd, buffer as Pointer, lengthBytes, flags));
+}
+/** setsockopt(2) with the option value given as bytes. */
+export function setsockopt(fd: number, level: number, name: number, value: NodeJS.TypedArray): number {
+  return check(fn.setsockopt(fd, level, name, value, value.byteLength));
+}
+export function shutdown(fd: number, how: number): number {
+  return check(fn.shutdown(fd, how));
+}
+/** inet_pton(3): the binary address (4 or 16 bytes) of `text` in `family`, or null when it is not one. */
+export function inetPton(family: number, text: string): Uint8Array | null {
+  const out = new Uint8Array(16);
+  const result = fn.inet_pton(family, Buffer.from(`${text}\0`, "utf8"), out);
+  return result === 1 ? out.subarray(0, family === AF_INET ? 4 : 16) : null;
 }
 
 /** struct rusage (x86_64): only the field we read. */

@@ -11,7 +11,7 @@
 import {
   IORING_ENTER_EXT_ARG, IORING_ENTER_GETEVENTS, IORING_FEAT_EXT_ARG, IORING_FEAT_SINGLE_MMAP, IORING_OFF_CQ_RING,
   IORING_OFF_SQ_RING, IORING_OFF_SQES, IORING_OP_ASYNC_CANCEL, IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_NOP,
-  IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
+  IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
   IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER,
   IORING_SETUP_SQE128, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_TASKRUN_FLAG, IORING_SQ_CQ_OVERFLOW, IORING_SQ_TASKRUN,
   __NR_io_uring_enter, __NR_io_uring_register, __NR_io_uring_setup, __kernel_timespec, io_cqring_offsets,
@@ -376,6 +376,21 @@ export class Ring {
   /** fallocate(2): the kernel takes the mode in `len` and the length in `addr`. */
   prepFallocate(base: number, fd: number, mode: number, offsetBytes: number, lengthBytes: number, userDataLow: number, userDataHigh = 0): void {
     this.prep(base, IORING_OP_FALLOCATE, fd, lengthBytes, mode, offsetBytes, userDataLow, userDataHigh);
+  }
+  /** send(2) of `lengthBytes` at `address` on socket `fd`, with MSG_* `msgFlags`. */
+  prepSend(base: number, fd: number, address: number, lengthBytes: number, msgFlags: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_SEND, fd, address, lengthBytes, 0, userDataLow, userDataHigh);
+    this.sqe32[base + W_RW_FLAGS] = msgFlags;
+  }
+  /** recv(2) of up to `lengthBytes` into `address` from socket `fd`, with MSG_* `msgFlags` (MSG_WAITALL: all of it). */
+  prepRecv(base: number, fd: number, address: number, lengthBytes: number, msgFlags: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_RECV, fd, address, lengthBytes, 0, userDataLow, userDataHigh);
+    this.sqe32[base + W_RW_FLAGS] = msgFlags;
+  }
+  /** sendmsg(2) of the struct msghdr at `msghdrAddress` (stable memory, with its iovecs, until the CQE). */
+  prepSendmsg(base: number, fd: number, msghdrAddress: number, msgFlags: number, userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_SENDMSG, fd, msghdrAddress, 1, 0, userDataLow, userDataHigh);
+    this.sqe32[base + W_RW_FLAGS] = msgFlags;
   }
   /** One-shot poll for `pollEvents` (POLLIN …) on `fd`. */
   prepPollAdd(base: number, fd: number, pollEvents: number, userDataLow: number, userDataHigh = 0): void {

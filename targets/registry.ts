@@ -11,6 +11,7 @@ const BUILT_IN: Record<string, string> = {
   memory: new URL("./memory.ts", import.meta.url).href,
   file: new URL("./file.ts", import.meta.url).href,
   fault: new URL("./fault.ts", import.meta.url).href,
+  nbd: new URL("./nbd.ts", import.meta.url).href,
 };
 /** Names accepted as aliases (ublksrv calls the file target "loop"). */
 const ALIASES: Record<string, string> = { loop: "file" };

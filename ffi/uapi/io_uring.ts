@@ -72,6 +72,7 @@ export const IORING_OP_READ_FIXED = 4;
 export const IORING_OP_WRITE_FIXED = 5;
 export const IORING_OP_POLL_ADD = 6;
 export const IORING_OP_POLL_REMOVE = 7;
+export const IORING_OP_SENDMSG = 9;
 export const IORING_OP_TIMEOUT = 11;
 export const IORING_OP_TIMEOUT_REMOVE = 12;
 export const IORING_OP_ASYNC_CANCEL = 14;
@@ -79,6 +80,8 @@ export const IORING_OP_LINK_TIMEOUT = 15;
 export const IORING_OP_FALLOCATE = 17;
 export const IORING_OP_READ = 22;
 export const IORING_OP_WRITE = 23;
+export const IORING_OP_SEND = 26;
+export const IORING_OP_RECV = 27;
 export const IORING_OP_URING_CMD = 46;
 
 // io_uring_sqe.flags

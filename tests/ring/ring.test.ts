@@ -5,7 +5,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../../ffi/ring.ts";
 import {
-  close, eventfd, memoryAt, mmapAnonymous, munmap, O_CREAT, O_DIRECT, O_RDWR, open, PAGE_BYTES,
+  AF_UNIX, close, eventfd, iovec, memoryAt, mmapAnonymous, msghdr, MSG_NOSIGNAL, MSG_WAITALL, munmap, O_CREAT, O_DIRECT,
+  O_RDWR, open, PAGE_BYTES, SOCK_STREAM, socketpair,
 } from "../../ffi/libc.ts";
 import { EAGAIN, EBADF, EBUSY, ECANCELED, ETIME } from "../../ffi/errno.ts";
 import {
@@ -101,6 +102,41 @@ describe("ring", () => {
       munmap(address, lengthBytes * 2);
     });
   }
+
+  test("SENDMSG gathers two iovecs into one stream; RECV with MSG_WAITALL and SEND move them back", () => {
+    const pair = socketpair(AF_UNIX, SOCK_STREAM);
+    if (typeof pair === "number") throw new Error(`socketpair: ${pair}`);
+    const [left, right] = pair;
+    const address = mmapAnonymous(PAGE_BYTES);
+    const memory = new Uint8Array(memoryAt(address, PAGE_BYTES));
+    const words = new Uint32Array(memoryAt(address, PAGE_BYTES));
+    memory.set([1, 2, 3], 1024);
+    memory.set([4, 5, 6, 7, 8], 2048);
+    const u64 = (byteOffset: number, value: number) => {
+      words[byteOffset / 4] = value >>> 0;
+      words[byteOffset / 4 + 1] = Math.floor(value / 2 ** 32);
+    };
+    // msghdr at 0 naming two iovecs at 64: 3 bytes at 1024, 5 bytes at 2048.
+    u64(msghdr.msg_iov, address + 64);
+    u64(msghdr.msg_iovlen, 2);
+    u64(64 + iovec.iov_base, address + 1024);
+    u64(64 + iovec.iov_len, 3);
+    u64(64 + iovec.SIZE + iovec.iov_base, address + 2048);
+    u64(64 + iovec.SIZE + iovec.iov_len, 5);
+    const ring = Ring.create({ entries: 4 });
+    expect(runOne(ring, (b) => ring.prepSendmsg(b, left, address, MSG_NOSIGNAL, 7))).toEqual([7, 0, 8]);
+    expect(runOne(ring, (b) => ring.prepRecv(b, right, address + 3072, 8, MSG_WAITALL, 8))).toEqual([8, 0, 8]);
+    expect([...memory.subarray(3072, 3080)]).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+    expect(runOne(ring, (b) => ring.prepSend(b, right, address + 3072, 2, MSG_NOSIGNAL, 9))).toEqual([9, 0, 2]);
+    expect(runOne(ring, (b) => ring.prepRecv(b, left, address + 3584, 16, 0, 10))).toEqual([10, 0, 2]);
+    expect([...memory.subarray(3584, 3586)]).toEqual([1, 2]);
+    // A closed peer: RECV sees the end of the stream (0).
+    close(right);
+    expect(runOne(ring, (b) => ring.prepRecv(b, left, address + 3584, 16, MSG_WAITALL, 11))).toEqual([11, 0, 0]);
+    ring.close();
+    close(left);
+    munmap(address, PAGE_BYTES);
+  });
 
   test("a bad fd comes back as -EBADF in the CQE", () => {
     const ring = Ring.create({ entries: 4 });

@@ -4,12 +4,21 @@ import { describe, expect, test } from "bun:test";
 import { ioc, ior, iowr, struct } from "../../ffi/layout.ts";
 import * as uring from "../../ffi/uapi/io_uring.ts";
 import * as ublk from "../../ffi/uapi/ublk_cmd.ts";
-import { rusage, threadPreemptions } from "../../ffi/libc.ts";
+import { iovec, msghdr, rusage, threadPreemptions } from "../../ffi/libc.ts";
 import { readFileSync } from "node:fs";
 
 function plain(layout: object): Record<string, number> {
   return { ...(layout as Record<string, number>) };
 }
+
+describe("libc layouts (x86_64 glibc)", () => {
+  test("msghdr and iovec, as sendmsg reads them", () => {
+    expect(plain(msghdr)).toEqual({
+      SIZE: 56, msg_name: 0, msg_namelen: 8, msg_iov: 16, msg_iovlen: 24, msg_control: 32, msg_controllen: 40, msg_flags: 48,
+    });
+    expect(plain(iovec)).toEqual({ SIZE: 16, iov_base: 0, iov_len: 8 });
+  });
+});
 
 describe("io_uring layouts", () => {
   test("io_uring_params", () => {
@@ -45,6 +54,7 @@ describe("io_uring layouts", () => {
       uring.IORING_SETUP_COOP_TASKRUN, uring.IORING_SETUP_TASKRUN_FLAG, uring.IORING_SETUP_SUBMIT_ALL]).toEqual([1024, 2048, 4096, 8192, 256, 512, 128]);
     expect([uring.IORING_OP_NOP, uring.IORING_OP_FSYNC, uring.IORING_OP_POLL_ADD, uring.IORING_OP_TIMEOUT, uring.IORING_OP_ASYNC_CANCEL,
       uring.IORING_OP_FALLOCATE, uring.IORING_OP_READ, uring.IORING_OP_WRITE, uring.IORING_OP_URING_CMD]).toEqual([0, 3, 6, 11, 14, 17, 22, 23, 46]);
+    expect([uring.IORING_OP_SENDMSG, uring.IORING_OP_SEND, uring.IORING_OP_RECV]).toEqual([9, 26, 27]);
     expect([uring.IORING_ENTER_GETEVENTS, uring.IORING_ENTER_EXT_ARG, uring.IORING_SQ_CQ_OVERFLOW, uring.IORING_SQ_TASKRUN]).toEqual([1, 8, 2, 4]);
     expect([uring.IORING_FEAT_SINGLE_MMAP, uring.IORING_FEAT_NODROP, uring.IORING_FEAT_EXT_ARG, uring.IORING_FEAT_MIN_TIMEOUT])
       .toEqual([1, 2, 256, 32768]);

@@ -15,8 +15,9 @@
 #
 # CMD (all remaining words, joined by spaces) runs under the guest's busybox
 # `sh -c` as root in /ublk-bun, with stdin from /dev/null. bash, fio, losetup
-# (util-linux), bun and bunx are there too; ublk_drv, loop and configfs are
-# loaded, null_blk is available to modprobe.
+# (util-linux), bun and bunx are there too, and nbdkit with its memory, file
+# and null plugins and delay, error, log and exportname filters; ublk_drv,
+# loop and configfs are loaded, null_blk is available to modprobe.
 #
 # The host kernel has no ublk_drv and no usable KVM, so the guest is a Debian
 # trixie cloud kernel (trixie's or trixie-backports') under qemu TCG (software emulation, 10-15x slower
@@ -56,8 +57,17 @@ GUEST_OPTIONAL_MODULES=(nbd)
 # util-linux losetup is here for `losetup -f --show`, which busybox lacks,
 # bash for scripts that need it. Note that busybox sh runs its own applets
 # before searching PATH, so in `sh -c` spell out /usr/sbin/losetup.
-GUEST_HOST_TOOLS=(/usr/bin/fio /usr/sbin/losetup /usr/bin/bash /usr/bin/setpriv)
-HOST_PACKAGES=(qemu-system-x86 busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring)
+# nbdkit serves the NBD target's tests (memory, file and null plugins; delay,
+# error, log and exportname filters: the shared objects below).
+GUEST_HOST_TOOLS=(/usr/bin/fio /usr/sbin/losetup /usr/bin/bash /usr/bin/setpriv /usr/bin/nbdkit)
+# Shared objects that host tools load at run time (dlopen), so ldd of the tool
+# does not name them: copied at the same paths, with their own libraries.
+NBDKIT_DIR=/usr/lib/x86_64-linux-gnu/nbdkit
+GUEST_HOST_PLUGINS=(
+    "$NBDKIT_DIR"/plugins/nbdkit-{memory,file,null}-plugin.so
+    "$NBDKIT_DIR"/filters/nbdkit-{delay,error,log,exportname}-filter.so
+)
+HOST_PACKAGES=(qemu-system-x86 busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring nbdkit)
 MARKER=UBLK-BUN-VM-EXIT
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -371,7 +381,7 @@ build_base() {
     local libs
     libs=$( {
         elf_libs "$bun"
-        for t in "${GUEST_HOST_TOOLS[@]}"; do elf_libs "$t"; done
+        for t in "${GUEST_HOST_TOOLS[@]}" "${GUEST_HOST_PLUGINS[@]}"; do elf_libs "$t"; done
     } | sort -u)
     # Hash of everything the archive is made from; stat is enough for the
     # Debian-packaged files, Bun is checksummed since npm may rewrite it.
@@ -380,7 +390,7 @@ build_base() {
         echo "$kver"
         sha256sum "$SELF" "$bun"
         # shellcheck disable=SC2086
-        stat -L -c '%n %s %Y' "$busybox" "${GUEST_HOST_TOOLS[@]}" $libs
+        stat -L -c '%n %s %Y' "$busybox" "${GUEST_HOST_TOOLS[@]}" "${GUEST_HOST_PLUGINS[@]}" $libs
     } | sha256sum | cut -c1-16)
     BASE=$CACHE/base-$kernel_choice-$hash.cpio
     [[ -s $BASE ]] && return 0
@@ -414,7 +424,7 @@ build_base() {
     done < <("$busybox" --list-full)
 
     local l
-    for l in $libs; do stage_copy "$l" "$stage"; done
+    for l in $libs "${GUEST_HOST_PLUGINS[@]}"; do stage_copy "$l" "$stage"; done
     # A loader cache so libraries in non-default directories (such as ceph/,
     # which fio's librados uses) are found without relying on RUNPATH.
     # shellcheck disable=SC2086
