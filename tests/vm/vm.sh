@@ -16,8 +16,9 @@
 # CMD (all remaining words, joined by spaces) runs under the guest's busybox
 # `sh -c` as root in /ublk-bun, with stdin from /dev/null. bash, fio, losetup
 # (util-linux), bun and bunx are there too, and nbdkit with its memory, file
-# and null plugins and delay, error, log and exportname filters; ublk_drv,
-# loop and configfs are loaded, null_blk is available to modprobe.
+# and null plugins and delay, error, log and exportname filters, and the
+# kernel's NBD client nbd-client; ublk_drv, loop and configfs are loaded,
+# null_blk and nbd are available to modprobe.
 #
 # The host kernel has no ublk_drv and no usable KVM, so the guest is a Debian
 # trixie cloud kernel (trixie's or trixie-backports') under qemu TCG (software emulation, 10-15x slower
@@ -58,8 +59,9 @@ GUEST_OPTIONAL_MODULES=(nbd)
 # bash for scripts that need it. Note that busybox sh runs its own applets
 # before searching PATH, so in `sh -c` spell out /usr/sbin/losetup.
 # nbdkit serves the NBD target's tests (memory, file and null plugins; delay,
-# error, log and exportname filters: the shared objects below).
-GUEST_HOST_TOOLS=(/usr/bin/fio /usr/sbin/losetup /usr/bin/bash /usr/bin/setpriv /usr/bin/nbdkit)
+# error, log and exportname filters: the shared objects below); nbd-client
+# (Debian's, not busybox's applet) attaches nbd.ko devices for the bench.
+GUEST_HOST_TOOLS=(/usr/bin/fio /usr/sbin/losetup /usr/bin/bash /usr/bin/setpriv /usr/bin/nbdkit /usr/sbin/nbd-client)
 # Shared objects that host tools load at run time (dlopen), so ldd of the tool
 # does not name them: copied at the same paths, with their own libraries.
 NBDKIT_DIR=/usr/lib/x86_64-linux-gnu/nbdkit
@@ -67,7 +69,7 @@ GUEST_HOST_PLUGINS=(
     "$NBDKIT_DIR"/plugins/nbdkit-{memory,file,null}-plugin.so
     "$NBDKIT_DIR"/filters/nbdkit-{delay,error,log,exportname}-filter.so
 )
-HOST_PACKAGES=(qemu-system-x86 busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring nbdkit)
+HOST_PACKAGES=(qemu-system-x86 busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring nbdkit nbd-client)
 MARKER=UBLK-BUN-VM-EXIT
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -564,8 +566,18 @@ fi
 rm -f "$CACHE/kernel/current-trixie"
 # A kernel that is named but missing was dropped by an older vm.sh, which
 # knew only one kernel: fetch it again.
-if [[ ${UBLK_BUN_VM_REFRESH:-0} == 1 || ! -s $CACHE/kernel/$CURRENT
-      || ! -f $CACHE/kernel/$(cat "$CACHE/kernel/$CURRENT")/vmlinuz ]]; then
+# A cached kernel that lacks a module of the lists above (cached before the
+# module was added to them) is fetched again too.
+kernel_cache_complete() {
+    local dir=$CACHE/kernel/$1 m
+    [[ -f $dir/vmlinuz ]] || return 1
+    for m in "${GUEST_MODULES[@]}" "${GUEST_OPTIONAL_MODULES[@]}"; do
+        grep -q "/$m\.ko" "$dir/lib/modules/$1/modules.order" || continue # built in, or not shipped
+        [[ -n $(find "$dir/lib/modules/$1/kernel" -name "$m.ko" -print -quit) ]] || return 1
+    done
+}
+if [[ ${UBLK_BUN_VM_REFRESH:-0} == 1 || ! -s $CACHE/kernel/$CURRENT ]] \
+      || ! kernel_cache_complete "$(cat "$CACHE/kernel/$CURRENT")"; then
     fetch_kernel
 fi
 KVER=$(cat "$CACHE/kernel/$CURRENT")
