@@ -3,12 +3,15 @@
  * `npm run bench`: fio against our targets beside the kernel's own drivers, in one boot, as ratios.
  *   null target  vs null_blk (configfs, irqmode=0, hw_queue_depth 128, 1 queue)
  *   file target  vs loop (buffered) over the same zero-filled 1 GiB file on tmpfs; memory target beside them
+ *   nbd target   vs nbd.ko + nbd-client, both over loopback TCP to one `nbdkit memory` export (BENCH_CASES=nbd only)
  * Each case runs REPEATS times alternating ours and the kernel's; medians are reported (one TCG boot varies
  * by 6–10 % between identical runs, boots by 15 %: compare only figures from one run of this script).
- * Writes results.md, results.json (with the raw fio JSON) and results.svg to bench/results/ (or /out in the VM).
+ * Writes results.md, results.json (with the raw fio JSON) and results.svg to bench/results/ (or /out in the VM);
+ * the nbd group writes nbd.md and nbd.json instead, so a run of it alone leaves the other groups' results be.
  * On a machine without ublk_drv it runs itself in the test VM (tests/vm/vm.sh).
  *
- *   BENCH_SECONDS=10 BENCH_REPEATS=3 BENCH_CASES=null,file,memory npm run bench
+ *   BENCH_SECONDS=10 BENCH_REPEATS=3 BENCH_CASES=null,file,memory npm run bench     (the default groups)
+ *   BENCH_CASES=nbd npm run bench      (about 10 min more at the defaults: not in the default set)
  *   npm run bench -- --kernel backports     the VM's kernel (tests/vm/vm.sh --kernel; default trixie)
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -52,6 +55,7 @@ interface Job { name: string; rw: string; bs: string; depth: number; jobs?: numb
 const JOBS: Record<string, Job> = {
   randread1: { name: "4k randread QD1", rw: "randread", bs: "4k", depth: 1 },
   randread64: { name: "4k randread QD64", rw: "randread", bs: "4k", depth: 64 },
+  randwrite1: { name: "4k randwrite QD1", rw: "randwrite", bs: "4k", depth: 1 },
   randwrite64: { name: "4k randwrite QD64", rw: "randwrite", bs: "4k", depth: 64 },
   read128k: { name: "128k seq read QD64", rw: "read", bs: "128k", depth: 64 },
   write128k: { name: "128k seq write QD64", rw: "write", bs: "128k", depth: 64 },
@@ -61,7 +65,9 @@ const JOBS: Record<string, Job> = {
 /** Server CPU per I/O in µs, split by where it went: queue threads in user space, queue threads and io_uring
  * workers in the kernel, JSC's JIT compiler threads, everything else (main thread, GC, allocator). */
 interface CpuSplit { queueUser: number; queueSys: number; jit: number; other: number }
-interface Sample { iops: number; mbps: number; p50us: number; p99us: number; cpuUsPerIo: number | null; cpuSplit: CpuSplit | null; raw: unknown }
+/** peerCpuUsPerIo: the CPU per I/O of a process both sides share (the nbd group's nbdkit). */
+interface Sample { iops: number; mbps: number; p50us: number; p99us: number; cpuUsPerIo: number | null; cpuSplit: CpuSplit | null;
+  peerCpuUsPerIo: number | null; raw: unknown }
 
 /** utime and stime (clock ticks) of one thread or, for a pid's own stat, of the whole process. */
 function statTicks(statPath: string): { comm: string; user: number; sys: number } {
@@ -98,8 +104,9 @@ function cpuSplit(before: ReturnType<typeof threadTicks>, after: ReturnType<type
   return split;
 }
 
-function fio(path: string, job: Job, serverPid: number | null): Sample {
+function fio(path: string, job: Job, serverPid: number | null, peerPid: number | null = null): Sample {
   const ticksBefore = serverPid ? cpuTicks(serverPid) : 0;
+  const peerTicksBefore = peerPid ? cpuTicks(peerPid) : 0;
   const threadsBefore = serverPid ? threadTicks(serverPid) : null;
   const started = performance.now();
   const out = sh(`fio --name=bench --filename=${path} --rw=${job.rw} --bs=${job.bs} --iodepth=${job.depth} --numjobs=${job.jobs ?? 1} ` +
@@ -113,8 +120,9 @@ function fio(path: string, job: Job, serverPid: number | null): Sample {
   // CPU is measured over the whole fio run (ramp included); scale it to the measured part.
   const cpuUsPerIo = serverPid ? (cpuS * (seconds / wallS) * 1e6) / ios : null;
   const split = serverPid ? cpuSplit(threadsBefore!, threadTicks(serverPid), ((seconds / wallS) * 1e4) / ios) : null;
+  const peerCpuUsPerIo = peerPid ? (((cpuTicks(peerPid) - peerTicksBefore) / 100) * (seconds / wallS) * 1e6) / ios : null;
   return { iops: result.iops, mbps: result.bw / 1024, p50us: percentile("50.000000"), p99us: percentile("99.000000"), cpuUsPerIo,
-    cpuSplit: split, raw: json };
+    cpuSplit: split, peerCpuUsPerIo, raw: json };
 }
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
@@ -124,8 +132,9 @@ const cpuSplitMedian = (splits: CpuSplit[]): CpuSplit | null => splits.length ==
 };
 function summarize(samples: Sample[]) {
   const cpu = samples.map((s) => s.cpuUsPerIo).filter((v): v is number => v !== null);
+  const peerCpu = samples.map((s) => s.peerCpuUsPerIo).filter((v): v is number => v !== null);
   return { iops: median(samples.map((s) => s.iops)), mbps: median(samples.map((s) => s.mbps)), p50us: median(samples.map((s) => s.p50us)),
-    p99us: median(samples.map((s) => s.p99us)), cpuUsPerIo: cpu.length ? median(cpu) : null,
+    p99us: median(samples.map((s) => s.p99us)), cpuUsPerIo: cpu.length ? median(cpu) : null, peerCpuUsPerIo: peerCpu.length ? median(peerCpu) : null,
     cpuSplit: cpuSplitMedian(samples.map((s) => s.cpuSplit).filter((v): v is CpuSplit => v !== null)) };
 }
 type Summary = ReturnType<typeof summarize>;
@@ -147,14 +156,15 @@ function addDevice(args: string[]): { devId: number; pid: number } {
   return { devId: Number(/^dev id (\d+):/m.exec(out)![1]), pid: Number(/daemon pid (\d+)/.exec(out)![1]) };
 }
 
-/** Runs each job on ours and (if given) the kernel's device, alternating, REPEATS times. */
-function compare(group: string, ours: { label: string; path: string; pid: number }, kernel: { label: string; path: string } | null, jobKeys: string[]) {
+/** Runs each job on ours and (if given) the kernel's device, alternating, REPEATS times; peerPid's CPU is measured on both. */
+function compare(group: string, ours: { label: string; path: string; pid: number }, kernel: { label: string; path: string } | null, jobKeys: string[],
+  peerPid: number | null = null) {
   for (const key of jobKeys) {
     const job = JOBS[key]!;
     const mine: Sample[] = [], theirs: Sample[] = [];
     for (let repeat = 0; repeat < repeats; repeat++) {
-      mine.push(fio(ours.path, job, ours.pid));
-      if (kernel) theirs.push(fio(kernel.path, job, null));
+      mine.push(fio(ours.path, job, ours.pid, peerPid));
+      if (kernel) theirs.push(fio(kernel.path, job, null, peerPid));
     }
     const oursResult = summarize(mine);
     const kernelResult = kernel ? summarize(theirs) : null;
@@ -237,7 +247,42 @@ if (groups.has("memory")) {
   cli(["del", "-n", String(memoryTwo.devId)]);
 }
 
+// nbd: ours and the kernel's NBD client (nbd.ko, set up by nbd-client) over loopback TCP to one nbdkit memory export,
+// each with one connection and one hardware queue of depth 128 (nbd.ko's own); nbdkit's CPU per I/O is measured
+// for both. The export is zero-filled sparse RAM, so reads of never-written blocks cost nbdkit the least.
+let nbdMemory = "";
+if (groups.has("nbd")) {
+  // A free port of the loopback, found by listening on port 0; nbdkit takes it over right after.
+  const probe = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = probe.port;
+  probe.stop(true);
+  const pidFile = "/tmp/bench-nbdkit.pid";
+  // -P writes the pid file once nbdkit accepts connections.
+  const nbdkit = Bun.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", String(port), "-P", pidFile, "memory", "1G"], { stdin: "ignore", stdout: "inherit", stderr: "inherit" });
+  for (let waitedMs = 0; !existsSync(pidFile); waitedMs += 100) {
+    if (nbdkit.exitCode !== null || waitedMs > 30_000) throw new Error(`bench: nbdkit did not start listening on 127.0.0.1:${port}`);
+    Bun.sleepSync(100);
+  }
+  try {
+    const ours = addDevice(["-t", "nbd", "--nbd", `nbd://127.0.0.1:${port}/`, "-q", "1", "-d", "128"]);
+    sh("modprobe nbd");
+    // Debian's nbd-client (netlink), not busybox's applet of the same name: spelled out, as busybox sh prefers its applets.
+    sh(`/usr/sbin/nbd-client 127.0.0.1 ${port} /dev/nbd0`);
+    if (Number(sh("cat /sys/block/nbd0/size")) === 0) throw new Error("bench: nbd-client left /dev/nbd0 without a size");
+    compare("nbd", { label: "ublk-bun nbd", path: `/dev/ublkb${ours.devId}`, pid: ours.pid }, { label: "nbd.ko", path: "/dev/nbd0" },
+      ["randread1", "randwrite1", "randread64", "randwrite64", "read128k", "write128k"], nbdkit.pid);
+    const status = readFileSync(`/proc/${ours.pid}/status`, "utf8");
+    const mib = (field: string) => (Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)![1]) / 1024).toFixed(0);
+    nbdMemory = `${mib("VmRSS")} / ${mib("VmHWM")}`;
+    sh("/usr/sbin/nbd-client -d /dev/nbd0");
+    cli(["del", "-n", String(ours.devId)]);
+  } finally {
+    nbdkit.kill();
+  }
+}
+
 const fmt = (value: number | null | undefined, digits = 0) => (value === null || value === undefined ? "—" : value.toFixed(digits));
+const mainRows = rows.filter((r) => r.group !== "nbd");
 const lines = [
   `# ublk-bun benchmark (${new Date().toISOString().slice(0, 10)}, ${seconds} s per run, median of ${repeats}, one boot)`,
   "",
@@ -245,7 +290,7 @@ const lines = [
   "",
   "| case | ours | IOPS | MB/s | p50 µs | p99 µs | server CPU µs/IO | kernel | IOPS | MB/s | p50 µs | p99 µs | ratio |",
   "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-  ...rows.map((r) => `| ${r.case} | ${r.ours} | ${fmt(r.oursResult.iops)} | ${fmt(r.oursResult.mbps, 1)} | ${fmt(r.oursResult.p50us)} | ${fmt(r.oursResult.p99us)} | ` +
+  ...mainRows.map((r) => `| ${r.case} | ${r.ours} | ${fmt(r.oursResult.iops)} | ${fmt(r.oursResult.mbps, 1)} | ${fmt(r.oursResult.p50us)} | ${fmt(r.oursResult.p99us)} | ` +
     `${fmt(r.oursResult.cpuUsPerIo, 1)} | ${r.kernel} | ${fmt(r.kernelResult?.iops)} | ${fmt(r.kernelResult?.mbps, 1)} | ${fmt(r.kernelResult?.p50us)} | ` +
     `${fmt(r.kernelResult?.p99us)} | ${r.ratio === null ? "—" : `${r.ratio.toFixed(2)} (${r.metric})`} |`),
   "",
@@ -253,7 +298,7 @@ const lines = [
   "target) / queue threads and io_uring workers in the kernel (ublk_drv, io_uring, block layer, wake-ups) / JSC's JIT",
   "compiler threads / all other threads:",
   "",
-  ...rows.filter((r) => r.oursResult.cpuSplit).map((r) => {
+  ...mainRows.filter((r) => r.oursResult.cpuSplit).map((r) => {
     const c = r.oursResult.cpuSplit!;
     return `- ${r.group}: ${r.case}: ${fmt(c.queueUser, 1)} / ${fmt(c.queueSys, 1)} / ${fmt(c.jit, 1)} / ${fmt(c.other, 1)}`;
   }),
@@ -263,8 +308,37 @@ const lines = [
   "Server memory after its runs (resident now / peak, MiB): " + serverMemory.map((m) => `${m.label}: ${fmt(m.rssMiB)} / ${fmt(m.peakMiB)}`).join("; ") + ".",
   "",
 ];
-writeFileSync(join(outDir, "results.md"), lines.join("\n"));
-writeFileSync(join(outDir, "results.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, rows, serverMemory, raw }, null, 1));
-writeFileSync(join(outDir, "results.svg"), renderSvg(rows.map((r) => ({ label: `${r.group}: ${r.case}`, ours: r.oursResult.iops, kernel: r.kernelResult?.iops ?? null,
-  oursP99us: r.oursResult.p99us, kernelP99us: r.kernelResult?.p99us ?? null }))));
-console.log(lines.join("\n"));
+const rawOf = (kept: Row[]) => Object.fromEntries(Object.entries(raw).filter(([key]) => kept.some((r) => key.startsWith(`${r.group} ${r.case} `))));
+if (mainRows.length > 0) {
+  writeFileSync(join(outDir, "results.md"), lines.join("\n"));
+  writeFileSync(join(outDir, "results.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, rows: mainRows, serverMemory, raw: rawOf(mainRows) }, null, 1));
+  writeFileSync(join(outDir, "results.svg"), renderSvg(mainRows.map((r) => ({ label: `${r.group}: ${r.case}`, ours: r.oursResult.iops, kernel: r.kernelResult?.iops ?? null,
+    oursP99us: r.oursResult.p99us, kernelP99us: r.kernelResult?.p99us ?? null }))));
+  console.log(lines.join("\n"));
+}
+
+const nbdRows = rows.filter((r) => r.group === "nbd");
+if (nbdRows.length > 0) {
+  const nbdLines = [
+    `# ublk-bun nbd target vs the kernel's NBD client (${new Date().toISOString().slice(0, 10)}, ${seconds} s per run, median of ${repeats}, one boot)`,
+    "",
+    `Machine: fio on /dev/null, 4k write QD64: ${machine.iops.toFixed(0)} IOPS. Kernel ${sh("uname -r")}, ${sh("nproc")} CPUs.`,
+    "Both clients reach one `nbdkit memory 1G` export over loopback TCP (127.0.0.1), one connection each: ours is",
+    "`ublk-bun add -t nbd --nbd nbd://127.0.0.1:PORT/ -q 1 -d 128`, the kernel's `nbd-client 127.0.0.1 PORT /dev/nbd0`",
+    "(nbd.ko, one hardware queue of depth 128). \"nbdkit CPU\" is the server's utime+stime per I/O; \"our CPU\" is the",
+    "ublk-bun daemon's (the kernel client's own CPU is in kernel threads and fio's context, not measured).",
+    "",
+    "| case | ours IOPS | MB/s | p50 µs | p99 µs | our CPU µs/IO | nbdkit CPU µs/IO | nbd.ko IOPS | MB/s | p50 µs | p99 µs | nbdkit CPU µs/IO | ratio |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ...nbdRows.map((r) => `| ${r.case} | ${fmt(r.oursResult.iops)} | ${fmt(r.oursResult.mbps, 1)} | ${fmt(r.oursResult.p50us)} | ${fmt(r.oursResult.p99us)} | ` +
+      `${fmt(r.oursResult.cpuUsPerIo, 1)} | ${fmt(r.oursResult.peerCpuUsPerIo, 1)} | ${fmt(r.kernelResult?.iops)} | ${fmt(r.kernelResult?.mbps, 1)} | ` +
+      `${fmt(r.kernelResult?.p50us)} | ${fmt(r.kernelResult?.p99us)} | ${fmt(r.kernelResult?.peerCpuUsPerIo, 1)} | ` +
+      `${r.ratio === null ? "—" : `${r.ratio.toFixed(2)} (${r.metric})`} |`),
+    "",
+    `Our daemon's memory after its runs (resident / peak, MiB): ${nbdMemory}.`,
+    "",
+  ];
+  writeFileSync(join(outDir, "nbd.md"), nbdLines.join("\n"));
+  writeFileSync(join(outDir, "nbd.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, rows: nbdRows, raw: rawOf(nbdRows) }, null, 1));
+  console.log(nbdLines.join("\n"));
+}
