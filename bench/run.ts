@@ -11,7 +11,7 @@
  * On a machine without ublk_drv it runs itself in the test VM (tests/vm/vm.sh).
  *
  *   BENCH_SECONDS=10 BENCH_REPEATS=3 BENCH_CASES=null,file,memory npm run bench     (the default groups)
- *   BENCH_CASES=nbd npm run bench      (about 10 min more at the defaults: not in the default set)
+ *   BENCH_CASES=nbd npm run bench      (about 8 min more at the defaults: not in the default set)
  *   npm run bench -- --kernel backports     the VM's kernel (tests/vm/vm.sh --kernel; default trixie)
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
