@@ -242,9 +242,16 @@ describe("recovery", () => {
       "--runtime=300", "--time_based", "--verify=crc32c", "--verify_backlog=256"]);
     await Bun.sleep(1500);
     process.kill(daemon, "SIGKILL");
-    await waitFor("the standby to serve", () => {
-      try { return state(devId) === "LIVE" && daemonPidOf(devId) === standby; } catch { return false; }
-    }, 30_000);
+    try {
+      await waitFor("the standby to serve", () => {
+        try { return state(devId) === "LIVE" && daemonPidOf(devId) === standby; } catch { return false; }
+      }, 30_000);
+    } catch (error) {
+      // Seen once in a full 6.12 run (never alone): say what the supervisor and the standby did.
+      const log = readFileSync("/run/ublk-bun/daemon.log", "utf8").split("\n")
+        .filter((line) => line.includes(`[${standby}]`) || line.includes("supervisor[")).slice(-15).join("\n");
+      throw new Error(`${(error as Error).message}; state ${state(devId)}, daemon pid ${daemonPidOf(devId)}, standby ${standby}\n${log}`);
+    }
     expect(readFileSync("/run/ublk-bun/daemon.log", "utf8")).toContain(`standby pid ${standby} took over`);
     // A new standby behind it.
     let next = 0;
