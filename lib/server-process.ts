@@ -19,6 +19,7 @@ import { runDir } from "./run-dir.ts";
 export { DAEMON_SPEC_ENV, daemonLogPath, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
 import { DAEMON_SPEC_ENV, daemonLogPath, processAlive, STATUS_FD, SUPERVISOR_PID_ENV } from "./daemon-env.ts";
 import { readyTimeoutMs, recoverThroughStandby } from "./standby-client.ts";
+import { lineReader, readStatusLine } from "./status-lines.ts";
 
 
 export const DAEMON_PATH = new URL("./daemon.ts", import.meta.url).pathname;
@@ -43,16 +44,15 @@ export async function runServer(spec: DaemonSpec | RecoveryRequest, entryPath: s
       clearTimeout(timer);
       resolve(value);
     };
-    child = spawnServer(spec, entryPath, extraEnv, (line) => {
-      if (line.startsWith("ADDED ")) {
-        addedDevId = Number(line.slice(6));
-        onAdded?.(addedDevId);
-      } else if (line.startsWith("WAITING ")) {
-        const [elapsedMs, state] = line.slice(8).split(" ");
-        onWaiting?.(Number(elapsedMs), state ?? "?");
-      } else if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
-      else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
-    }, (error) => finish({ error: error ?? `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${daemonLogPath()})` }));
+    child = spawnServer(spec, entryPath, extraEnv, (line) => readStatusLine(line, {
+      onAdded: (devId) => {
+        addedDevId = devId;
+        onAdded?.(devId);
+      },
+      onWaiting,
+      onReady: (record) => finish({ record }),
+      onError: (message) => finish({ error: message }),
+    }), (error) => finish({ error: error ?? `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${daemonLogPath()})` }));
   });
   if (outcome.record) {
     releaseStatus(child!);
@@ -87,16 +87,7 @@ export function spawnServer(spec: DaemonSpec | RecoveryRequest, entryPath: strin
   });
   closeSync(logFd);
   const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
-  let buffered = "";
-  status.on("data", (chunk: Buffer) => {
-    buffered += chunk.toString("utf8");
-    let newline: number;
-    while ((newline = buffered.indexOf("\n")) >= 0) {
-      const line = buffered.slice(0, newline);
-      buffered = buffered.slice(newline + 1);
-      onLine(line);
-    }
-  });
+  status.on("data", lineReader(onLine));
   status.on("end", () => onEnd());
   child.on("error", (error) => onEnd(`cannot start the daemon: ${error.message}`));
   return child;

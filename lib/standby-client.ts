@@ -5,6 +5,7 @@
  */
 import { daemonLogPath, standbySocketPath } from "./run-dir.ts";
 import type { DeviceRecord } from "./records.ts";
+import { lineReader, readStatusLine } from "./status-lines.ts";
 
 /** What `recover` writes on a spare's socket. */
 export const RECOVER_REQUEST = "RECOVER";
@@ -24,7 +25,6 @@ export function readyTimeoutMs(): number {
 export async function recoverThroughStandby(devId: number, onWaiting?: (elapsedMs: number, state: string) => void): Promise<{ record?: DeviceRecord; error?: string }> {
   const path = standbySocketPath(devId);
   return await new Promise((resolve) => {
-    let buffered = "";
     let answered = false;
     let asked = false;
     const timer = setTimeout(() => finish({ error: `the standby daemon did not report READY within ${readyTimeoutMs() / 1000} s` }), readyTimeoutMs());
@@ -35,6 +35,11 @@ export async function recoverThroughStandby(devId: number, onWaiting?: (elapsedM
       clearTimeout(timer);
       resolve(value);
     }
+    const readLines = lineReader((line) => readStatusLine(line, {
+      onWaiting,
+      onReady: (record) => finish({ record }),
+      onError: (message) => finish({ error: message }),
+    }));
     Bun.connect({
       unix: path,
       socket: {
@@ -42,20 +47,7 @@ export async function recoverThroughStandby(devId: number, onWaiting?: (elapsedM
           asked = true;
           socket.write(`${RECOVER_REQUEST}\n`);
         },
-        data(_socket, chunk) {
-          buffered += chunk.toString("utf8");
-          let newline: number;
-          while ((newline = buffered.indexOf("\n")) >= 0) {
-            const line = buffered.slice(0, newline);
-            buffered = buffered.slice(newline + 1);
-            if (line.startsWith("READY ")) finish({ record: JSON.parse(line.slice(6)) as DeviceRecord });
-            else if (line.startsWith("ERROR ")) finish({ error: line.slice(6) });
-            else if (line.startsWith("WAITING ")) {
-              const [elapsedMs, state] = line.slice(8).split(" ");
-              onWaiting?.(Number(elapsedMs), state ?? "?");
-            }
-          }
-        },
+        data: (_socket, chunk) => readLines(chunk),
         close: () => wentAway(),
         error: () => wentAway(),
         connectError: () => finish({}),

@@ -12,6 +12,7 @@ import type { ChildProcess } from "node:child_process";
 import { existsSync, unlinkSync } from "node:fs";
 import { processAlive, standbySocketPath } from "./daemon-env.ts";
 import { RECOVER_REQUEST } from "./standby-client.ts";
+import { readStatusLine } from "./status-lines.ts";
 import { readRecord, readStandby, removeStandby, writeStandby, type DeviceRecord } from "./records.ts";
 
 /** How often a spare whose daemon died checks that it is still wanted. */
@@ -110,12 +111,14 @@ export async function keepStandby(record: DeviceRecord, log: (message: string) =
   const child: ChildProcess = spawnServer({
     mode: "standby", watchPid: process.pid, waitForRecover: true, standby: true,
     config: record.config, target: record.target, createdAt: record.createdAt,
-  }, DAEMON_PATH, {}, (line) => {
-    if (line === "STANDBY") {
+  }, DAEMON_PATH, {}, (line) => readStatusLine(line, {
+    onStandby() {
       writeStandby(devId, child.pid ?? 0);
       log(`device ${devId}: standby pid ${child.pid} is ready`);
-    } else if (line.startsWith("ERROR ")) log(`device ${devId}: standby pid ${child.pid}: ${line.slice(6)}`);
-  }, (error) => {
+    },
+    onReady() { /* the spare serves: its daemon (this process) has died, so this is never heard */ },
+    onError: (message) => log(`device ${devId}: standby pid ${child.pid}: ${message}`),
+  }), (error) => {
     if (ended) return;
     ended = true;
     log(`device ${devId}: standby pid ${child.pid} ended${error ? `: ${error}` : ""}; recover will start a daemon`);

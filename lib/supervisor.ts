@@ -13,6 +13,7 @@ import { writeSync } from "node:fs";
 import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice, releaseStatus, spawnServer } from "./admin.ts";
 import { DAEMON_SPEC_ENV, oneLine, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
 import { waitForDeathOf } from "./process-identity.ts";
+import { readStatusLine } from "./status-lines.ts";
 import { readRecord, removeStandby, writeStandby, type DeviceRecord } from "./records.ts";
 
 const MAX_DELAY_MS = 30_000;
@@ -42,11 +43,7 @@ function startStandby(record: DeviceRecord, env: Record<string, string>): Standb
   let child!: ChildProcess;
   const outcome = new Promise<DeviceRecord | string>((resolve) => {
     child = spawnServer({ mode: "standby", watchPid: record.pid, config: record.config, target: record.target, createdAt: record.createdAt },
-      DAEMON_PATH, env, (line) => {
-        if (line === "STANDBY") loadedResolve();
-        else if (line.startsWith("READY ")) resolve(JSON.parse(line.slice(6)) as DeviceRecord);
-        else if (line.startsWith("ERROR ")) resolve(line.slice(6));
-      }, (error) => resolve(error ?? "the standby exited"));
+      DAEMON_PATH, env, (line) => readStatusLine(line, { onStandby: loadedResolve, onReady: resolve, onError: resolve }), (error) => resolve(error ?? "the standby exited"));
   });
   return { pid: child.pid ?? 0, loaded, outcome, child };
 }
