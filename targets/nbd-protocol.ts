@@ -52,6 +52,7 @@ export const NBD_FLAG_SEND_FUA = 1 << 3;
 export const NBD_FLAG_ROTATIONAL = 1 << 4;
 export const NBD_FLAG_SEND_TRIM = 1 << 5;
 export const NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6;
+export const NBD_FLAG_CAN_MULTI_CONN = 1 << 8;
 
 // Transmission.
 export const NBD_REQUEST_MAGIC = 0x25609513;
