@@ -61,10 +61,12 @@ async function expectOneLineFailure(args: string[], pattern: RegExp): Promise<vo
 }
 
 describe("nbd target", () => {
-  test("fio crc32c verify against nbdkit memory: 4k random QD1/QD32, 128k sequential QD32, 1 and 2 queues; list shows the URI", async () => {
-    const uri = await startServer(["memory", "64M"]);
-    for (const queues of [1, 2]) {
-      const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", String(queues)]);
+  test("fio crc32c verify against nbdkit memory: 4k random QD1/QD32, 128k sequential QD32, 1 and 2 queues, 3 connections per queue; list shows the URI", async () => {
+    const log = join(work, "verify.log");
+    const uri = await startServer(["--filter=log", "memory", "64M", `logfile=${log}`]);
+    for (const [queues, connections] of [[1, 1], [2, 3]] as const) {
+      const logged = existsSync(log) ? readFileSync(log, "utf8").length : 0; // nbdkit keeps the log open: read on from here
+      const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", String(queues), "-o", `connections=${connections}`]);
       try {
         expect(cliOk(["list", "-n", String(devId)])).toContain(`"uri":"${uri}"`);
         expect(readFileSync(`/sys/block/ublkb${devId}/size`, "utf8").trim()).toBe(String((64 << 20) / 512));
@@ -75,7 +77,22 @@ describe("nbd target", () => {
       } finally {
         cliOk(["del", "-n", String(devId)]);
       }
+      // nbdkit's log filter names the connection of each request: every queue's every connection carried some.
+      const used = new Set([...readFileSync(log, "utf8").slice(logged).matchAll(/^\S+ \S+ connection=(\d+) (?:Read|Write) id=/gm)].map((match) => match[1]));
+      expect({ queues, connections, used: used.size }).toEqual({ queues, connections, used: queues * connections });
     }
+    expectClean();
+  });
+
+  test("several connections need the server's NBD_FLAG_CAN_MULTI_CONN: refused with one line, one connection works", async () => {
+    const uri = await startServer(["--filter=multi-conn", "memory", "16M", "multi-conn-mode=disable"]);
+    await expectOneLineFailure(["-t", "nbd", "--nbd", uri, "-o", "connections=2"], /no NBD_FLAG_CAN_MULTI_CONN.*-q 1 and -o connections=1/);
+    await expectOneLineFailure(["-t", "nbd", "--nbd", uri, "-q", "2"], /queue 1: .*no NBD_FLAG_CAN_MULTI_CONN/);
+    await expectOneLineFailure(["-t", "nbd", "--nbd", uri, "-o", "connections=17"], /-o connections=17: give the connections per queue, 1 to 16/);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri]);
+    const [status] = await dd(["if=/dev/zero", `of=/dev/ublkb${devId}`, "bs=4k", "count=16", "oflag=direct"]);
+    expect(status).toBe(0);
+    cliOk(["del", "-n", String(devId)]);
     expectClean();
   });
 
@@ -99,6 +116,30 @@ describe("nbd target", () => {
     // nbdkit's log filter writes a line per request ("connection=2 Flush id=51 ...").
     const commands = new Set([...readFileSync(log, "utf8").matchAll(/^\S+ \S+ connection=\d+ (\w+) id=/gm)].map((match) => match[1]));
     expect([commands.has("Flush"), commands.has("Trim"), commands.has("Write")]).toEqual([true, true, true]);
+    expectClean();
+  });
+
+  test("qemu-nbd serving a qcow2 image (the README's example): bytes written through the device are in the image", async () => {
+    const image = join(work, "disk.qcow2"), raw = join(work, "disk.raw");
+    const made = Bun.spawnSync(["qemu-img", "create", "-q", "-f", "qcow2", image, "32M"], { stdin: "ignore" });
+    expect(made.exitCode).toBe(0);
+    rmSync(socketPath, { force: true });
+    // -t: stays up when a client leaves (add's own handshake is one); one client at a time, so -q 1.
+    server = Bun.spawn(["qemu-nbd", "-t", "-k", socketPath, "-f", "qcow2", image], { stdin: "ignore", stdout: "inherit", stderr: "inherit" });
+    await waitFor("qemu-nbd to listen", () => existsSync(socketPath) || server!.exitCode !== null, 30_000);
+    const devId = addDevice(["-t", "nbd", "--nbd", `nbd+unix:///?socket=${socketPath}`]);
+    const pattern = Buffer.alloc(1 << 20);
+    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE((i * 2246822519 + 3) >>> 0, i);
+    writeFileSync(join(work, "pattern"), pattern);
+    const [status, stderr] = await dd([`if=${join(work, "pattern")}`, `of=/dev/ublkb${devId}`, "bs=64k", "seek=64", "oflag=direct", "conv=fsync"]);
+    expect({ status, stderr: status === 0 ? "" : stderr }).toEqual({ status: 0, stderr: "" });
+    const [verifyName, verifyStatus, verifyErrors] = verify(devId, "randwrite", "4k", 16, "4m");
+    expect({ verifyName, verifyStatus, verifyErrors }).toEqual({ verifyName, verifyStatus: 0, verifyErrors: 0 });
+    cliOk(["del", "-n", String(devId)]);
+    await stopServer();
+    const converted = Bun.spawnSync(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw], { stdin: "ignore" });
+    expect(converted.exitCode).toBe(0);
+    expect(readFileSync(raw).subarray(4 << 20, (4 << 20) + pattern.length).equals(pattern)).toBe(true);
     expectClean();
   });
 

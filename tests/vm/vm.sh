@@ -16,8 +16,8 @@
 # CMD (all remaining words, joined by spaces) runs under the guest's busybox
 # `sh -c` as root in /ublk-bun, with stdin from /dev/null. bash, fio, losetup
 # (util-linux), bun and bunx are there too, and nbdkit with its memory, file
-# and null plugins and delay, error, log and exportname filters, and the
-# kernel's NBD client nbd-client; ublk_drv, loop and configfs are loaded,
+# and null plugins and delay, error, log, exportname and multi-conn filters,
+# qemu-nbd and qemu-img, and the kernel's NBD client nbd-client; ublk_drv, loop and configfs are loaded,
 # null_blk and nbd are available to modprobe.
 #
 # The host kernel has no ublk_drv and no usable KVM, so the guest is a Debian
@@ -59,17 +59,19 @@ GUEST_OPTIONAL_MODULES=(nbd)
 # bash for scripts that need it. Note that busybox sh runs its own applets
 # before searching PATH, so in `sh -c` spell out /usr/sbin/losetup.
 # nbdkit serves the NBD target's tests (memory, file and null plugins; delay,
-# error, log and exportname filters: the shared objects below); nbd-client
-# (Debian's, not busybox's applet) attaches nbd.ko devices for the bench.
-GUEST_HOST_TOOLS=(/usr/bin/fio /usr/sbin/losetup /usr/bin/bash /usr/bin/setpriv /usr/bin/nbdkit /usr/sbin/nbd-client)
+# error, log, exportname and multi-conn filters: the shared objects below); nbd-client
+# (Debian's, not busybox's applet) attaches nbd.ko devices for the bench;
+# qemu-nbd and qemu-img serve and read a qcow2 image (the README's example).
+GUEST_HOST_TOOLS=(/usr/bin/fio /usr/sbin/losetup /usr/bin/bash /usr/bin/setpriv /usr/bin/nbdkit /usr/sbin/nbd-client
+    /usr/bin/qemu-nbd /usr/bin/qemu-img)
 # Shared objects that host tools load at run time (dlopen), so ldd of the tool
 # does not name them: copied at the same paths, with their own libraries.
 NBDKIT_DIR=/usr/lib/x86_64-linux-gnu/nbdkit
 GUEST_HOST_PLUGINS=(
     "$NBDKIT_DIR"/plugins/nbdkit-{memory,file,null}-plugin.so
-    "$NBDKIT_DIR"/filters/nbdkit-{delay,error,log,exportname}-filter.so
+    "$NBDKIT_DIR"/filters/nbdkit-{delay,error,log,exportname,multi-conn}-filter.so
 )
-HOST_PACKAGES=(qemu-system-x86 busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring nbdkit nbd-client)
+HOST_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring nbdkit nbd-client)
 MARKER=UBLK-BUN-VM-EXIT
 
 log() { printf 'vm: %s\n' "$*" >&2; }
