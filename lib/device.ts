@@ -4,13 +4,14 @@
  * scans partitions synchronously and that I/O must already be served from the queue threads.
  * `stop()` undoes it all. The daemon, the CLI's --foreground mode and the embedding API all use this class.
  */
-import { close, eventfd, getpid, O_RDWR, open, write } from "../ffi/libc.ts";
+import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
   UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
+import { noticeQueue, QUEUE_NOTICE_DELETING, QUEUE_NOTICE_STOP } from "./queue-stop.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import { loadTarget } from "../targets/registry.ts";
@@ -205,6 +206,8 @@ export class Device {
   /** STOP_DEV, let every queue drain and exit, release /dev/ublkcN, DEL_DEV. Safe to call twice. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
+      // STOP_DEV waits for every request we hold: a target waiting for a server that is gone fails them first.
+      for (const queue of this.queues) if (queue.attached) noticeQueue(queue.stopFd, QUEUE_NOTICE_DELETING);
       debug(`device ${this.info.devId}: STOP_DEV`);
       try {
         this.ctrl.stopDev(this.info.devId);
@@ -468,12 +471,6 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
   };
 }
 
-/** Asks a queue Worker blocked in io_uring_enter to leave its loop (its stop eventfd is polled on its ring). Here,
- * not in queue-worker.ts: the main thread then never loads the Worker's module. */
-function wakeQueueForStop(stopFd: number): void {
-  write(stopFd, new BigUint64Array([1n]), 8);
-}
-
 /** Wakes every queue out of its loop (if STOP_DEV has not already retired it) and ends the Workers. */
 export async function stopQueues(queues: QueueWorker[], graceMs = 0): Promise<void> {
   for (const queue of queues) queue.stopping = true;
@@ -483,7 +480,7 @@ export async function stopQueues(queues: QueueWorker[], graceMs = 0): Promise<vo
   }
   for (const queue of queues) {
     // A queue still waiting for /dev/ublkcN is told to leave without it; an attached one is woken in its ring.
-    if (queue.attached) wakeQueueForStop(queue.stopFd);
+    if (queue.attached) noticeQueue(queue.stopFd, QUEUE_NOTICE_STOP);
     else queue.worker.postMessage({ type: "attach", charFd: -1 } satisfies QueueAttach);
   }
   await Promise.race([Promise.all(queues.map((queue) => queue.exited)), Bun.sleep(QUEUE_EXIT_TIMEOUT_MS)]);

@@ -13,7 +13,7 @@
  * or drop that request instead, with a log line.
  */
 import {
-  gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ,
+  gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ, read,
   pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, threadPreemptions,
 } from "../ffi/libc.ts";
 import { EIO, ETIME, ErrnoError, errnoName } from "../ffi/errno.ts";
@@ -29,6 +29,7 @@ import {
 import { loadTarget } from "../targets/registry.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
+import { QUEUE_NOTICE_STOP } from "./queue-stop.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
 /** The message that starts a queue Worker. JSON-safe. */
@@ -46,7 +47,8 @@ export interface QueueStart {
   /** CPUs this queue should run on (GET_QUEUE_AFFINITY, when several), as cpu_set_t bytes; empty = leave as is. */
   cpuMask: number[];
   recovering: boolean;
-  /** An eventfd the device writes to when this queue must leave its loop (e.g. a start that failed before START_DEV). */
+  /** An eventfd the device writes lib/queue-stop.ts's notices to: the device is being deleted, or this queue must
+   * leave its loop (e.g. a start that failed before START_DEV). */
   stopFd: number;
   /** DeviceConfig.pollUs: how long to spin for the next request before sleeping in the ring, or "auto". */
   pollUs: PollSetting;
@@ -357,14 +359,14 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   iod = new Uint32Array(memoryAt(descAddress, descBytes));
 
   for (let tag = 0; tag < depth; tag++) queueIoCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
-  const stopPoll = nextSqe();
-  ring.prepPollAdd(stopPoll, stopFd, POLLIN, 0, STOP_USER_DATA);
+  ring.prepPollAdd(nextSqe(), stopFd, POLLIN, 0, STOP_USER_DATA);
   const submitted = ring.submit();
   if (submitted < 0) throw new ErrnoError(`FETCH_REQ on queue ${qId}`, -submitted);
   reply({ type: "fetched", qId, tid: gettid() });
 
   let retiredTags = 0;
   let stopRequested = false;
+  const noticeCount = new BigUint64Array(1);
   // How well completions batch and spins pay: reported in the debug log.
   let enters = 0, ioCqes = 0, spinHits = 0, spinMisses = 0;
 
@@ -488,7 +490,12 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
       } else if (kind === TARGET_USER_DATA) {
         handler.onTargetCqe?.(userDataLow, res);
       } else if (kind === STOP_USER_DATA) {
-        stopRequested = true;
+        const notice = res < 0 || read(stopFd, noticeCount, 8) !== 8 ? QUEUE_NOTICE_STOP : Number(noticeCount[0]);
+        if (notice >= QUEUE_NOTICE_STOP) stopRequested = true;
+        else {
+          handler.onDeleting?.();
+          ring.prepPollAdd(nextSqe(), stopFd, POLLIN, 0, STOP_USER_DATA);
+        }
       }
     }
     ring.cqAdvanceTo(head);

@@ -83,6 +83,7 @@ export const faultTarget: Target = {
       dataAddress: inner.dataAddress?.bind(inner),
       ignoresData: inner.ignoresData,
       onTargetCqe: inner.onTargetCqe?.bind(inner),
+      onDeleting: inner.onDeleting?.bind(inner),
       close: inner.close?.bind(inner),
     };
   },

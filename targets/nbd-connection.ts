@@ -74,6 +74,8 @@ export interface NbdConnection {
   /** Sends tag's request (its header written); false when the connection fails requests at once. */
   submit(tag: number): boolean;
   onCqe(userDataLow: number, result: number): void;
+  /** The device is being deleted: without a server, fail what is held now rather than at the timeout. */
+  onDeleting(): void;
   close(): void;
 }
 
@@ -343,6 +345,13 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
       recvDoneBytes = 0;
       finish(tag, tagLengthBytes[tag]!);
       postRecv();
+    },
+
+    onDeleting() {
+      if (connected || failing) return;
+      failing = true;
+      const failed = failAll();
+      console.error(`ublk-bun: nbd: ${where}: the device is being deleted while the server is gone; ${failed} requests failed with EIO`);
     },
 
     close() {

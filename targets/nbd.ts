@@ -200,6 +200,10 @@ export const nbdTarget: Target = {
         connections[connectionOf(userDataLow)]!.onCqe(userDataLow, result);
       },
 
+      onDeleting() {
+        for (const connection of connections) connection.onDeleting();
+      },
+
       close() {
         for (const connection of connections) connection.close();
       },

@@ -110,6 +110,12 @@ export interface QueueHandler {
    * the tag's buffer — and handleIo only confirms. Return 0 to use the tag's buffer for this request.
    */
   dataAddress?(tag: number, op: number, startSector: number, nrSectors: number): number;
+  /**
+   * Optional. The device is being deleted: before the kernel lets it go, it waits for every request the target
+   * holds. Fail now (complete with -EIO) those that wait for what may never come — a server that is gone; the
+   * others are still served as usual.
+   */
+  onDeleting?(): void;
   /** Optional. The queue is going away: release what openQueue took. */
   close?(): void;
 }

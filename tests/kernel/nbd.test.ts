@@ -4,6 +4,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { close, ioctl, O_RDWR, open } from "../../ffi/libc.ts";
+import { daemonLogPath } from "../../lib/run-dir.ts";
 import { addDevice, CLI, cleanUp, cli, cliOk, daemonPidOf, expectClean, verify, waitFor } from "./helpers.ts";
 
 const work = mkdtempSync("/tmp/ublk-bun-nbd-");
@@ -235,6 +236,27 @@ describe("nbd target", () => {
     const del = cli(["del", "-n", String(devId), "--force"], {}, 60_000);
     expect({ status: del.status, stderr: del.stderr }).toEqual({ status: 0, stderr: "" });
     expect((await reading)[0]).not.toBe("hung");
+    expectClean();
+  });
+
+  test("del while the server is gone fails the held requests at once, not after -o timeout", async () => {
+    const uri = await startServer(["--filter=delay", "memory", "16M", "wdelay=3"]);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri, "-o", "timeout=600"]);
+    const loggedBytes = existsSync(daemonLogPath()) ? readFileSync(daemonLogPath()).length : 0;
+    const writing = dd(["if=/dev/zero", `of=/dev/ublkb${devId}`, "bs=4k", "count=4", "oflag=direct"], 120_000);
+    await Bun.sleep(1000);
+    await stopServer(); // the write in flight is held for a reconnect, for up to 600 s
+    await Bun.sleep(500);
+    const startedMs = performance.now();
+    // Without the notice, STOP_DEV waits for the held write: `del` gives up on the daemon after 30 s.
+    const del = cli(["del", "-n", String(devId), "--force"], {}, 120_000);
+    const tookMs = performance.now() - startedMs;
+    expect({ status: del.status, stderr: del.stderr }).toEqual({ status: 0, stderr: "" });
+    expect(tookMs).toBeLessThan(25_000);
+    const [status] = await writing;
+    expect(status).not.toBe("hung");
+    expect(status).not.toBe(0);
+    expect(readFileSync(daemonLogPath()).subarray(loggedBytes).toString()).toMatch(/the device is being deleted while the server is gone; 1 requests failed with EIO/);
     expectClean();
   });
 
