@@ -29,6 +29,9 @@ export const MAX_CONNECTIONS = 16;
 const MAX_BATCH_REQUESTS = 256;
 /** Bytes one RECV of replies takes at most; a read's data beyond is received into its tag's buffer. */
 const STAGING_BYTES = 64 * 1024;
+/** While a read longer than this is in flight, a RECV of replies takes one header at most: its data would
+ * otherwise be copied through the staging buffer, which costs more than the RECV it saves. */
+const LARGE_READ_BYTES = 16 * 1024;
 /** How long one reconnect attempt may block the queue, and the back-off between attempts. */
 const RECONNECT_TIMEOUT_MS = 2_000;
 const RECONNECT_MIN_MS = 100;
@@ -121,6 +124,9 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   let sending = false, iovFirst = 0, iovCount = 0, sendRemainingBytes = 0;
   /** Bytes of replies received into the staging buffer and not yet parsed (a partial reply header at most). */
   let stagedBytes = 0;
+  /** Reads longer than LARGE_READ_BYTES sent and not yet answered. */
+  let largeReadsInFlight = 0;
+  const isLargeRead = (tag: number) => tagCommand[tag] === NBD_CMD_READ && tagLengthBytes[tag]! > LARGE_READ_BYTES;
   /** A read whose remaining data is being received straight into its tag's buffer (-1: none), and how far. */
   let recvTag = -1, recvDoneBytes = 0;
   let connected = true, generation = 0;
@@ -137,7 +143,8 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
       ring.prepRecv(base, fd, dataAddress(recvTag) + recvDoneBytes, tagLengthBytes[recvTag]! - recvDoneBytes, MSG_WAITALL,
         userData(KIND_RECV), TARGET_USER_DATA);
     } else {
-      ring.prepRecv(base, fd, stagingAddress + stagedBytes, STAGING_BYTES - stagedBytes, 0, userData(KIND_RECV), TARGET_USER_DATA);
+      const wantedBytes = (largeReadsInFlight > 0 ? REPLY_BYTES : STAGING_BYTES) - stagedBytes;
+      ring.prepRecv(base, fd, stagingAddress + stagedBytes, wantedBytes, 0, userData(KIND_RECV), TARGET_USER_DATA);
     }
   }
 
@@ -158,6 +165,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
       sendQueueHead = sendQueueHead + 1 === depth ? 0 : sendQueueHead + 1;
       sendQueueCount--;
       tagState[tag] = TAG_SENT;
+      if (isLargeRead(tag)) largeReadsInFlight++;
       let at = IOV_WORD + iovCount++ * IOV_WORDS;
       storeU64(at + iovec.iov_base / 4, queue.headersAddress + tag * queue.headerStrideBytes);
       storeU64(at + iovec.iov_len / 4, nbd_request.SIZE);
@@ -197,6 +205,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   }
 
   function finish(tag: number, result: number): void {
+    if (tagState[tag] === TAG_SENT && isLargeRead(tag)) largeReadsInFlight--;
     tagState[tag] = TAG_IDLE;
     queue.complete(tag, result);
   }
@@ -233,7 +242,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
     close(fd);
     sending = false;
     recvTag = -1;
-    recvDoneBytes = stagedBytes = 0;
+    recvDoneBytes = stagedBytes = largeReadsInFlight = 0;
     sendQueueHead = sendQueueCount = 0;
     let held = 0;
     for (let tag = index; tag < depth; tag += count) {
