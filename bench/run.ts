@@ -464,6 +464,9 @@ if (ext4Rows.length > 0) {
     "with O_DIRECT on the file itself, no block device above it (the limit)" + (withC
       ? "; \"C\" is the C reference server (ublksrv) `ublk add -t loop -f FILE -q 1 -d 128` (O_DIRECT, its default)." : "."),
     "The ×2 jobs case gives ours " + (withC ? "and C " : "") + "`-q 2`; loop stays single-queue.",
+    "Fio on the file does the file system's and the disk driver's work in fio's own thread, where the block-device sides",
+    "hand it to another (a queue thread, loop's worker): with one fio job on this 2-CPU guest, where CPU is the limit,",
+    "they can pass it (fio's own CPU is in the table after the latencies).",
     "Values are IOPS (4k) or MB/s (128k); ratios are ours ÷ the other side. CPU is the server's utime+stime per I/O.",
     "",
     `| case | metric | ours | loop dio | fio on the file |${withC ? " C |" : ""} ours ÷ loop dio | ours ÷ fio on the file |${withC ? " ours ÷ C |" : ""} our CPU µs/IO |${withC ? " C CPU µs/IO |" : ""}`,
@@ -483,6 +486,19 @@ if (ext4Rows.length > 0) {
       const latency = (s: Summary | null | undefined) => (s ? `${fmt(s.p50us)} / ${fmt(s.p99us)}` : "—");
       return `| ${r.case} | ${latency(r.oursResult)} | ${latency(r.kernelResult)} | ${latency(other(r, "fio on the file")?.result)} |` +
         (withC ? ` ${latency(other(r, "C ")?.result)} |` : "");
+    }),
+    "",
+    "fio's own CPU, % (usr_cpu + sys_cpu as its JSON reports them; for ×2 jobs its group figure), median of the runs:",
+    "",
+    `| case | ours | loop dio | fio on the file |${withC ? " C |" : ""}`,
+    `| --- | ---: | ---: | ---: |${withC ? " ---: |" : ""}`,
+    ...ext4Rows.map((r) => {
+      const fioCpu = (side: string) => {
+        const runs = raw[`${r.group} ${r.case} ${side}`] as Array<{ jobs: Array<{ usr_cpu: number; sys_cpu: number }> }> | undefined;
+        return runs ? fmt(median(runs.map((run) => run.jobs[0]!.usr_cpu + run.jobs[0]!.sys_cpu))) : "—";
+      };
+      return `| ${r.case} | ${fioCpu("ours")} | ${fioCpu("kernel")} | ${fioCpu("fio on the file")} |` +
+        (withC ? ` ${fioCpu(other(r, "C ")!.label)} |` : "");
     }),
     "",
     "Where our server's CPU goes, µs per I/O (as in results.md): queue threads in user space / queue threads and",
