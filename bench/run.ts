@@ -4,14 +4,20 @@
  *   null target  vs null_blk (configfs, irqmode=0, hw_queue_depth 128, 1 queue)
  *   file target  vs loop (buffered) over the same zero-filled 1 GiB file on tmpfs; memory target beside them
  *   nbd target   vs nbd.ko + nbd-client, both over loopback TCP to one `nbdkit memory` export (BENCH_CASES=nbd only)
+ *   ext4         file target vs loop with direct I/O vs fio on the file itself (O_DIRECT), optionally vs the C
+ *                reference server's loop target, over one written 1 GiB file on ext4 on a virtio-blk disk
+ *                (BENCH_CASES=ext4 only; the VM gets the disk from vm.sh --disk; UBLKSRV_DIR=DIR adds the C server)
  * Each case runs REPEATS times alternating ours and the kernel's; medians are reported (one TCG boot varies
  * by 6–10 % between identical runs, boots by 15 %: compare only figures from one run of this script).
  * Writes results.md, results.json (with the raw fio JSON) and results.svg to bench/results/ (or /out in the VM);
- * the nbd group writes nbd.md and nbd.json instead, so a run of it alone leaves the other groups' results be.
+ * the nbd and ext4 groups write nbd.md/nbd.json and ext4.md/ext4.json instead, so a run of one alone leaves the
+ * other groups' results be.
  * On a machine without ublk_drv it runs itself in the test VM (tests/vm/vm.sh).
  *
  *   BENCH_SECONDS=10 BENCH_REPEATS=3 BENCH_CASES=null,file,memory npm run bench     (the default groups)
  *   BENCH_CASES=nbd npm run bench      (about 8 min more at the defaults: not in the default set)
+ *   UBLKSRV_DIR=/tmp/ublkbin BENCH_CASES=ext4 npm run bench     (not in the default set either; outside the VM it
+ *                                      formats BENCH_EXT4_DEVICE, which must be given)
  *   npm run bench -- --kernel backports     the VM's kernel (tests/vm/vm.sh --kernel; default trixie)
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -29,12 +35,18 @@ if (kernelArg >= 0 && !vmKernel) {
   process.exit(2);
 }
 
+/** The ext4 group's disk: the 1 GiB file plus ext4's metadata and journal, with room to spare. */
+const EXT4_DISK_MIB = 1536;
+
 if (!existsSync("/dev/ublk-control")) {
   if (process.env.UBLK_BUN_VM === "1") throw new Error("bench: ublk_drv is not loaded in the VM");
   const env = ["BENCH_SECONDS", "BENCH_REPEATS", "BENCH_CASES"].filter((k) => process.env[k]).flatMap((k) => ["--env", `${k}=${process.env[k]}`]);
   const kernel = vmKernel === undefined ? [] : ["--kernel", vmKernel];
-  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", ...kernel, "--timeout", "5400", "--out", join(root, "bench/results"), ...env, "--", "bun bench/run.ts"],
-    { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
+  // The ext4 group needs a real disk, and with UBLKSRV_DIR the C server's binaries, copied in as /with.
+  const ext4 = !groups.has("ext4") ? [] : ["--disk", String(EXT4_DISK_MIB),
+    ...(process.env.UBLKSRV_DIR ? ["--with", process.env.UBLKSRV_DIR, "--env", "UBLKSRV_DIR=/with"] : [])];
+  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", ...kernel, "--timeout", "5400", "--out", join(root, "bench/results"), ...ext4, ...env,
+    "--", "bun bench/run.ts"], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
   process.exit(run.exitCode ?? 1);
 }
 
@@ -139,7 +151,12 @@ function summarize(samples: Sample[]) {
 }
 type Summary = ReturnType<typeof summarize>;
 
-interface Row { group: string; case: string; ours: string; kernel: string; oursResult: Summary; kernelResult: Summary | null; ratio: number | null; metric: "IOPS" | "MB/s" }
+/** A device or file fio runs on; pid: the server whose CPU is measured (none for the kernel's drivers). */
+interface Side { label: string; path: string; pid?: number }
+/** A further side of a comparison (the ext4 group's): its medians and ours ÷ it. */
+interface OtherSide { label: string; result: Summary; ratio: number }
+interface Row { group: string; case: string; ours: string; kernel: string; oursResult: Summary; kernelResult: Summary | null; ratio: number | null; metric: "IOPS" | "MB/s";
+  others?: OtherSide[] }
 const rows: Row[] = [];
 const raw: Record<string, unknown[]> = {};
 /** Resident memory of each server after its runs: now and at its peak (VmHWM), MiB. */
@@ -156,26 +173,38 @@ function addDevice(args: string[]): { devId: number; pid: number } {
   return { devId: Number(/^dev id (\d+):/m.exec(out)![1]), pid: Number(/daemon pid (\d+)/.exec(out)![1]) };
 }
 
-/** Runs each job on ours and (if given) the kernel's device, alternating, REPEATS times; peerPid's CPU is measured on both. */
-function compare(group: string, ours: { label: string; path: string; pid: number }, kernel: { label: string; path: string } | null, jobKeys: string[],
-  peerPid: number | null = null) {
+/**
+ * Runs each job on ours, (if given) the kernel's device and any other sides, in turn, REPEATS times; peerPid's CPU
+ * is measured on all of them, each side's own server (pid) on its own runs.
+ */
+function compare(group: string, ours: Side & { pid: number }, kernel: Side | null, jobKeys: string[], peerPid: number | null = null,
+  otherSides: Side[] = []) {
   for (const key of jobKeys) {
     const job = JOBS[key]!;
     const mine: Sample[] = [], theirs: Sample[] = [];
+    const others: Sample[][] = otherSides.map(() => []);
     for (let repeat = 0; repeat < repeats; repeat++) {
       mine.push(fio(ours.path, job, ours.pid, peerPid));
-      if (kernel) theirs.push(fio(kernel.path, job, null, peerPid));
+      if (kernel) theirs.push(fio(kernel.path, job, kernel.pid ?? null, peerPid));
+      otherSides.forEach((side, i) => others[i]!.push(fio(side.path, job, side.pid ?? null, peerPid)));
     }
     const oursResult = summarize(mine);
     const kernelResult = kernel ? summarize(theirs) : null;
     const metric = job.bs === "128k" ? "MB/s" : "IOPS";
     const value = (s: Summary) => (metric === "IOPS" ? s.iops : s.mbps);
     const ratio = kernelResult ? value(oursResult) / value(kernelResult) : null;
-    rows.push({ group, case: job.name, ours: ours.label, kernel: kernel?.label ?? "—", oursResult, kernelResult, ratio, metric });
+    const otherResults = otherSides.map((side, i) => {
+      const result = summarize(others[i]!);
+      return { label: side.label, result, ratio: value(oursResult) / value(result) };
+    });
+    rows.push({ group, case: job.name, ours: ours.label, kernel: kernel?.label ?? "—", oursResult, kernelResult, ratio, metric,
+      ...(otherSides.length ? { others: otherResults } : {}) });
     raw[`${group} ${job.name} ours`] = mine.map((s) => s.raw);
     if (kernel) raw[`${group} ${job.name} kernel`] = theirs.map((s) => s.raw);
+    otherSides.forEach((side, i) => { raw[`${group} ${job.name} ${side.label}`] = others[i]!.map((s) => s.raw); });
     console.log(`${group} ${job.name}: ours ${value(oursResult).toFixed(0)} ${metric}` +
-      (kernelResult ? ` vs ${kernel!.label} ${value(kernelResult).toFixed(0)} → ${ratio!.toFixed(2)}` : ""));
+      (kernelResult ? ` vs ${kernel!.label} ${value(kernelResult).toFixed(0)} → ${ratio!.toFixed(2)}` : "") +
+      otherResults.map((o) => `, vs ${o.label} ${value(o.result).toFixed(0)} → ${o.ratio.toFixed(2)}`).join(""));
   }
 }
 
@@ -281,8 +310,83 @@ if (groups.has("nbd")) {
   }
 }
 
+// ext4: the file target as users run it, on a file in a disk file system with O_DIRECT, beside what else serves such
+// a file as a block device: the kernel's loop driver with direct I/O, the C reference server's loop target (when
+// UBLKSRV_DIR names a build of it) and, as the limit, fio on the file itself with no block device above it.
+const ext4Setup: string[] = [];
+let ext4Memory = "";
+if (groups.has("ext4")) {
+  // In the VM the disk is vm.sh --disk's; anywhere else the device to format must be named.
+  const disk = process.env.UBLK_BUN_VM === "1" ? "/dev/vda" : process.env.BENCH_EXT4_DEVICE;
+  if (!disk) {
+    console.error("bench: the ext4 group formats a disk; outside the test VM name it with BENCH_EXT4_DEVICE=/dev/...");
+    process.exit(2);
+  }
+  if (process.env.UBLK_BUN_VM === "1") sh("modprobe virtio_blk");
+  for (let waitedMs = 0; !existsSync(disk); waitedMs += 100) {
+    if (waitedMs > 30_000) throw new Error(`bench: ${disk} did not appear (was the VM started with --disk?)`);
+    Bun.sleepSync(100);
+  }
+  // Inode tables and the journal initialized now, not by ext4lazyinit's writes during the runs. The file is written
+  // in full (no unwritten extents, so a write is an overwrite in place with no journal commit), then the page
+  // cache is dropped so that reads reach the disk.
+  const mountPoint = "/mnt/bench-ext4", file = `${mountPoint}/backing.img`;
+  sh(`/usr/sbin/mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 ${disk} && mkdir -p ${mountPoint} && mount -t ext4 ${disk} ${mountPoint}`);
+  sh(`dd if=/dev/zero of=${file} bs=1M count=1024 conv=fsync 2>/dev/null && sync && echo 3 > /proc/sys/vm/drop_caches`);
+  const diskBytes = Number(sh(`cat /sys/block/${disk.replace("/dev/", "")}/size`)) * 512;
+  ext4Setup.push(`${disk} (${(diskBytes / 2 ** 20).toFixed(0)} MiB${process.env.UBLK_BUN_VM === "1" ? ", virtio-blk, a sparse raw image on the host with cache=none" : ""}), ` +
+    `mkfs.ext4 (${sh("/usr/sbin/mkfs.ext4 -V 2>&1 | head -n 1")}), mounted \`${sh(`grep ' ${mountPoint} ' /proc/mounts | cut -d' ' -f4`)}\`, ` +
+    `a 1 GiB file written in full with dd, synced, page cache dropped.`);
+
+  const loopDio = sh(`/usr/sbin/losetup --direct-io=on -f --show ${file}`); // busybox sh would run its own losetup
+  if (sh(`cat /sys/block/${loopDio.replace("/dev/", "")}/loop/dio`) !== "1") throw new Error(`bench: ${loopDio} did not switch to direct I/O`);
+  const peerDir = process.env.UBLKSRV_DIR;
+  const peerEnv = peerDir && existsSync(join(peerDir, "lib")) ? { ...process.env, LD_LIBRARY_PATH: join(peerDir, "lib") } : process.env;
+  const peer = (args: string[]) => {
+    const run = Bun.spawnSync([join(peerDir!, "ublk"), ...args], { stdin: "ignore", env: peerEnv });
+    if (run.exitCode !== 0) throw new Error(`ublk ${args.join(" ")}: ${run.stderr}`);
+    return run.stdout.toString();
+  };
+  /** The C server's loop target on the file (O_DIRECT, its default), with its daemon's pid from `ublk list`. */
+  const addPeer = (queues: number): Side & { devId: number } => {
+    // A device id of our choosing, above ours: ublksrv's `add` prints nothing when it succeeds.
+    const devId = 90 + queues;
+    peer(["add", "-t", "loop", "-n", String(devId), "-f", file, "-q", String(queues), "-d", "128"]);
+    const pid = Number(/daemon pid (\d+)/.exec(peer(["list", "-n", String(devId)]))?.[1]);
+    if (!(pid > 0)) throw new Error(`bench: no daemon pid for ublksrv device ${devId}`);
+    return { label: `C ublksrv loop${queues > 1 ? ` ${queues}q` : ""}`, path: `/dev/ublkb${devId}`, pid, devId };
+  };
+  /** Ours on the file, checked to serve it with O_DIRECT through the queue's io_uring (the record says so). */
+  const addOurs = (queues: number) => {
+    const device = addDevice(["-t", "file", "-f", file, "-q", String(queues), "-d", "128"]);
+    const record = JSON.parse(readFileSync(`/run/ublk-bun/${device.devId}.json`, "utf8"));
+    if (record.target.options.direct !== true) throw new Error(`bench: the file target did not open ${file} with O_DIRECT`);
+    return device;
+  };
+  const fileItself: Side = { label: "fio on the file", path: file };
+  const loopSide: Side = { label: "loop dio", path: loopDio };
+
+  const ours = addOurs(1);
+  const c = peerDir ? addPeer(1) : null;
+  compare("ext4", { label: "ublk-bun file", path: `/dev/ublkb${ours.devId}`, pid: ours.pid }, loopSide,
+    ["randread1", "randread64", "randwrite64", "read128k", "write128k"], null, c ? [fileItself, c] : [fileItself]);
+  const status = readFileSync(`/proc/${ours.pid}/status`, "utf8");
+  const mib = (field: string) => (Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)![1]) / 1024).toFixed(0);
+  ext4Memory = `${mib("VmRSS")} / ${mib("VmHWM")}`;
+  cli(["del", "-n", String(ours.devId)]);
+  if (c) peer(["del", "-n", String(c.devId)]);
+  // Two queues: ours and the C server with -q 2; loop has one hardware queue whatever fio does.
+  const oursTwo = addOurs(2);
+  const cTwo = peerDir ? addPeer(2) : null;
+  compare("ext4-2q", { label: "ublk-bun file 2q", path: `/dev/ublkb${oursTwo.devId}`, pid: oursTwo.pid }, loopSide, ["randread64x2"], null,
+    cTwo ? [fileItself, cTwo] : [fileItself]);
+  cli(["del", "-n", String(oursTwo.devId)]);
+  if (cTwo) peer(["del", "-n", String(cTwo.devId)]);
+  sh(`/usr/sbin/losetup -d ${loopDio} && umount ${mountPoint}`);
+}
+
 const fmt = (value: number | null | undefined, digits = 0) => (value === null || value === undefined ? "—" : value.toFixed(digits));
-const mainRows = rows.filter((r) => r.group !== "nbd");
+const mainRows = rows.filter((r) => r.group !== "nbd" && !r.group.startsWith("ext4"));
 const lines = [
   `# ublk-bun benchmark (${new Date().toISOString().slice(0, 10)}, ${seconds} s per run, median of ${repeats}, one boot)`,
   "",
@@ -341,4 +445,74 @@ if (nbdRows.length > 0) {
   writeFileSync(join(outDir, "nbd.md"), nbdLines.join("\n"));
   writeFileSync(join(outDir, "nbd.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, rows: nbdRows, raw: rawOf(nbdRows) }, null, 1));
   console.log(nbdLines.join("\n"));
+}
+
+const ext4Rows = rows.filter((r) => r.group.startsWith("ext4"));
+if (ext4Rows.length > 0) {
+  const valueOf = (r: Row, s: Summary | null | undefined) => (s ? (r.metric === "IOPS" ? fmt(s.iops) : fmt(s.mbps, 1)) : "—");
+  const other = (r: Row, label: string) => r.others?.find((o) => o.label.startsWith(label));
+  const ratioOf = (ratio: number | null | undefined) => (ratio === null || ratio === undefined ? "—" : ratio.toFixed(2));
+  const withC = ext4Rows.some((r) => other(r, "C "));
+  const ext4Lines = [
+    `# ublk-bun file target on ext4 (${new Date().toISOString().slice(0, 10)}, ${seconds} s per run, median of ${repeats}, one boot)`,
+    "",
+    `Machine: fio on /dev/null, 4k write QD64: ${machine.iops.toFixed(0)} IOPS. Kernel ${sh("uname -r")}, ${sh("nproc")} CPUs.`,
+    `Disk: ${ext4Setup.join(" ")}`,
+    "Sides, each on that one file, run in turn: ours is `ublk-bun add -t file -f FILE -q 1 -d 128`, which opens the file",
+    "with O_DIRECT and sends each request as a READ/WRITE on the queue's io_uring; \"loop dio\" is",
+    "`losetup --direct-io=on` (loop.ko, one hardware queue of depth 128, whatever the case); \"fio on the file\" is fio",
+    "with O_DIRECT on the file itself, no block device above it (the limit)" + (withC
+      ? "; \"C\" is the C reference server (ublksrv) `ublk add -t loop -f FILE -q 1 -d 128` (O_DIRECT, its default)." : "."),
+    "The ×2 jobs case gives ours " + (withC ? "and C " : "") + "`-q 2`; loop stays single-queue.",
+    "Fio on the file does the file system's and the disk driver's work in fio's own thread, where the block-device sides",
+    "hand it to another (a queue thread, loop's worker): with one fio job on this 2-CPU guest, where CPU is the limit,",
+    "they can pass it (fio's own CPU is in the table after the latencies).",
+    "Values are IOPS (4k) or MB/s (128k); ratios are ours ÷ the other side. CPU is the server's utime+stime per I/O.",
+    "",
+    `| case | metric | ours | loop dio | fio on the file |${withC ? " C |" : ""} ours ÷ loop dio | ours ÷ fio on the file |${withC ? " ours ÷ C |" : ""} our CPU µs/IO |${withC ? " C CPU µs/IO |" : ""}`,
+    `| --- | --- | ---: | ---: | ---: |${withC ? " ---: |" : ""} ---: | ---: |${withC ? " ---: |" : ""} ---: |${withC ? " ---: |" : ""}`,
+    ...ext4Rows.map((r) => {
+      const onFile = other(r, "fio on the file"), c = other(r, "C ");
+      return `| ${r.case} | ${r.metric} | ${valueOf(r, r.oursResult)} | ${valueOf(r, r.kernelResult)} | ${valueOf(r, onFile?.result)} |` +
+        (withC ? ` ${valueOf(r, c?.result)} |` : "") + ` ${ratioOf(r.ratio)} | ${ratioOf(onFile?.ratio)} |` + (withC ? ` ${ratioOf(c?.ratio)} |` : "") +
+        ` ${fmt(r.oursResult.cpuUsPerIo, 1)} |` + (withC ? ` ${fmt(c?.result.cpuUsPerIo, 1)} |` : "");
+    }),
+    "",
+    "Completion latency, p50 / p99 µs:",
+    "",
+    `| case | ours | loop dio | fio on the file |${withC ? " C |" : ""}`,
+    `| --- | ---: | ---: | ---: |${withC ? " ---: |" : ""}`,
+    ...ext4Rows.map((r) => {
+      const latency = (s: Summary | null | undefined) => (s ? `${fmt(s.p50us)} / ${fmt(s.p99us)}` : "—");
+      return `| ${r.case} | ${latency(r.oursResult)} | ${latency(r.kernelResult)} | ${latency(other(r, "fio on the file")?.result)} |` +
+        (withC ? ` ${latency(other(r, "C ")?.result)} |` : "");
+    }),
+    "",
+    "fio's own CPU, % (usr_cpu + sys_cpu as its JSON reports them; for ×2 jobs its group figure), median of the runs:",
+    "",
+    `| case | ours | loop dio | fio on the file |${withC ? " C |" : ""}`,
+    `| --- | ---: | ---: | ---: |${withC ? " ---: |" : ""}`,
+    ...ext4Rows.map((r) => {
+      const fioCpu = (side: string) => {
+        const runs = raw[`${r.group} ${r.case} ${side}`] as Array<{ jobs: Array<{ usr_cpu: number; sys_cpu: number }> }> | undefined;
+        return runs ? fmt(median(runs.map((run) => run.jobs[0]!.usr_cpu + run.jobs[0]!.sys_cpu))) : "—";
+      };
+      return `| ${r.case} | ${fioCpu("ours")} | ${fioCpu("kernel")} | ${fioCpu("fio on the file")} |` +
+        (withC ? ` ${fioCpu(other(r, "C ")!.label)} |` : "");
+    }),
+    "",
+    "Where our server's CPU goes, µs per I/O (as in results.md): queue threads in user space / queue threads and",
+    "io_uring workers in the kernel / JIT threads / all other threads:",
+    "",
+    ...ext4Rows.filter((r) => r.oursResult.cpuSplit).map((r) => {
+      const split = r.oursResult.cpuSplit!;
+      return `- ${r.case}: ${fmt(split.queueUser, 1)} / ${fmt(split.queueSys, 1)} / ${fmt(split.jit, 1)} / ${fmt(split.other, 1)}`;
+    }),
+    "",
+    `Our daemon's memory after its 1-queue runs (resident / peak, MiB): ${ext4Memory}.`,
+    "",
+  ];
+  writeFileSync(join(outDir, "ext4.md"), ext4Lines.join("\n"));
+  writeFileSync(join(outDir, "ext4.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, setup: ext4Setup, rows: ext4Rows, raw: rawOf(ext4Rows) }, null, 1));
+  console.log(ext4Lines.join("\n"));
 }

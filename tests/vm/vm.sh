@@ -2,7 +2,7 @@
 # shellcheck disable=SC2054,SC2317 # commas in qemu options; trap handlers
 # Run a shell command inside a throwaway Linux VM that has ublk_drv.
 #
-#   bash tests/vm/vm.sh [--kernel K] [--timeout SEC] [--out HOSTDIR] [--with HOSTDIR] [--env K=V]... [--] CMD...
+#   bash tests/vm/vm.sh [--kernel K] [--timeout SEC] [--out HOSTDIR] [--with HOSTDIR] [--disk MIB] [--env K=V]... [--] CMD...
 #   npm run vm -- CMD          bun run vm -- CMD
 #
 #   --kernel K      the guest kernel: trixie (Debian 13's own, default) or
@@ -11,14 +11,19 @@
 #   --out HOSTDIR   copy what the guest wrote under /out into HOSTDIR
 #   --with HOSTDIR  copy the files of HOSTDIR into the guest at /with (e.g. a
 #                   build of the C reference server for the bench)
+#   --disk MIB      give the guest a real block device: a sparse raw image of
+#                   MIB MiB on the host (in the run's temporary directory,
+#                   removed at exit), attached as virtio-blk with cache=none;
+#                   it is /dev/vda once CMD has run `modprobe virtio_blk`
 #   --env K=V       export K=V to CMD (repeatable); UBLK_BUN_VM=1 always
 #
 # CMD (all remaining words, joined by spaces) runs under the guest's busybox
 # `sh -c` as root in /ublk-bun, with stdin from /dev/null. bash, fio, losetup
-# (util-linux), bun and bunx are there too, and nbdkit with its memory, file
-# and null plugins and delay, error, log, exportname and multi-conn filters,
-# qemu-nbd and qemu-img, and the kernel's NBD client nbd-client; ublk_drv, loop and configfs are loaded,
-# null_blk and nbd are available to modprobe.
+# (util-linux), mkfs.ext4 (e2fsprogs), bun and bunx are there too, and nbdkit
+# with its memory, file and null plugins and delay, error, log, exportname and
+# multi-conn filters, qemu-nbd and qemu-img, and the kernel's NBD client
+# nbd-client; ublk_drv, loop and configfs are loaded, null_blk, nbd and
+# virtio_blk are available to modprobe (ext4 is built in).
 #
 # The host kernel has no ublk_drv and no usable KVM, so the guest is a Debian
 # trixie cloud kernel (trixie's or trixie-backports') under qemu TCG (software emulation, 10-15x slower
@@ -52,7 +57,8 @@ CACHE=${UBLK_BUN_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ublk-bun-vm}
 # Modules copied into the guest; their dependencies are added automatically.
 GUEST_MODULES=(ublk_drv null_blk configfs loop)
 # Copied when the kernel ships them, not needed to boot or test ublk.
-GUEST_OPTIONAL_MODULES=(nbd)
+# virtio_blk serves --disk (a module in Debian's cloud kernels).
+GUEST_OPTIONAL_MODULES=(nbd virtio_blk)
 # Host programs copied into the guest (with their libraries) in addition to
 # busybox and Bun; they replace busybox applets of the same name.
 # util-linux losetup is here for `losetup -f --show`, which busybox lacks,
@@ -62,8 +68,12 @@ GUEST_OPTIONAL_MODULES=(nbd)
 # error, log, exportname and multi-conn filters: the shared objects below); nbd-client
 # (Debian's, not busybox's applet) attaches nbd.ko devices for the bench;
 # qemu-nbd and qemu-img serve and read a qcow2 image (the README's example).
+# mkfs.ext4 formats the --disk for the ext4 bench: busybox's mke2fs makes only
+# ext2 (no extents, no journal), not what users run. mke2fs picks the file
+# system type from its name, so the copy keeps that name; without
+# /etc/mke2fs.conf it uses its built-in defaults, which are Debian's.
 GUEST_HOST_TOOLS=(/usr/bin/fio /usr/sbin/losetup /usr/bin/bash /usr/bin/setpriv /usr/bin/nbdkit /usr/sbin/nbd-client
-    /usr/bin/qemu-nbd /usr/bin/qemu-img)
+    /usr/bin/qemu-nbd /usr/bin/qemu-img /usr/sbin/mkfs.ext4)
 # Shared objects that host tools load at run time (dlopen), so ldd of the tool
 # does not name them: copied at the same paths, with their own libraries.
 NBDKIT_DIR=/usr/lib/x86_64-linux-gnu/nbdkit
@@ -71,7 +81,8 @@ GUEST_HOST_PLUGINS=(
     "$NBDKIT_DIR"/plugins/nbdkit-{memory,file,null}-plugin.so
     "$NBDKIT_DIR"/filters/nbdkit-{delay,error,log,exportname,multi-conn}-filter.so
 )
-HOST_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring nbdkit nbd-client)
+HOST_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio xz-utils kmod mount git debian-archive-keyring nbdkit nbd-client
+    e2fsprogs)
 MARKER=UBLK-BUN-VM-EXIT
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -88,6 +99,7 @@ timeout_s=${UBLK_BUN_VM_TIMEOUT:-1800}
 kernel_choice=${UBLK_BUN_VM_KERNEL:-trixie}
 out_dir=
 with_dir=
+disk_mib=
 guest_env=()
 while (($#)); do
     case $1 in
@@ -99,6 +111,8 @@ while (($#)); do
         --out=*) out_dir=${1#*=}; shift ;;
         --with) with_dir=${2:?--with needs a directory}; shift 2 ;;
         --with=*) with_dir=${1#*=}; shift ;;
+        --disk) disk_mib=${2:?--disk needs a size in MiB}; shift 2 ;;
+        --disk=*) disk_mib=${1#*=}; shift ;;
         --env) guest_env+=("${2:?--env needs K=V}"); shift 2 ;;
         --env=*) guest_env+=("${1#*=}"); shift ;;
         -h|--help) usage 0 ;;
@@ -121,6 +135,9 @@ case $kernel_choice in
     *) log "--kernel must be trixie or backports, got: $kernel_choice"; exit 2 ;;
 esac
 [[ $timeout_s =~ ^[0-9]+$ ]] || die "--timeout must be a whole number of seconds"
+if [[ -n $disk_mib ]] && ! [[ $disk_mib =~ ^[1-9][0-9]{0,6}$ ]]; then
+    log "--disk needs a size in MiB (1..9999999), got: $disk_mib"; exit 2
+fi
 for kv in "${guest_env[@]}"; do
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects NAME=VALUE, got: $kv"
 done
@@ -608,6 +625,12 @@ qemu=(
     # follows the host's, which is stable.
     -append "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off tsc=reliable"
 )
+if [[ -n $disk_mib ]]; then
+    # Sparse: only what the guest writes takes host disk space. cache=none opens the image with O_DIRECT on the
+    # host, so the guest's I/O reaches the host's disk instead of stopping in the host's page cache.
+    truncate -s "${disk_mib}M" "$RUN/disk.img" || die "cannot create a ${disk_mib} MiB disk image in $RUN"
+    qemu+=(-drive "file=$RUN/disk.img,if=virtio,format=raw,cache=none")
+fi
 if [[ -n $out_dir ]]; then
     # /out comes back as a tar stream over a virtio serial port (the cloud
     # kernel has no 9p; virtio_console is built in).
