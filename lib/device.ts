@@ -12,6 +12,7 @@ import {
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
 import { noticeQueue, QUEUE_NOTICE_DELETING, QUEUE_NOTICE_STOP } from "./queue-stop.ts";
+import { processAlive } from "./daemon-env.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import { loadTarget } from "../targets/registry.ts";
@@ -500,8 +501,8 @@ function grantedConfig(config: DeviceConfig, info: DevInfo): DeviceConfig {
   return { ...config, devId: info.devId, nrHwQueues: info.nrHwQueues, queueDepth: info.queueDepth, maxIoBufBytes: info.maxIoBufBytes };
 }
 
-/** Refuses devices that cannot be recovered, with the reason. */
-function checkRecoverable(info: DevInfo, config: DeviceConfig): void {
+/** Refuses devices that cannot be recovered, with the reason. Exported for tests. */
+export function checkRecoverable(info: DevInfo, config: DeviceConfig): void {
   if ((info.flags & UBLK_F_USER_RECOVERY) === 0) {
     throw new Error(`device ${info.devId} was created without recovery (add it with -r 1 or -i 1); delete it with del -n ${info.devId}`);
   }
@@ -511,7 +512,9 @@ function checkRecoverable(info: DevInfo, config: DeviceConfig): void {
     throw new Error(`device ${info.devId}: the record (${config.nrHwQueues} queues × ${config.queueDepth}, requests ≤ ${config.maxIoBufBytes} B) ` +
       `does not match the kernel's (${info.nrHwQueues} × ${info.queueDepth}, ≤ ${info.maxIoBufBytes} B)`);
   }
-  if (info.state === UBLK_S_DEV_LIVE && info.ublksrvPid > 0 && processExists(info.ublksrvPid)) {
+  // A daemon killed a moment ago may still be a zombie (its parent has not reaped it) while the kernel tears it
+  // down: it counts as dead here, and the wait for QUIESCED below follows.
+  if (info.state === UBLK_S_DEV_LIVE && processAlive(info.ublksrvPid)) {
     throw new Error(`device ${info.devId} is LIVE with daemon pid ${info.ublksrvPid}; nothing to recover`);
   }
 }
@@ -525,15 +528,6 @@ function checkParams(params: DeviceParams, target: TargetRecord, info: DevInfo):
   if (!same) {
     throw new Error(`device ${info.devId}: the record does not match the kernel's params ` +
       `(record: ${expected.devSectors} sectors of ${1 << expected.logicalBsShift} B; kernel: ${actual.devSectors} of ${1 << actual.logicalBsShift} B)`);
-  }
-}
-
-function processExists(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 
