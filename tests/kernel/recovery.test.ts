@@ -247,7 +247,7 @@ describe("recovery", () => {
         try { return state(devId) === "LIVE" && daemonPidOf(devId) === standby; } catch { return false; }
       }, 30_000);
     } catch (error) {
-      // Seen once in a full 6.12 run (never alone): say what the supervisor and the standby did.
+      // Say what the supervisor and the standby did (how the zombie race checkRecoverable now handles was found).
       const log = readFileSync("/run/ublk-bun/daemon.log", "utf8").split("\n")
         .filter((line) => line.includes(`[${standby}]`) || line.includes("supervisor[")).slice(-15).join("\n");
       throw new Error(`${(error as Error).message}; state ${state(devId)}, daemon pid ${daemonPidOf(devId)}, standby ${standby}\n${log}`);

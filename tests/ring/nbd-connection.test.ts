@@ -2,11 +2,13 @@
 // socketpair: replies out of order, several per receive, split anywhere (inside a header, inside a read's data),
 // a read's data longer than the staging buffer, error replies, a reply to no request.
 import { afterEach, describe, expect, test } from "bun:test";
-import { AF_UNIX, close, memoryAt, mmapAnonymous, MSG_DONTWAIT, munmap, recv, send, setsockopt, SO_RCVTIMEO, SOCK_STREAM, SOL_SOCKET, socketpair } from "../../ffi/libc.ts";
+import { AF_UNIX, close, memoryAt, mmapAnonymous, MSG_DONTWAIT, MSG_WAITALL, munmap, recv, send, setsockopt, SO_RCVTIMEO, SOCK_STREAM, SOL_SOCKET, socketpair } from "../../ffi/libc.ts";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../../ffi/ring.ts";
 import { EAGAIN, EIO, ENOSPC } from "../../ffi/errno.ts";
 import { type NbdConnection, openConnection } from "../../targets/nbd-connection.ts";
-import { NBD_CMD_READ, NBD_CMD_WRITE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC, byteSwap32 } from "../../targets/nbd-protocol.ts";
+import {
+  byteSwap32, NBD_CMD_READ, NBD_CMD_WRITE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC, nbd_request, nbd_simple_reply,
+} from "../../targets/nbd-protocol.ts";
 import { TARGET_USER_DATA } from "../../targets/types.ts";
 
 const DEPTH = 8, MAX_IO_BYTES = 128 << 10, HEADER_STRIDE_BYTES = 32;
@@ -91,11 +93,11 @@ function pump(h: Harness, waitMs = 20): void {
 /** Queues tag's request as targets/nbd.ts does (the header fields the connection and the peer read). */
 function request(h: Harness, tag: number, command: number, lengthBytes: number): void {
   const at = (tag * HEADER_STRIDE_BYTES) / 4;
-  h.headers[at] = byteSwap32(NBD_REQUEST_MAGIC);
-  h.headers[at + 1] = byteSwap32(command);
-  h.headers[at + 2] = 0;
-  h.headers[at + 3] = byteSwap32(tag);
-  h.headers[at + 6] = byteSwap32(lengthBytes);
+  h.headers[at + nbd_request.magic / 4] = byteSwap32(NBD_REQUEST_MAGIC);
+  h.headers[at + nbd_request.flags / 4] = byteSwap32(command); // flags 0, then the type
+  h.headers[at + nbd_request.cookie / 4] = 0;
+  h.headers[at + nbd_request.cookie / 4 + 1] = byteSwap32(tag);
+  h.headers[at + nbd_request.length / 4] = byteSwap32(lengthBytes);
   h.tagCommand[tag] = command;
   h.tagLengthBytes[tag] = lengthBytes;
   expect(h.connection.submit(tag)).toBe(true);
@@ -104,15 +106,16 @@ function request(h: Harness, tag: number, command: number, lengthBytes: number):
 /** Reads what the connection sent: `count` requests (28-byte headers, a write's data after its header). */
 function readRequests(h: Harness, count: number): Array<{ command: number; tag: number; lengthBytes: number }> {
   const requests = [];
-  const header = new Uint8Array(28);
+  const header = new Uint8Array(nbd_request.SIZE);
   for (let i = 0; i < count; i++) {
-    expect(recv(h.peerFd, header, 28, 0x100 /* MSG_WAITALL */)).toBe(28);
+    expect(recv(h.peerFd, header, nbd_request.SIZE, MSG_WAITALL)).toBe(nbd_request.SIZE);
     const view = new DataView(header.buffer);
-    expect(view.getUint32(0)).toBe(NBD_REQUEST_MAGIC);
-    const request = { command: view.getUint16(6), tag: Number(view.getBigUint64(8)), lengthBytes: view.getUint32(24) };
+    expect(view.getUint32(nbd_request.magic)).toBe(NBD_REQUEST_MAGIC);
+    const request = { command: view.getUint16(nbd_request.type), tag: Number(view.getBigUint64(nbd_request.cookie)),
+      lengthBytes: view.getUint32(nbd_request.length) };
     if (request.command === NBD_CMD_WRITE) {
       const data = new Uint8Array(request.lengthBytes);
-      expect(recv(h.peerFd, data, data.byteLength, 0x100)).toBe(data.byteLength);
+      expect(recv(h.peerFd, data, data.byteLength, MSG_WAITALL)).toBe(data.byteLength);
     }
     requests.push(request);
   }
@@ -120,12 +123,12 @@ function readRequests(h: Harness, count: number): Array<{ command: number; tag: 
 }
 
 function reply(tag: number, error: number, data?: Uint8Array): Uint8Array {
-  const bytes = new Uint8Array(16 + (data?.byteLength ?? 0));
+  const bytes = new Uint8Array(nbd_simple_reply.SIZE + (data?.byteLength ?? 0));
   const view = new DataView(bytes.buffer);
-  view.setUint32(0, NBD_SIMPLE_REPLY_MAGIC);
-  view.setUint32(4, error);
-  view.setBigUint64(8, BigInt(tag));
-  if (data) bytes.set(data, 16);
+  view.setUint32(nbd_simple_reply.magic, NBD_SIMPLE_REPLY_MAGIC);
+  view.setUint32(nbd_simple_reply.error, error);
+  view.setBigUint64(nbd_simple_reply.cookie, BigInt(tag));
+  if (data) bytes.set(data, nbd_simple_reply.SIZE);
   return bytes;
 }
 
