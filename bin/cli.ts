@@ -184,19 +184,8 @@ async function serve(spec: DaemonSpec, flags: Flags): Promise<void> {
 async function recover(flags: Flags): Promise<void> {
   if (flags.number === undefined || flags.number === true) throw new UsageError("recover: -n ID is required");
   const devId = parseDevId("-n", single("-n", flags.number));
-  let lastReportS = -1;
-  const { recoverDevice } = await import("../lib/server-process.ts");
-  const record = await recoverDevice(devId, (elapsedMs, state) => {
-    const seconds = Math.floor(elapsedMs / 1000);
-    if (process.stderr.isTTY && seconds !== lastReportS) {
-      lastReportS = seconds;
-      process.stderr.write(`\rwaiting for device ${devId} to quiesce (state ${state}) ${seconds}s `);
-    }
-  });
-  if (lastReportS >= 0) process.stderr.write("\n");
-  const { formatListing, listDevices, listingJson } = await admin();
-  const [listing] = listDevices(record.devId);
-  console.log(flags.json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));
+  const { recoverCommand } = await import("../lib/recover-command.ts");
+  await recoverCommand(devId, flags.json === true);
 }
 
 async function del(flags: Flags): Promise<void> {

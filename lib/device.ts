@@ -165,6 +165,7 @@ export class Device {
       targetModule.catch(() => { /* awaited below */ });
       launched = launchQueues(ctrl, info, target, true, events, config.pollUs ?? "auto");
       await awaitTurn?.(launched.prepared);
+      debug(`device ${devId}: our turn to recover`);
       info = ctrl.getDevInfo(devId);
       checkRecoverable(info, config);
       // Polled tightly: every millisecond here is the application's stall.
@@ -175,6 +176,7 @@ export class Device {
           reportedS = Math.floor(elapsedMs / 1000);
           events.onWaiting?.(elapsedMs, UBLK_S_NAMES[now.state] ?? String(now.state));
         }, RECOVERY_POLL_MS);
+      debug(`device ${devId}: ${UBLK_S_NAMES[info.state]}`);
       // Before the kernel hears of this recovery: a backing store that is no longer the recorded one is refused
       // while the device can still be recovered later (see Target.checkRecord).
       await (await targetModule).checkRecord?.(target);
@@ -184,6 +186,7 @@ export class Device {
       await pauseForTest("after-start-recovery");
       checkParams(ctrl.getParams(devId), target, info);
       charFd = await openCharDevice(devId, waitTimeoutMs, RECOVERY_POLL_MS);
+      debug(`device ${devId}: /dev/ublkc${devId} open`);
       const queues = await launched.attach(charFd);
       debug(`device ${devId}: every queue fetched`);
       claimFd = await claimFor(target);
@@ -398,6 +401,7 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
         const reply = event.data;
         if (reply.type === "prepared") preparedResolve();
         else if (reply.type === "fetched") {
+          debug(`queue ${qId}: fetched every tag`);
           queue.info.tid = reply.tid;
           resolve();
         } else if (reply.type === "exited") {

@@ -359,6 +359,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   reply({ type: "prepared", qId });
   charFd = start.charFd ?? await attached;
   if (charFd < 0) return 0; // stopped before it was attached: nothing was served
+  debug(`queue ${qId}: attached`);
   const descBytes = ublkDescAreaBytes(depth);
   const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
   if (descAddress < 0) throw new ErrnoError(`mmap descriptors of queue ${qId}`, -descAddress);

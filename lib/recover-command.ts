@@ -1,0 +1,32 @@
+/**
+ * `recover -n ID`, from bin/ublk-bun.ts before cac and the rest of the CLI load (every millisecond until the
+ * device serves again is the application's stall): hands the device to its `add --standby` spare when one
+ * listens, or else starts a daemon that recovers it. Prints the device's list block once it serves.
+ */
+import { recoverThroughStandby } from "./standby-client.ts";
+import type { DeviceRecord } from "./records.ts";
+
+export async function recoverCommand(devId: number, json: boolean): Promise<void> {
+  let lastReportS = -1;
+  const onWaiting = (elapsedMs: number, state: string) => {
+    const seconds = Math.floor(elapsedMs / 1000);
+    if (process.stderr.isTTY && seconds !== lastReportS) {
+      lastReportS = seconds;
+      process.stderr.write(`\rwaiting for device ${devId} to quiesce (state ${state}) ${seconds}s `);
+    }
+  };
+  const spare = await recoverThroughStandby(devId, onWaiting);
+  if (spare.error) throw new Error(spare.error);
+  let record: DeviceRecord | undefined = spare.record;
+  if (!record) {
+    // Node's child_process and fs load only now: the spare's path above needs neither.
+    const { DAEMON_PATH, runServer } = await import("./server-process.ts");
+    const outcome = await runServer({ mode: "recover", devId }, DAEMON_PATH, {}, undefined, onWaiting);
+    if (!outcome.record) throw new Error(outcome.error);
+    record = outcome.record;
+  }
+  if (lastReportS >= 0) process.stderr.write("\n");
+  const { formatListing, listDevices, listingJson } = await import("./admin.ts");
+  const [listing] = listDevices(record.devId);
+  console.log(json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));
+}
