@@ -8,7 +8,7 @@ import { UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY
 import {
   CLI_NAMES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, parseDevId, parseDeviceShape, parseSize, parseSwitch, single, UsageError,
 } from "../lib/options.ts";
-import type { DaemonSpec } from "../lib/daemon.ts";
+import type { DaemonSpec } from "../lib/serving.ts";
 import type { TargetOptions } from "../targets/types.ts";
 import packageJson from "../package.json" with { type: "json" };
 

@@ -6,7 +6,7 @@ import { closeSync, readdirSync, readFileSync } from "node:fs";
 import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
 import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
-import { oneLine, runDaemon, type DaemonSpec } from "./daemon.ts";
+import { oneLine, runDaemon, type DaemonSpec } from "./serving.ts";
 import { DAEMON_PATH, daemonLogPath, isOurDaemon, processAlive, runServer } from "./server-process.ts";
 import { lockPath, readRecord, readStandby, recordedDevIds, recordPath, removeRecord, tryLockDevice, type DeviceRecord } from "./records.ts";
 import {

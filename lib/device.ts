@@ -14,6 +14,7 @@ import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
 import { noticeQueue, QUEUE_NOTICE_DELETING, QUEUE_NOTICE_STOP } from "./queue-stop.ts";
 import { processAlive } from "./daemon-env.ts";
 import { debug } from "./debug.ts";
+import { newQueueWorker } from "./queue-workers.ts";
 import type { PollSetting } from "./options.ts";
 import { loadTarget } from "../targets/registry.ts";
 import type { TargetRecord } from "../targets/types.ts";
@@ -383,7 +384,7 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
       eventfdFailure = new ErrnoError("eventfd", -stopFd);
       break;
     }
-    const worker = new Worker(new URL("./queue-worker.ts", import.meta.url).href);
+    const worker = newQueueWorker();
     const cpus = cpusOf(Uint8Array.from(cpuMask));
     // The queue thread is pinned to its CPUs only when they are several: a one-CPU set is the submitter's own
     // CPU, where the thread and the application would take turns while other CPUs idle (one fio job at QD64 on

@@ -9,7 +9,7 @@
  * (or built-in name), or passed as an object together with the module that exports it. See targets/types.ts.
  */
 import { dataModeFlags, recoveryFlags, type QueueInfo } from "./device.ts";
-import { startServing } from "./daemon.ts";
+import { startServing } from "./serving.ts";
 import { Ctrl } from "./ctrl.ts";
 import { resizeDevice } from "./resize.ts";
 import { UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/uapi/ublk_cmd.ts";

@@ -30,6 +30,7 @@ import { loadTarget } from "../targets/registry.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import { QUEUE_NOTICE_STOP } from "./queue-stop.ts";
+import type { QueuePreload } from "./queue-workers.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
 /** The message that starts a queue Worker. JSON-safe. */
@@ -530,10 +531,12 @@ declare const self: Worker;
 if (typeof self !== "undefined" && !Bun.isMainThread) {
   let attach!: (charFd: number) => void;
   const attached = new Promise<number>((resolve) => { attach = resolve; });
-  self.onmessage = (event: MessageEvent<QueueStart | QueueAttach>) => {
+  self.onmessage = (event: MessageEvent<QueueStart | QueueAttach | QueuePreload>) => {
     const message = event.data;
     if ("type" in message) {
-      attach(message.charFd);
+      // A failed preload is reported by the start message's own loadTarget.
+      if (message.type === "preload") loadTarget(message.targetType).catch(() => {});
+      else attach(message.charFd);
       return;
     }
     serveQueue(message, (reply) => self.postMessage(reply), attached).catch((error: unknown) => {

@@ -13,7 +13,7 @@ import { closeSync } from "node:fs";
 import { UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { isOurDaemon, processAlive, recoverDevice, waitForExit } from "./admin.ts";
 import { Ctrl } from "./ctrl.ts";
-import { HANDOVER_SIGNAL } from "./daemon.ts";
+import { HANDOVER_SIGNAL } from "./serving.ts";
 import { readRecord, runDir, type DeviceRecord } from "./records.ts";
 import { lockAdmin } from "./resize.ts";
 import { UsageError } from "./options.ts";

@@ -10,9 +10,9 @@
  *   READY <json>         the device is served; json = the DeviceRecord
  *   ERROR <message>      start failed and everything was cleaned up
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import type { Subprocess } from "bun";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync } from "node:fs";
-import type { DaemonSpec, RecoveryRequest } from "./daemon.ts";
+import type { DaemonSpec, RecoveryRequest } from "./serving.ts";
 import type { DeviceRecord } from "./records.ts";
 import { runDir } from "./run-dir.ts";
 
@@ -37,7 +37,7 @@ export async function runServer(spec: DaemonSpec | RecoveryRequest, entryPath: s
   const readyTimeout = readyTimeoutMs();
   const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
   let addedDevId = -1;
-  let child: ChildProcess | undefined;
+  let child: ServerProcess | undefined;
   const outcome = await new Promise<{ record?: DeviceRecord; error?: string }>((resolve) => {
     const timer = setTimeout(() => resolve({ error: `the daemon did not report READY within ${readyTimeout / 1000} s` }), readyTimeout);
     const finish = (value: { record?: DeviceRecord; error?: string }) => {
@@ -68,37 +68,79 @@ export async function runServer(spec: DaemonSpec | RecoveryRequest, entryPath: s
   return { error: outcome.error ?? "the daemon failed", addedDevId };
 }
 
+/** A server process this one started, as its starter sees it. */
+export interface ServerProcess {
+  readonly pid: number;
+  /** null while it runs. */
+  readonly exitCode: number | null;
+  kill(signal: NodeJS.Signals): void;
+  /** Lets this process exit while the server still runs. */
+  unref(): void;
+  /** Stops listening to its status lines (it is READY) and unrefs it. */
+  release(): void;
+}
+
 /**
  * Starts a daemon (or supervisor) process for `spec`, its stdout and stderr in the daemon log, and passes each
  * status line it writes on fd 3 to `onLine`; `onEnd` when that pipe closes (the process exited) or the process
- * could not be started (with the reason).
+ * could not be started (with the reason). Bun.spawn, not node:child_process: loading that module is a tenth of
+ * `recover`'s own start.
  */
 export function spawnServer(spec: DaemonSpec | RecoveryRequest, entryPath: string, extraEnv: Record<string, string>, onLine: (line: string) => void,
-                            onEnd: (error?: string) => void): ChildProcess {
+                            onEnd: (error?: string) => void): ServerProcess {
   mkdirSync(runDir(), { recursive: true, mode: 0o700 });
   const logFd = openSync(daemonLogPath(), "a", 0o600);
   // The child leads a process group of its own (a new session, away from the terminal). A supervisor's daemons
   // stay in the supervisor's group, so a failed `add --auto-recover` can end the whole tree with one signal.
   const inSupervisor = extraEnv[SUPERVISOR_PID_ENV] !== undefined;
-  const child = spawn(process.execPath, [entryPath], {
-    detached: !inSupervisor,
-    stdio: ["ignore", logFd, logFd, "pipe"],
-    env: { ...process.env, ...extraEnv, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
-  });
-  closeSync(logFd);
-  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
-  status.on("data", lineReader(onLine));
-  status.on("end", () => onEnd());
-  child.on("error", (error) => onEnd(`cannot start the daemon: ${error.message}`));
-  return child;
+  let child: Subprocess;
+  try {
+    child = Bun.spawn([process.execPath, entryPath], {
+      detached: !inSupervisor,
+      stdio: ["ignore", logFd, logFd, "pipe"],
+      env: { ...process.env, ...extraEnv, [DAEMON_SPEC_ENV]: JSON.stringify(spec) },
+    });
+  } catch (error) {
+    queueMicrotask(() => onEnd(`cannot start the daemon: ${(error as Error).message}`));
+    return { pid: 0, exitCode: 127, kill() {}, unref() {}, release() {} };
+  } finally {
+    closeSync(logFd);
+  }
+  // Bun hands the pipe's read end over as a bare fd, ours to close.
+  const statusFd = child.stdio[STATUS_FD] as unknown as number;
+  const reader = Bun.file(statusFd).stream().getReader();
+  let released = false;
+  void (async () => {
+    const onChunk = lineReader(onLine);
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        onChunk(value);
+      }
+    } catch { /* released, or the pipe failed: either way no more lines */ }
+    if (!released) {
+      closeSync(statusFd);
+      onEnd();
+    }
+  })();
+  return {
+    get pid() { return child.pid; },
+    get exitCode() { return child.exitCode; },
+    kill: (signal) => child.kill(signal),
+    unref: () => child.unref(),
+    release() {
+      if (released) return;
+      released = true;
+      reader.cancel().catch(() => {}).finally(() => closeSync(statusFd));
+      child.unref();
+    },
+  };
 }
 
 /** Stops listening to a server that is READY, and lets this process exit without it. */
-export function releaseStatus(child: ChildProcess): void {
-  const status = child.stdio[STATUS_FD] as NodeJS.ReadableStream;
-  status.removeAllListeners();
-  (status as unknown as { destroy?: () => void }).destroy?.();
-  child.unref();
+export function releaseStatus(child: ServerProcess): void {
+  child.release();
 }
 
 /**

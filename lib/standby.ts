@@ -8,7 +8,7 @@
  * recovered by someone else, exits; the serving daemon ends its spare when it stops or hands over, `del` too.
  */
 import type { Socket } from "bun";
-import type { ChildProcess } from "node:child_process";
+import type { ServerProcess } from "./server-process.ts";
 import { existsSync, unlinkSync } from "node:fs";
 import { processAlive, standbySocketPath } from "./daemon-env.ts";
 import { RECOVER_REQUEST } from "./standby-client.ts";
@@ -108,12 +108,12 @@ export async function keepStandby(record: DeviceRecord, log: (message: string) =
   const { DAEMON_PATH, spawnServer } = await import("./server-process.ts");
   const devId = record.devId;
   let ended = false;
-  const child: ChildProcess = spawnServer({
+  const child: ServerProcess = spawnServer({
     mode: "standby", watchPid: process.pid, waitForRecover: true, standby: true,
     config: record.config, target: record.target, createdAt: record.createdAt,
   }, DAEMON_PATH, {}, (line) => readStatusLine(line, {
     onStandby() {
-      writeStandby(devId, child.pid ?? 0);
+      writeStandby(devId, child.pid);
       log(`device ${devId}: standby pid ${child.pid} is ready`);
     },
     onReady() { /* the spare serves: its daemon (this process) has died, so this is never heard */ },
@@ -122,7 +122,7 @@ export async function keepStandby(record: DeviceRecord, log: (message: string) =
     if (ended) return;
     ended = true;
     log(`device ${devId}: standby pid ${child.pid} ended${error ? `: ${error}` : ""}; recover will start a daemon`);
-    forget(devId, child.pid ?? 0);
+    forget(devId, child.pid);
   });
   child.unref();
   return {
@@ -131,7 +131,7 @@ export async function keepStandby(record: DeviceRecord, log: (message: string) =
       if (child.exitCode === null) {
         try { child.kill("SIGKILL"); } catch { /* gone meanwhile */ }
       }
-      forget(devId, child.pid ?? 0);
+      forget(devId, child.pid);
     },
   };
 }

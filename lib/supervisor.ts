@@ -8,10 +8,10 @@
  * Its daemons stay in its process group, so a failed `add` ends them with it. `del` stops the supervisor
  * (SIGTERM) before the daemon. Every event goes to the daemon log.
  */
-import type { ChildProcess } from "node:child_process";
+import type { ServerProcess } from "./server-process.ts";
 import { writeSync } from "node:fs";
 import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice, releaseStatus, spawnServer } from "./admin.ts";
-import { DAEMON_SPEC_ENV, oneLine, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./daemon.ts";
+import { DAEMON_SPEC_ENV, oneLine, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./serving.ts";
 import { waitForDeathOf } from "./process-identity.ts";
 import { readStatusLine } from "./status-lines.ts";
 import { readRecord, removeStandby, writeStandby, type DeviceRecord } from "./records.ts";
@@ -33,19 +33,19 @@ interface Standby {
   loaded: Promise<void>;
   /** Resolves with the record once it serves the device, or with the reason it could not. */
   outcome: Promise<DeviceRecord | string>;
-  child: ChildProcess;
+  child: ServerProcess;
 }
 
 /** Starts a standby for the daemon `record.pid` serves from; its status lines are its log entries here. */
 function startStandby(record: DeviceRecord, env: Record<string, string>): Standby {
   let loadedResolve!: () => void;
   const loaded = new Promise<void>((resolve) => { loadedResolve = resolve; });
-  let child!: ChildProcess;
+  let child!: ServerProcess;
   const outcome = new Promise<DeviceRecord | string>((resolve) => {
     child = spawnServer({ mode: "standby", watchPid: record.pid, config: record.config, target: record.target, createdAt: record.createdAt },
       DAEMON_PATH, env, (line) => readStatusLine(line, { onStandby: loadedResolve, onReady: resolve, onError: resolve }), (error) => resolve(error ?? "the standby exited"));
   });
-  return { pid: child.pid ?? 0, loaded, outcome, child };
+  return { pid: child.pid, loaded, outcome, child };
 }
 
 function stopStandby(standby: Standby | null): void {

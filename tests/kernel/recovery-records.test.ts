@@ -109,7 +109,7 @@ describe("the record holds what the kernel granted", () => {
     // what the kernel granted for whatever it is given.
     const script = join(work, "serve.ts");
     writeFileSync(script, `
-import { startServing } from "${ROOT}/lib/daemon.ts";
+import { startServing } from "${ROOT}/lib/serving.ts";
 import memory from "${ROOT}/targets/memory.ts";
 import { UBLK_F_USER_RECOVERY } from "${ROOT}/ffi/uapi/ublk_cmd.ts";
 const target = { ...(await memory.prepare({ sizeBytes: 16 << 20 })), type: "memory" };
