@@ -4,12 +4,7 @@
  * needs (every module a recovering daemon loads is the application's stall).
  */
 import { readFileSync } from "node:fs";
-export { daemonLogPath, standbySocketPath } from "./run-dir.ts";
-
-export const STATUS_FD = 3;
-export const DAEMON_SPEC_ENV = "UBLK_BUN_DAEMON_SPEC";
-/** Set by an --auto-recover supervisor in the environment of the daemons it starts. */
-export const SUPERVISOR_PID_ENV = "UBLK_BUN_SUPERVISOR_PID";
+export { DAEMON_SPEC_ENV, daemonLogPath, standbySocketPath, STATUS_FD, SUPERVISOR_PID_ENV } from "./run-dir.ts";
 
 /** True while `pid` names a live process (zombies count as gone). */
 export function processAlive(pid: number): boolean {
