@@ -150,7 +150,10 @@ async function round(server: Server, mode: Mode): Promise<void> {
   const logCharsBeforeAdd = existsSync(LOG) ? readFileSync(LOG, "utf8").length : 0;
   const devId = server.add(mode);
   const fio = Bun.spawn(["fio", "--name=stall", `--filename=/dev/ublkb${devId}`, "--rw=randread", "--bs=4k", "--direct=1",
-    "--ioengine=io_uring", "--iodepth=64", "--time_based", "--runtime=3600", "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    "--ioengine=io_uring", "--iodepth=64", "--time_based", "--runtime=3600", "--output-format=json",
+    // fio would end at a server's first I/O error, and every later kill of that round would wait for I/O that
+    // never comes: it reads on and counts them.
+    "--continue_on_error=all"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   await Bun.sleep(2_000); // fio running at full depth
   const key = `${server.name}:${mode}`;
   // A device id comes back round after round: count only this round's standbys.
@@ -211,7 +214,7 @@ async function round(server: Server, mode: Mode): Promise<void> {
   await fio.exited;
   const text = await new Response(fio.stdout).text();
   const json = JSON.parse(text.slice(text.indexOf("{")));
-  const errors = json.jobs.reduce((sum: number, job: { error: number }) => sum + job.error, 0);
+  const errors = json.jobs.reduce((sum: number, job: { total_err?: number; error: number }) => sum + (job.total_err ?? (job.error ? 1 : 0)), 0);
   fioErrors.set(server.name, (fioErrors.get(server.name) ?? 0) + errors);
   console.log(`${key}: fio ${Math.floor(json.jobs[0].read.io_bytes / 2 ** 20)} MiB read, ${errors} errors`);
   server.del(devId);
