@@ -14,7 +14,7 @@
  */
 import {
   gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ, read,
-  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName, threadPreemptions,
+  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName,
 } from "../ffi/libc.ts";
 import { EIO, ETIME, ErrnoError, errnoName } from "../ffi/errno.ts";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
@@ -31,6 +31,7 @@ import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
 import { QUEUE_NOTICE_STOP } from "./queue-stop.ts";
 import type { QueuePreload } from "./queue-workers.ts";
+import { PollPolicy } from "./poll-policy.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
 /** The message that starts a queue Worker. JSON-safe. */
@@ -68,30 +69,6 @@ export type QueueReply =
   /** Sent just before the Worker throws: the error's one-line message (the Worker's error event carries a
    * formatted stack with source lines instead). */
   | { type: "failed"; qId: number; message: string };
-
-/**
- * --poll-us auto spins up to this long for the next request. Under TCG the next request of a QD1 stream came
- * 10–40 µs after our commit and a 50 µs window missed too often; natively it comes sooner, so a hit costs less,
- * and a miss costs at most this once before back-off.
- */
-const AUTO_POLL_MS = 0.1;
-/**
- * --poll-us auto spins up to this long for the target, in a run of requests served one at a time, while the
- * request waits for the target's own I/O (a socket's reply, a disk's completion): a wake-up costs as much as the
- * spin saves there. Under TCG an nbdkit reply over loopback came 0.3–0.5 ms after the send; this spin took QD1
- * from 0.58 / 0.63 (read / write) to 0.74 / 0.79 of the kernel's NBD client. Slower targets miss and back off like
- * the next-request spin.
- */
-const AUTO_TARGET_POLL_MS = 0.5;
-/** Requests served one at a time, in a row, before --poll-us auto spins: a stream like QD1, each request sent
- * only after the previous one completed. While requests overlap, a wake-up overlaps other work and costs little. */
-const SERIAL_RUN_TO_SPIN = 32;
-/** Back-off after consecutive misses: the next 2^(misses-1) - 1 chances to spin are skipped, up to 255. */
-const MAX_MISS_STREAK = 9;
-/** Every this many spins auto checks whether the thread was preempted in a quarter of them or more: then another
- * thread wants this CPU (often the application, which would otherwise run here and hand its requests over with
- * no IPI), and auto backs off as after many misses. */
-const SPINS_PER_PREEMPTION_CHECK = 16;
 
 /** user_data high word of our own SQEs: ublk io commands, the target's SQEs, the stop eventfd poll. */
 const IO_CMD_USER_DATA = 0;
@@ -375,10 +352,11 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   reply({ type: "fetched", qId, tid: gettid() });
 
   let retiredTags = 0;
+  let batchIos = 0; // ublk completions in the last round
   let stopRequested = false;
   const noticeCount = new BigUint64Array(1);
   // How well completions batch and spins pay: reported in the debug log.
-  let enters = 0, ioCqes = 0, spinHits = 0, spinMisses = 0;
+  let enters = 0, ioCqes = 0;
 
   /** Spins until the kernel has work for us or `pollMs` passes; true if work came. With TASKRUN_FLAG this reads
    * shared memory only. (Yielding the CPU now and then, with sched_yield, measured no better.) */
@@ -394,49 +372,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     }
   }
 
-  // --poll-us auto: spin only in a run of requests served one at a time, and skip chances after misses.
-  const autoPoll = start.pollUs === "auto";
-  const fixedPollMs = start.pollUs === "auto" ? 0 : start.pollUs / 1000;
-  let serialRun = 0, batchIos = 0;
-  // What a spin waits for — the next request (0) or the target, for requests it holds (1) — each with its own
-  // back-off: consecutive misses, and the chances still to skip.
-  const WAIT_NEXT = 0, WAIT_TARGET = 1;
-  let waitKind = WAIT_NEXT;
-  const missStreak = new Uint8Array(2), spinsToSkip = new Uint16Array(2);
-  let spinsSinceCheck = 0, preemptionsAtCheck = threadPreemptions(), contendedChecks = 0;
-
-  /** How long to spin before sleeping this time (0: sleep at once). */
-  function pollWindowMs(): number {
-    if (!autoPoll) return fixedPollMs;
-    // The last batch was one request, and no other came while we served it: requests come one at a time.
-    if (batchIos > 1 || (batchIos === 1 && ring.taskWorkPending())) serialRun = 0;
-    else if (batchIos === 1) serialRun++;
-    if (serialRun < SERIAL_RUN_TO_SPIN) return 0;
-    waitKind = pendingAsync > 0 ? WAIT_TARGET : WAIT_NEXT;
-    if (spinsToSkip[waitKind]! > 0) {
-      spinsToSkip[waitKind]!--;
-      return 0;
-    }
-    return waitKind === WAIT_TARGET ? AUTO_TARGET_POLL_MS : AUTO_POLL_MS;
-  }
-
-  /** Auto's back-off: after misses, and when the spinning thread keeps being preempted. */
-  function afterAutoSpin(found: boolean): void {
-    missStreak[waitKind] = found ? 0 : Math.min(missStreak[waitKind]! + 1, MAX_MISS_STREAK);
-    // Preemptions count only while waiting for the next request, when the application may want this CPU. While
-    // a request waits for the target the application waits too, and the server being waited for preempting this
-    // thread is no reason to sleep (counted there, 211 back-offs left 5 312 spins for 34 817 NBD requests at QD1).
-    if (waitKind === WAIT_NEXT && ++spinsSinceCheck === SPINS_PER_PREEMPTION_CHECK) {
-      const preemptions = threadPreemptions();
-      if (preemptions - preemptionsAtCheck >= SPINS_PER_PREEMPTION_CHECK / 4) {
-        contendedChecks++;
-        missStreak[WAIT_NEXT] = MAX_MISS_STREAK; // a contended CPU counts as the longest run of misses
-      }
-      preemptionsAtCheck = preemptions;
-      spinsSinceCheck = 0;
-    }
-    if (missStreak[waitKind]! > 0) spinsToSkip[waitKind] = (1 << (missStreak[waitKind]! - 1)) - 1;
-  }
+  const poll = new PollPolicy(start.pollUs);
 
   /** Fails with EIO every request the target still holds (a stop that could wait no longer). */
   function failHeldRequests(): void {
@@ -460,7 +396,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
         break;
       }
     }
-    const pollMs = pollWindowMs();
+    const pollMs = poll.windowMs(batchIos, ring.taskWorkPending(), pendingAsync > 0);
     // Sends every commit queued by the previous round and waits for at least one completion. While requests
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
     // Polling first enters without waiting (with DEFER_TASKRUN that still runs the kernel's pending work for
@@ -472,10 +408,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     else {
       entered = ring.submit(0);
       if (entered >= 0 && ring.cqReady() === 0) {
-        const found = spinForWork(pollMs);
-        if (found) spinHits++;
-        else spinMisses++;
-        if (autoPoll) afterAutoSpin(found);
+        poll.spun(spinForWork(pollMs));
         enters++;
         entered = ring.submit(1);
       }
@@ -523,7 +456,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
 
   debug(`queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}; served ${servedIos} requests ` +
     `in ${enters} io_uring_enter calls, ${(ioCqes / Math.max(enters, 1)).toFixed(2)} ublk CQEs per enter; ` +
-    `spins: ${spinHits} found a request, ${spinMisses} did not; ${contendedChecks} back-offs for a contended CPU`);
+    `spins: ${poll.spinHits} found a request, ${poll.spinMisses} did not; ${poll.contendedChecks} back-offs for a contended CPU`);
   return servedIos;
 }
 
