@@ -41,7 +41,7 @@ export async function addDevice(spec: DaemonSpec, entryPath = DAEMON_PATH, extra
   throw new Error(outcome.error);
 }
 
-export { DAEMON_PATH, daemonLogPath, releaseStatus, spawnServer, SUPERVISOR_PATH, waitForExit } from "./server-process.ts";
+export { DAEMON_PATH, daemonLogPath, spawnServer, SUPERVISOR_PATH, waitForExit } from "./server-process.ts";
 export { isOurDaemon, processAlive, recoverDevice } from "./server-process.ts";
 
 /** Runs the daemon in this process (--foreground); `onReady` sees the record. Resolves when stopped by a signal. */

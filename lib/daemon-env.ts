@@ -1,7 +1,6 @@
 /**
- * What a daemon and the process that starts it agree on: the status pipe, the environment, how to recognise a
- * daemon. Node's fs only — the daemon imports this instead of server-process.ts, whose child_process it never
- * needs (every module a recovering daemon loads is the application's stall).
+ * What a daemon and the process that starts it agree on: the status pipe and environment names (kept in
+ * lib/run-dir.ts), whether a process lives and is one of ours. Node's fs only.
  */
 import { readFileSync } from "node:fs";
 export { DAEMON_SPEC_ENV, daemonLogPath, standbySocketPath, STATUS_FD, SUPERVISOR_PID_ENV } from "./run-dir.ts";

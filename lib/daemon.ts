@@ -4,7 +4,7 @@
  * the work). Its queue Workers start here, before the daemon's own modules load, so that the two start-ups —
  * the longest part of a recovery — overlap instead of following each other.
  */
-import { DAEMON_SPEC_ENV, runDir, STATUS_FD } from "./run-dir.ts";
+import { DAEMON_SPEC_ENV, recordPath, STATUS_FD } from "./run-dir.ts";
 import { startQueueWorkersEarly } from "./queue-workers.ts";
 import { debug } from "./debug.ts";
 import type { DaemonSpec, RecoveryRequest } from "./serving.ts";
@@ -22,7 +22,7 @@ async function foreseenQueues(spec: DaemonSpec | RecoveryRequest): Promise<{ cou
   let source: { config?: { nrHwQueues?: unknown }; target?: { type?: unknown } } = spec as DaemonSpec;
   if ("devId" in spec) {
     try {
-      source = JSON.parse(await Bun.file(`${runDir()}/${spec.devId}.json`).text());
+      source = JSON.parse(await Bun.file(recordPath(spec.devId)).text());
     } catch {
       return { count: 0 };
     }

@@ -5,7 +5,7 @@
  */
 import { closeSync, constants, fstatSync, ftruncateSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, statSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
-import { runDir } from "./run-dir.ts";
+import { recordPath, runDir } from "./run-dir.ts";
 import { standbySocketPath } from "./daemon-env.ts";
 import { identityOf, type ProcessIdentity } from "./process-identity.ts";
 import type { DeviceConfig, QueueInfo } from "./device.ts";
@@ -36,11 +36,7 @@ export interface DeviceRecord {
   createdAt: string;
 }
 
-export { runDir };
-
-export function recordPath(devId: number): string {
-  return join(runDir(), `${devId}.json`);
-}
+export { recordPath, runDir };
 
 /** Writes a record atomically; the directory is created 0700 if missing. */
 export function writeRecord(record: DeviceRecord): void {

@@ -19,6 +19,11 @@ export function runDir(): string {
   return uid === 0 ? "/run/ublk-bun" : `${process.env.XDG_RUNTIME_DIR || `/run/user/${uid}`}/ublk-bun`;
 }
 
+/** A device's record (lib/records.ts writes and checks it). */
+export function recordPath(devId: number): string {
+  return `${runDir()}/${devId}.json`;
+}
+
 export function daemonLogPath(): string {
   return `${runDir()}/daemon.log`;
 }

@@ -55,7 +55,7 @@ export async function runServer(spec: DaemonSpec | RecoveryRequest, entryPath: s
     }), (error) => finish({ error: error ?? `the daemon exited during ${spec.mode === "recover" ? "recovery" : "start"} (see ${daemonLogPath()})` }));
   });
   if (outcome.record) {
-    releaseStatus(child!);
+    child!.release();
     return { record: outcome.record, addedDevId };
   }
   // The daemon failed or hung: make sure it is gone — and with a supervisor, every daemon it started — before
@@ -76,7 +76,7 @@ export interface ServerProcess {
   kill(signal: NodeJS.Signals): void;
   /** Lets this process exit while the server still runs. */
   unref(): void;
-  /** Stops listening to its status lines (it is READY) and unrefs it. */
+  /** Stops listening to its status lines (it is READY) and lets this process exit without it. */
   release(): void;
 }
 
@@ -136,11 +136,6 @@ export function spawnServer(spec: DaemonSpec | RecoveryRequest, entryPath: strin
       child.unref();
     },
   };
-}
-
-/** Stops listening to a server that is READY, and lets this process exit without it. */
-export function releaseStatus(child: ServerProcess): void {
-  child.release();
 }
 
 /**

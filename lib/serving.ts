@@ -1,12 +1,7 @@
 /**
  * What the server process behind `ublk-bun add` does (its entry is lib/daemon.ts): creates or recovers the
  * device (lib/device.ts), writes its record and reports on a status pipe, then serves until SIGTERM/SIGINT,
- * when it stops and deletes the device.
- *
- * Status lines (fd 3 when spawned by the CLI):
- *   ADDED <devId>        ADD_DEV succeeded (if nothing follows, the CLI removes the device again)
- *   READY <json>         the device is started; json = the DeviceRecord
- *   ERROR <message>      start failed and everything was cleaned up
+ * when it stops and deletes the device. Its status lines are listed in lib/server-process.ts.
  */
 import { closeSync } from "node:fs";
 import { Device, pauseForTest, QueueRetiredError, type DeviceConfig, type DeviceEvents } from "./device.ts";

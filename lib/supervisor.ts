@@ -10,7 +10,7 @@
  */
 import type { ServerProcess } from "./server-process.ts";
 import { writeSync } from "node:fs";
-import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice, releaseStatus, spawnServer } from "./admin.ts";
+import { addDevice, DAEMON_PATH, kernelDevIds, processAlive, recoverDevice, spawnServer } from "./admin.ts";
 import { DAEMON_SPEC_ENV, oneLine, STATUS_FD, SUPERVISOR_PID_ENV, type DaemonSpec } from "./serving.ts";
 import { waitForDeathOf } from "./process-identity.ts";
 import { readStatusLine } from "./status-lines.ts";
@@ -120,7 +120,7 @@ async function supervise(spec: DaemonSpec): Promise<void> {
       const outcome = await spare.outcome;
       if (typeof outcome !== "string") {
         log(`device ${devId}: daemon pid ${record.pid} died after ${livedMs} ms; standby pid ${outcome.pid} took over`);
-        releaseStatus(spare.child);
+        spare.child.release();
         record = outcome;
         standbyFailures = 0;
         continue;

@@ -8,7 +8,7 @@ import { join } from "node:path";
 
 const dir = mkdtempSync(join(tmpdir(), "ublk-bun-spawn-"));
 process.env.UBLK_BUN_RUN_DIR = dir;
-const { releaseStatus, spawnServer } = await import("../../lib/server-process.ts");
+const { spawnServer } = await import("../../lib/server-process.ts");
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** A stand-in daemon: writes `lines` on fd 3 (split mid-line, as a pipe may deliver them), then lives `lifeMs`. */
@@ -50,7 +50,7 @@ test("a released server runs on, its exit is not reported, and its pipe is close
   const child = spawnServer({ mode: "recover", devId: 7 }, entry("serves", ["READY {}"], 400), {},
     (line) => { if (line === "READY {}") readyResolve(); }, () => { ended = true; });
   await ready;
-  releaseStatus(child);
+  child.release();
   await Bun.sleep(50);
   expect(child.exitCode).toBeNull();
   expect(child.pid).toBeGreaterThan(0);
