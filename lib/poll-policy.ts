@@ -12,15 +12,15 @@ import type { PollSetting } from "./options.ts";
  * 10–40 µs after our commit and a 50 µs window missed too often; natively it comes sooner, so a hit costs less,
  * and a miss costs at most this once before back-off.
  */
-const AUTO_POLL_MS = 0.1;
+export const AUTO_POLL_MS = 0.1;
 /**
  * --poll-us auto spins up to this long for the target, in a run of requests served one at a time, while the
  * request waits for the target's own I/O (a socket's reply, a disk's completion): a wake-up costs as much as the
- * spin saves there. Under TCG an nbdkit reply over loopback came 0.3–0.5 ms after the send; this spin took QD1
- * from 0.58 / 0.63 (read / write) to 0.74 / 0.79 of the kernel's NBD client. Slower targets miss and back off like
- * the next-request spin.
+ * spin saves there. Under TCG an nbdkit reply over loopback came 0.3–1 ms after the send: a 0.5 ms window took NBD
+ * QD1 from 0.58 / 0.63 (read / write) of the kernel's client to 0.74 / 0.79, and 1 ms, which misses less and so
+ * backs off less, to about 1.0 (same boot, warm daemon). Slower targets miss and back off like the next-request spin.
  */
-const AUTO_TARGET_POLL_MS = 0.5;
+export const AUTO_TARGET_POLL_MS = 1;
 /** Requests served one at a time, in a row, before --poll-us auto spins: a stream like QD1, each request sent
  * only after the previous one completed. While requests overlap, a wake-up overlaps other work and costs little. */
 const SERIAL_RUN_TO_SPIN = 32;

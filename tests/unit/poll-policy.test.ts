@@ -2,7 +2,7 @@
 // only after a run of one-at-a-time requests, for the next request or (while the target holds one) for the target,
 // and skips 2^(misses-1) - 1 chances after consecutive misses.
 import { expect, test } from "bun:test";
-import { PollPolicy } from "../../lib/poll-policy.ts";
+import { AUTO_POLL_MS, AUTO_TARGET_POLL_MS, PollPolicy } from "../../lib/poll-policy.ts";
 
 /** Serves `n` rounds of one request each, nothing else waiting; returns the last window. */
 function serial(policy: PollPolicy, n: number, targetHolds = false): number {
@@ -22,12 +22,12 @@ test("a fixed --poll-us is the window every time, and only counted", () => {
 test("auto spins after 32 requests served one at a time; overlapping requests end the run", () => {
   const policy = new PollPolicy("auto");
   expect(serial(policy, 31)).toBe(0);
-  expect(serial(policy, 1)).toBe(0.1);
-  expect(policy.windowMs(1, false, true)).toBe(0.5); // the target holds a request: its own, longer spin
+  expect(serial(policy, 1)).toBe(AUTO_POLL_MS);
+  expect(policy.windowMs(1, false, true)).toBe(AUTO_TARGET_POLL_MS); // the target holds a request: its own, longer spin
   expect(policy.windowMs(2, false, false)).toBe(0); // two at once: not a one-at-a-time stream
   expect(serial(policy, 31)).toBe(0);
   expect(policy.windowMs(1, true, false)).toBe(0); // another request already waiting: not one at a time either
-  expect(serial(policy, 32)).toBe(0.1);
+  expect(serial(policy, 32)).toBe(AUTO_POLL_MS);
 });
 
 test("auto backs off after consecutive misses, per kind of wait, and a hit ends it", () => {
@@ -49,6 +49,6 @@ test("auto backs off after consecutive misses, per kind of wait, and a hit ends 
   expect(skippedAfter(3)).toBe(3);
   // The target's wait keeps its own streak: still none.
   policy.spun(true);
-  expect(policy.windowMs(1, false, true)).toBe(0.5);
+  expect(policy.windowMs(1, false, true)).toBe(AUTO_TARGET_POLL_MS);
   expect(policy.spinMisses).toBe(6);
 });
