@@ -385,11 +385,20 @@ if (groups.has("ext4")) {
     cTwo ? [fileItself, cTwo] : [fileItself]);
   cli(["del", "-n", String(oursTwo.devId)]);
   if (cTwo) peer(["del", "-n", String(cTwo.devId)]);
+  // Where the kernel has AUTO_BUF_REG ours is zero copy: beside ours forced onto the copy path (-z 0), alternating.
+  const zeroCopy = addOurs(1);
+  if (JSON.parse(cli(["list", "-n", String(zeroCopy.devId), "--json"]))[0].dataPath.startsWith("zero copy")) {
+    const copying = addDevice(["-t", "file", "-f", file, "-q", "1", "-d", "128", "-z", "0"]);
+    compare("zero-copy", { label: "ublk-bun file, zero copy", path: `/dev/ublkb${zeroCopy.devId}`, pid: zeroCopy.pid },
+      { label: "ublk-bun file -z 0", path: `/dev/ublkb${copying.devId}`, pid: copying.pid }, ["randread1", "randread64", "randwrite64", "read128k", "write128k"]);
+    cli(["del", "-n", String(copying.devId)]);
+  }
+  cli(["del", "-n", String(zeroCopy.devId)]);
   sh(`/usr/sbin/losetup -d ${loopDio} && umount ${mountPoint}`);
 }
 
 const fmt = (value: number | null | undefined, digits = 0) => (value === null || value === undefined ? "—" : value.toFixed(digits));
-const mainRows = rows.filter((r) => r.group !== "nbd" && !r.group.startsWith("ext4"));
+const mainRows = rows.filter((r) => r.group !== "nbd" && r.group !== "zero-copy" && !r.group.startsWith("ext4"));
 const lines = [
   `# ublk-bun benchmark (${new Date().toISOString().slice(0, 10)}, ${seconds} s per run, median of ${repeats}, one boot)`,
   "",
@@ -451,6 +460,7 @@ if (nbdRows.length > 0) {
 }
 
 const ext4Rows = rows.filter((r) => r.group.startsWith("ext4"));
+const zeroCopyRows = rows.filter((r) => r.group === "zero-copy");
 if (ext4Rows.length > 0) {
   const valueOf = (r: Row, s: Summary | null | undefined) => (s ? (r.metric === "IOPS" ? fmt(s.iops) : fmt(s.mbps, 1)) : "—");
   const other = (r: Row, label: string) => r.others?.find((o) => o.label.startsWith(label));
@@ -514,8 +524,19 @@ if (ext4Rows.length > 0) {
     "",
     `Our daemon's memory after its 1-queue runs (resident / peak, MiB): ${ext4Memory}.`,
     "",
+    ...(zeroCopyRows.length === 0 ? [] : [
+      "Zero copy (AUTO_BUF_REG, the default where the kernel has it) beside the copy path (`-z 0`), same file, alternating;",
+      "ratio = zero copy ÷ copy:",
+      "",
+      "| case | metric | zero copy | copy (-z 0) | ratio | CPU µs/IO zero copy | CPU µs/IO copy |",
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+      ...zeroCopyRows.map((r) => `| ${r.case} | ${r.metric} | ${valueOf(r, r.oursResult)} | ${valueOf(r, r.kernelResult)} | ${ratioOf(r.ratio)} | ` +
+        `${fmt(r.oursResult.cpuUsPerIo, 1)} | ${fmt(r.kernelResult?.cpuUsPerIo, 1)} |`),
+      "",
+    ]),
   ];
   writeFileSync(join(outDir, "ext4.md"), ext4Lines.join("\n"));
-  writeFileSync(join(outDir, "ext4.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, setup: ext4Setup, rows: ext4Rows, raw: rawOf(ext4Rows) }, null, 1));
+  writeFileSync(join(outDir, "ext4.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, setup: ext4Setup, rows: ext4Rows,
+    zeroCopyRows, raw: rawOf([...ext4Rows, ...zeroCopyRows]) }, null, 1));
   console.log(ext4Lines.join("\n"));
 }

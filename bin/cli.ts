@@ -4,7 +4,7 @@
  * scripts keep working. Every failure is one line on stderr and a non-zero exit.
  */
 import { cac } from "cac";
-import { UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_AUTO_BUF_REG, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
 import {
   CLI_NAMES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, parseDevId, parseDeviceShape, parseSize, parseSwitch, single, UsageError,
 } from "../lib/options.ts";
@@ -34,6 +34,7 @@ cli
   .option("-i, --recovery-reissue <0|1>", "USER_RECOVERY + REISSUE: in-flight I/O is reissued after recover")
   .option("-u, --user-copy", "USER_COPY data mode (pread/pwrite on /dev/ublkcN)")
   .option("-g, --need-get-data", "NEED_GET_DATA data mode")
+  .option("-z, --zero-copy <0|1>", "Zero copy (AUTO_BUF_REG, kernel ≥ 6.16): the file target with O_DIRECT reads and writes the request's own pages (default: when the kernel has it; 0: the copy path)")
   .option("-f, --file <path>", "file target: the backing file or block device")
   .option("--buffered", "file target: use the page cache instead of O_DIRECT")
   .option("--read-only", "file target: serve the backing store read-only")
@@ -99,6 +100,12 @@ async function add(flags: Flags): Promise<void> {
   }, CLI_NAMES);
   const userCopy = flags.userCopy === true, needGetData = flags.needGetData === true;
   if (userCopy && needGetData) throw new UsageError("-u and --need-get-data cannot be combined");
+  // -z absent: zero copy wherever it can be (config.zeroCopy undefined).
+  const zeroCopyText = single("-z", flags.zeroCopy);
+  const zeroCopy = zeroCopyText === undefined ? undefined : parseSwitch("-z", zeroCopyText);
+  if (zeroCopy && (userCopy || needGetData || flags.unprivileged === true)) {
+    throw new UsageError("-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged");
+  }
   const { dataModeFlags, recoveryFlags } = await import("../lib/device.ts");
   const { Ctrl } = await import("../lib/ctrl.ts");
   const { canonicalType, loadTarget } = await import("../targets/registry.ts");
@@ -106,6 +113,7 @@ async function add(flags: Flags): Promise<void> {
     ...shape,
     flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
       dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
+    ...(zeroCopy === undefined ? {} : { zeroCopy }),
   };
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0 && !failIo) throw new UsageError("--auto-recover needs -r 1, -i 1 or -e 1");
@@ -128,6 +136,9 @@ async function add(flags: Flags): Promise<void> {
         throw new UsageError("--no-part-scan: this kernel's ublk_drv has no NO_AUTO_PART_SCAN (it needs Linux ≥ 7.0)");
       }
       config.flags |= UBLK_F_NO_AUTO_PART_SCAN;
+    }
+    if (zeroCopy === true && (ctrl.getFeatures() & UBLK_F_AUTO_BUF_REG) === 0) {
+      throw new UsageError("-z 1: this kernel's ublk_drv has no AUTO_BUF_REG zero copy (it needs Linux ≥ 6.16)");
     }
     if (failIo) {
       if ((ctrl.getFeatures() & UBLK_F_USER_RECOVERY_FAIL_IO) === 0) {

@@ -11,11 +11,12 @@
 import {
   IORING_ENTER_EXT_ARG, IORING_ENTER_GETEVENTS, IORING_FEAT_EXT_ARG, IORING_FEAT_SINGLE_MMAP, IORING_OFF_CQ_RING,
   IORING_OFF_SQ_RING, IORING_OFF_SQES, IORING_OP_ASYNC_CANCEL, IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_NOP,
-  IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
+  IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_READ_FIXED, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
+  IORING_OP_WRITE_FIXED, IORING_REGISTER_BUFFERS2, IORING_RSRC_REGISTER_SPARSE,
   IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER,
   IORING_SETUP_SQE128, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_TASKRUN_FLAG, IORING_SQ_CQ_OVERFLOW, IORING_SQ_TASKRUN,
   __NR_io_uring_enter, __NR_io_uring_register, __NR_io_uring_setup, __kernel_timespec, io_cqring_offsets,
-  io_sqring_offsets, io_uring_getevents_arg, io_uring_params,
+  io_sqring_offsets, io_uring_getevents_arg, io_uring_params, io_uring_rsrc_register,
 } from "./uapi/io_uring.ts";
 import { EAGAIN, EBUSY, EINTR, EINVAL, ErrnoError } from "./errno.ts";
 import { close, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PAGE_BYTES, PROT_READ, PROT_WRITE, syscall } from "./libc.ts";
@@ -279,6 +280,17 @@ export class Ring {
     return this.scratchAddress + 64;
   }
 
+  /** A table of `count` empty registered-buffer slots (filled by the kernel, e.g. ublk's AUTO_BUF_REG); 0 or -errno. */
+  registerSparseBuffers(count: number): number {
+    const argByte = 256; // in the scratch page, clear of the getevents argument and its timespec
+    const argWord = argByte / 4;
+    const s = this.scratch;
+    s.fill(0, argWord, argWord + io_uring_rsrc_register.SIZE / 4);
+    s[argWord + io_uring_rsrc_register.nr / 4] = count;
+    s[argWord + io_uring_rsrc_register.flags / 4] = IORING_RSRC_REGISTER_SPARSE;
+    return this.register(IORING_REGISTER_BUFFERS2, this.scratchAddress + argByte, io_uring_rsrc_register.SIZE);
+  }
+
   /** io_uring_register(2); returns its result or -errno. */
   register(opcode: number, argAddress: number, nrArgs: number): number {
     return syscall(__NR_io_uring_register, this.fd, opcode, argAddress, nrArgs);
@@ -353,6 +365,11 @@ export class Ring {
   setSqeFlags(base: number, sqeFlags: number): void {
     this.sqe32[base + W_OPCODE_FLAGS] = (this.sqe32[base + W_OPCODE_FLAGS]! & ~0xff00) | ((sqeFlags & 0xff) << 8);
   }
+  /** Sets a prepared SQE's `addr` (an address, or what a command puts there, as ublk's AUTO_BUF_REG does). */
+  setSqeAddress(base: number, address: number): void {
+    this.sqe32[base + W_ADDR_LO] = address >>> 0;
+    this.sqe32[base + W_ADDR_HI] = Math.floor(address / TWO_POW_32);
+  }
   /** Sets the per-opcode flags word (rw_flags, fsync_flags, poll32_events, timeout_flags, cancel_flags …). */
   setOpFlags(base: number, opFlags: number): void {
     this.sqe32[base + W_RW_FLAGS] = opFlags;
@@ -367,6 +384,17 @@ export class Ring {
   }
   prepWrite(base: number, fd: number, address: number, lengthBytes: number, offsetBytes: number, userDataLow: number, userDataHigh = 0): void {
     this.prep(base, IORING_OP_WRITE, fd, address, lengthBytes, offsetBytes, userDataLow, userDataHigh);
+  }
+  /** read(2) into registered buffer `bufIndex`, from `address` within it (a kernel-registered buffer starts at 0). */
+  prepReadFixed(base: number, fd: number, bufIndex: number, address: number, lengthBytes: number, offsetBytes: number,
+                userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_READ_FIXED, fd, address, lengthBytes, offsetBytes, userDataLow, userDataHigh);
+    this.sqe32[base + W_BUF_INDEX] = bufIndex; // buf_index (u16); personality 0
+  }
+  prepWriteFixed(base: number, fd: number, bufIndex: number, address: number, lengthBytes: number, offsetBytes: number,
+                 userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_WRITE_FIXED, fd, address, lengthBytes, offsetBytes, userDataLow, userDataHigh);
+    this.sqe32[base + W_BUF_INDEX] = bufIndex;
   }
   /** fsync(2); `fsyncFlags` = IORING_FSYNC_DATASYNC for fdatasync. */
   prepFsync(base: number, fd: number, fsyncFlags: number, userDataLow: number, userDataHigh = 0): void {

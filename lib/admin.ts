@@ -5,6 +5,7 @@
 import { closeSync, readdirSync, readFileSync } from "node:fs";
 import { EACCES, ENODEV, EPERM, ErrnoError } from "../ffi/errno.ts";
 import { ublkFeatureNames, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
+import { dataPathName } from "./data-mode.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import { oneLine, runDaemon, type DaemonSpec } from "./serving.ts";
 import { DAEMON_PATH, daemonLogPath, isOurDaemon, processAlive, runServer } from "./server-process.ts";
@@ -107,6 +108,7 @@ export function formatListing(listing: DeviceListing): string {
     `\tmax rq size ${info.maxIoBufBytes} daemon pid ${info.ublksrvPid} flags 0x${info.flags.toString(16)} state ${listing.stateName}`,
     // The names on a line of their own: the line above keeps ublksrv's format, which scripts parse.
     `\tflag names: ${ublkFeatureNames(info.flags).join(" ") || "(none)"}`,
+    `\tdata path: ${dataPathName(info.flags)}`,
     `\tublkc: ${devt?.charMajor ?? 0}:${devt?.charMinor ?? 0} ublkb: ${devt?.diskMajor ?? 0}:${devt?.diskMinor ?? 0} owner: ${info.ownerUid}:${info.ownerGid}`,
   ];
   for (const queue of listing.queues) lines.push(`\tqueue ${queue.qId}: tid ${queue.tid} affinity(${queue.cpus.join(" ")})`);
@@ -136,6 +138,7 @@ export function listingJson(listing: DeviceListing): object {
     devId: listing.info.devId, state: listing.stateName, daemonPid: listing.info.ublksrvPid, nrHwQueues: listing.info.nrHwQueues,
     queueDepth: listing.info.queueDepth, maxIoBufBytes: listing.info.maxIoBufBytes, flags: listing.info.flags,
     flagNames: ublkFeatureNames(listing.info.flags),
+    dataPath: dataPathName(listing.info.flags),
     ownerUid: listing.info.ownerUid, ownerGid: listing.info.ownerGid,
     logicalBlockBytes: 1 << (listing.params?.basic.logicalBsShift ?? 9), devSectors: listing.params?.basic.devSectors ?? 0,
     devt: listing.params?.devt ?? null, params: listing.params, queues: listing.queues, target: listing.record?.target ?? null,

@@ -8,7 +8,7 @@ import { CQE_RES, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
 import { EACCES, EBUSY, EEXIST, EINVAL, ENODEV, ENOENT, EOPNOTSUPP, EPERM, ETIME, ErrnoError, errnoName, errnoText } from "../ffi/errno.ts";
 import { IORING_SETUP_SQE128 } from "../ffi/uapi/io_uring.ts";
 import {
-  UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_UNPRIVILEGED_DEV, UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DEVT, UBLK_PARAM_TYPE_DISCARD, UBLK_U_CMD_ADD_DEV,
+  UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_UNPRIVILEGED_DEV, UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DEVT, UBLK_PARAM_TYPE_DISCARD, UBLK_PARAM_TYPE_DMA_ALIGN, UBLK_U_CMD_ADD_DEV,
   UBLK_U_CMD_DEL_DEV, UBLK_U_CMD_END_USER_RECOVERY, UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_GET_DEV_INFO2,
   UBLK_U_CMD_GET_FEATURES, UBLK_U_CMD_GET_PARAMS, UBLK_U_CMD_GET_QUEUE_AFFINITY, UBLK_U_CMD_SET_PARAMS,
   UBLK_U_CMD_QUIESCE_DEV, UBLK_U_CMD_START_DEV, UBLK_U_CMD_START_USER_RECOVERY, UBLK_U_CMD_STOP_DEV, UBLK_U_CMD_TRY_STOP_DEV,
@@ -75,6 +75,9 @@ export interface DeviceParams {
   basic: BasicParams;
   discard?: DiscardParams;
   devt?: DevtParams;
+  /** UBLK_PARAM_TYPE_DMA_ALIGN (6.14 on): request buffers are aligned to this mask + 1 bytes (the kernel's own
+   * default is 4-byte alignment). */
+  dmaAlignMask?: number;
 }
 
 const TWO_POW_32 = 4294967296;
@@ -384,6 +387,10 @@ export class Ctrl {
       view.setUint32(P.discard + D.max_write_zeroes_sectors, d.maxWriteZeroesSectors, true);
       view.setUint16(P.discard + D.max_discard_segments, d.maxDiscardSegments, true);
     }
+    if (params.dmaAlignMask !== undefined) {
+      types |= UBLK_PARAM_TYPE_DMA_ALIGN;
+      view.setUint32(P.dma_alignment, params.dmaAlignMask, true);
+    }
     view.setUint32(P.len, P.SIZE, true);
     view.setUint32(P.types, types, true);
     this.command("SET_PARAMS", UBLK_U_CMD_SET_PARAMS, devId, { len: P.SIZE, addr: this.bufferAddress, devPathLen: at });
@@ -421,6 +428,7 @@ export class Ctrl {
         maxDiscardSegments: view.getUint16(P.discard + D.max_discard_segments, true),
       };
     }
+    if (types & UBLK_PARAM_TYPE_DMA_ALIGN) params.dmaAlignMask = view.getUint32(P.dma_alignment, true);
     if (types & UBLK_PARAM_TYPE_DEVT) {
       params.devt = {
         charMajor: view.getUint32(P.devt + T.char_major, true),

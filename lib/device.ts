@@ -7,7 +7,7 @@
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
-  UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_F_AUTO_BUF_REG, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
@@ -40,6 +40,9 @@ export interface DeviceConfig {
   /** How long a queue thread spins for its next request before it sleeps: µs (0: sleep at once), or "auto"
    * (absent too): spin only while requests come one at a time, and back off when spinning stops paying. */
   pollUs?: PollSetting;
+  /** Zero copy (AUTO_BUF_REG): absent, when the kernel has it, the target prefers it and no data mode was asked
+   * for; false: never (the copy path, for comparison); true: required (the device is refused otherwise). */
+  zeroCopy?: boolean;
 }
 
 /** Where a queue runs: reported by its Worker, shown by `list`. */
@@ -101,10 +104,11 @@ export class Device {
     let info: DevInfo;
     let flags = config.flags;
     try {
-      // ublk_drv refuses USER_COPY on unprivileged devices (EINVAL): they keep the copy mode.
+      // ublk_drv refuses USER_COPY and zero copy on unprivileged devices (EINVAL): they keep the copy mode.
       const dataModeChosen = (flags & (UBLK_F_USER_COPY | UBLK_F_NEED_GET_DATA | UBLK_F_UNPRIVILEGED_DEV)) !== 0;
       const features = ctrl.getFeatures();
-      if (target.prefersUserCopy && !dataModeChosen && (features & UBLK_F_USER_COPY) !== 0) {
+      flags |= zeroCopyFlags(config.zeroCopy, target, dataModeChosen, features);
+      if (target.prefersUserCopy && !dataModeChosen && (flags & UBLK_F_AUTO_BUF_REG) === 0 && (features & UBLK_F_USER_COPY) !== 0) {
         flags |= UBLK_F_USER_COPY;
       }
       // A recoverable device can also be handed to a new server without failing a request (`restart`).
@@ -275,7 +279,7 @@ async function claimFor(target: TargetRecord): Promise<number> {
 }
 
 /** ublk params for a target record: sizes and block sizes from the target, request size from the device. */
-export function paramsOf(target: TargetRecord, info: Pick<DevInfo, "maxIoBufBytes">): DeviceParams {
+export function paramsOf(target: TargetRecord, info: Pick<DevInfo, "maxIoBufBytes" | "flags">): DeviceParams {
   const params: DeviceParams = {
     basic: {
       attrs: target.attrs,
@@ -289,6 +293,9 @@ export function paramsOf(target: TargetRecord, info: Pick<DevInfo, "maxIoBufByte
       virtBoundaryMask: 0,
     },
   };
+  // Zero copy: the target's O_DIRECT I/O uses the request's own pages, which must then be block aligned (a copy
+  // lands in our page-aligned buffer; without this the kernel lets 4-byte aligned buffers through).
+  if ((info.flags & UBLK_F_AUTO_BUF_REG) !== 0) params.dmaAlignMask = Math.max(512, 1 << target.logicalBlockShift) - 1;
   if (target.discard) {
     params.discard = {
       discardAlignment: 0,
@@ -588,6 +595,20 @@ export async function pauseForTest(step: string): Promise<void> {
   if (pauseStep !== step) return;
   debug(`pausing ${pauseMs} ms at ${step} (UBLK_BUN_TEST_PAUSE)`);
   await Bun.sleep(Number(pauseMs));
+}
+
+/** The zero-copy flag a new device gets (0 or UBLK_F_AUTO_BUF_REG); throws when `wanted` is true and it cannot. */
+export function zeroCopyFlags(wanted: boolean | undefined, target: TargetRecord, dataModeChosen: boolean, features: number): number {
+  if (wanted === false) return 0;
+  const available = (features & UBLK_F_AUTO_BUF_REG) !== 0;
+  if (wanted === true) {
+    if (!available) throw new Error("-z 1: this kernel's ublk_drv has no AUTO_BUF_REG zero copy (it needs Linux ≥ 6.16)");
+    if (dataModeChosen) throw new Error("-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged");
+    if (target.prefersZeroCopy !== true) {
+      throw new Error(`-z 1: target "${target.type}" cannot serve from the request's own pages${target.type === "file" ? " (only a file with O_DIRECT can)" : ""}`);
+    }
+  }
+  return available && !dataModeChosen && target.prefersZeroCopy === true ? UBLK_F_AUTO_BUF_REG : 0;
 }
 
 /** ublksrv's -r / -i flags as UBLK_F_* bits. */

@@ -13,8 +13,8 @@
  * or drop that request instead, with a log line.
  */
 import {
-  gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ, read,
-  pwrite, prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName,
+  gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PROT_READ, read,
+  prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName,
 } from "../ffi/libc.ts";
 import { EIO, ETIME, ErrnoError, errnoName } from "../ffi/errno.ts";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
@@ -22,9 +22,9 @@ import {
   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_TASKRUN_FLAG, POLLIN,
 } from "../ffi/uapi/io_uring.ts";
 import {
-  UBLK_F_USER_COPY, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_RES_ABORT, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_OK,
+  UBLK_F_AUTO_BUF_REG, UBLK_F_USER_COPY, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_RES_ABORT, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_OK,
   UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, ublkDescAreaBytes,
-  ublkDescMmapOffset, ublkUserCopyOffset, ublksrv_io_cmd, ublksrv_io_desc,
+  ublkDescMmapOffset, ublksrv_io_cmd, ublksrv_io_desc,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { loadTarget } from "../targets/registry.ts";
 import { debug } from "./debug.ts";
@@ -32,6 +32,7 @@ import type { PollSetting } from "./options.ts";
 import { QUEUE_NOTICE_STOP } from "./queue-stop.ts";
 import type { QueuePreload } from "./queue-workers.ts";
 import { PollPolicy } from "./poll-policy.ts";
+import { type DataMode, pickDataMode, type TagBuffers } from "./data-mode.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
 /** The message that starts a queue Worker. JSON-safe. */
@@ -188,6 +189,12 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     entries: depth * 2,
     flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
   });
+  // Zero copy: the kernel registers each request's pages in this ring's buffer table, at slot = tag.
+  const zeroCopy = (start.devFlags & UBLK_F_AUTO_BUF_REG) !== 0;
+  if (zeroCopy) {
+    const registered = ring.registerSparseBuffers(depth);
+    if (registered < 0) throw new ErrnoError(`io_uring_register (a buffer table of ${depth}) on queue ${qId}`, -registered);
+  }
   // With TASKRUN_FLAG the kernel flags a request waiting for us in shared memory, so polling needs no system call.
   const seesTaskWork = (ring.flags & IORING_SETUP_TASKRUN_FLAG) !== 0;
   /** The queue's descriptors, 24 bytes = 6 words each; read-only for us, written by the kernel before it completes
@@ -219,29 +226,29 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     return base;
   }
 
-  /** Bytes between two tags' buffers: 0 when the target ignores the data and all tags share one. */
-  let tagStrideBytes = maxIoBufBytes;
-  /** USER_COPY and a target that uses the data: the queue copies each request's bytes in (writes) and out (reads). */
-  let copiesData = userCopy;
+  /** Tag t's buffer: at bufferAddress + t * tagStrideBytes; a stride of 0 when the target ignores the data and all
+   * tags share one. */
+  const buffers: TagBuffers = { bufferAddress, tagStrideBytes: maxIoBufBytes };
+  /** How the requests' data moves (lib/data-mode.ts): picked once the queue is attached, before its first command. */
+  let dataMode!: DataMode;
 
   /** Queues one io command for `tag` (FETCH, COMMIT_AND_FETCH or NEED_GET_DATA). */
   function queueIoCmd(cmdOp: number, tag: number, result: number): void {
     const base = nextSqe();
     const cmd = ring.prepUringCmd(base, charFd, cmdOp, tag, IO_CMD_USER_DATA);
-    const address = userCopy ? 0 : bufferAddress + tag * tagStrideBytes;
+    const address = dataMode.commandAddress(tag);
+    ring.setSqeAddress(base, dataMode.sqeAddress(tag));
     sqe[cmd + CMD_QID_TAG] = qId | (tag << 16);
     sqe[cmd + CMD_RESULT] = result;
     sqe[cmd + CMD_ADDR_LO] = address >>> 0;
     sqe[cmd + CMD_ADDR_HI] = Math.floor(address / TWO_POW_32);
   }
 
-  /** USER_COPY: where each tag's request data is copied from/to (its buffer, or the target's own memory). */
-  const tagDataAddress = new Float64Array(depth);
-
   const targetName = `target "${start.target.type}"`;
   const complainResult = complaintLog(), complainThrow = complaintLog(), complainRefused = complaintLog();
 
-  /** The target's result for `tag`'s request: checked, then committed. The tag goes back to the kernel. */
+  /** The target's result for `tag`'s request: checked, then committed (with a read's data, as the data mode moves it).
+   * The tag goes back to the kernel. */
   function finish(tag: number, result: number): void {
     tagState[tag] = TAG_WITH_KERNEL;
     if (!isValidResult(tagOp[tag]!, tagBytes[tag]!, result)) {
@@ -249,7 +256,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
         `${OP_NAMES[tagOp[tag]!] ?? `op ${tagOp[tag]}`} of ${tagBytes[tag]} bytes; failing the request with EIO`);
       result = -EIO;
     }
-    commit(tag, result);
+    queueIoCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, dataMode.afterTarget(tag, tagOp[tag]!, result));
   }
 
   /** A completion that has no request to complete: logged, never committed (it would answer whatever request
@@ -259,20 +266,11 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
       `(result ${String(result)}); ignored`);
   }
 
-  /** Sends a request's result to the kernel (after USER_COPY's copy-out of read data) and fetches the next one. */
-  function commit(tag: number, result: number): void {
-    if (copiesData && tagOp[tag] === UBLK_IO_OP_READ && result > 0) {
-      const copied = pwrite(charFd, tagDataAddress[tag]!, result, ublkUserCopyOffset(qId, tag, 0));
-      if (copied !== result) result = -EIO;
-    }
-    queueIoCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
-  }
-
   let pendingAsync = 0;
   let servedIos = 0;
   const context: QueueContext = {
     devId: start.devId, qId, queueDepth: depth, maxIoBufBytes, bufferAddress,
-    buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering, userCopy, getSqe: nextSqe,
+    buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering, userCopy, zeroCopy, getSqe: nextSqe,
     complete(tag, result) {
       const state = tagState[tag]; // undefined for a tag out of range
       if (state === TAG_PENDING) {
@@ -284,11 +282,8 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   };
   const handler: QueueHandler = held.handler = await target.openQueue(start.target, context);
   const usesEventLoop = handler.needsEventLoop === true;
-  if (handler.ignoresData === true) {
-    tagStrideBytes = 0;
-    copiesData = false; // with USER_COPY the kernel then copies nothing either: reads leave the reader's buffer as it was
-  }
-  const directData = userCopy && handler.dataAddress !== undefined;
+  // With USER_COPY the kernel then copies nothing either: reads leave the reader's buffer as it was.
+  if (handler.ignoresData === true) buffers.tagStrideBytes = 0;
 
   /** Serves the request now in `tag`'s descriptor. */
   function serveRequest(tag: number): void {
@@ -320,23 +315,16 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     } else finish(tag, result);
   }
 
-  /** The target's part of a request (with USER_COPY's copy-in of written data); returns its result. */
+  /** The target's part of a request (after a write's data is brought in, as the data mode does); returns its result. */
   function runTarget(tag: number, op: number, opFlags: number, startSector: number, nrSectors: number): number {
-    if (copiesData) {
-      tagDataAddress[tag] = (directData && (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE)
-        ? handler.dataAddress!(tag, op, startSector, nrSectors) : 0) || bufferAddress + tag * tagStrideBytes;
-    }
-    if (copiesData && op === UBLK_IO_OP_WRITE) {
-      const lengthBytes = nrSectors << 9;
-      const copied = pread(charFd, tagDataAddress[tag]!, lengthBytes, ublkUserCopyOffset(qId, tag, 0));
-      if (copied !== lengthBytes) return -EIO;
-    }
-    return handler.handleIo(tag, op, opFlags & ~0xff, startSector, nrSectors);
+    const dataResult = dataMode.beforeTarget(tag, op, startSector, nrSectors);
+    return dataResult !== 0 ? dataResult : handler.handleIo(tag, op, opFlags & ~0xff, startSector, nrSectors);
   }
 
   reply({ type: "prepared", qId });
   charFd = start.charFd ?? await attached;
   if (charFd < 0) return 0; // stopped before it was attached: nothing was served
+  dataMode = pickDataMode(start.devFlags, charFd, qId, depth, buffers, handler);
   debug(`queue ${qId}: attached`);
   const descBytes = ublkDescAreaBytes(depth);
   const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));

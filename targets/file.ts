@@ -198,6 +198,8 @@ export const fileTarget: Target = {
         discard: readOnly ? undefined : { granularityBytes: 4096, maxSectors: 1 << 21, maxWriteZeroesSectors: 1 << 21 },
         options: { path, direct, readOnly, blockDevice: backing.isBlockDevice, inMemory, identity },
         prefersUserCopy: inMemory,
+        // With O_DIRECT each request goes through the ring anyway: there, straight between the file and its pages.
+        prefersZeroCopy: direct,
       };
     } finally {
       closeSync(fd);
@@ -252,7 +254,9 @@ export const fileTarget: Target = {
     // Through the page cache a read or write is mostly a memory copy: done here at once, it saves a second trip
     // through the ring per request (and tmpfs writes a hop to io-wq), as the kernel's loop driver does for
     // buffered files. With O_DIRECT the device's latency is real, so requests go through the ring and overlap.
-    const inline = record.options.direct !== true;
+    // Zero copy: the request's own pages are the ring's buffer `tag`, reachable only through the ring.
+    const { zeroCopy } = queue;
+    const inline = record.options.direct !== true && !zeroCopy;
     // A tmpfs file on a USER_COPY device: the queue copies between the device and the mapped file directly.
     // It follows the file when `resize` grows it (targets/mapping.ts).
     let mapping: FileMapping | null = null;
@@ -286,10 +290,12 @@ export const fileTarget: Target = {
         expectedBytes[tag] = op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE ? lengthBytes : 0;
         switch (op) {
           case UBLK_IO_OP_READ:
-            ring.prepRead(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            if (zeroCopy) ring.prepReadFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            else ring.prepRead(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
             break;
           case UBLK_IO_OP_WRITE:
-            ring.prepWrite(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            if (zeroCopy) ring.prepWriteFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            else ring.prepWrite(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
             if (opFlags & UBLK_IO_F_FUA) ring.setOpFlags(base, RWF_DSYNC);
             break;
           case UBLK_IO_OP_FLUSH:

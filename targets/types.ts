@@ -32,6 +32,11 @@ export interface TargetRecord {
    * kernel copy, or none.
    */
   prefersUserCopy?: boolean;
+  /**
+   * The target can serve reads and writes from the ring's registered buffers (QueueContext.zeroCopy): a new
+   * device is then zero copy when the kernel has AUTO_BUF_REG (6.16 on) and no data mode was asked for.
+   */
+  prefersZeroCopy?: boolean;
 }
 
 /** Options a user gave for a new device, before the target validates them. */
@@ -64,6 +69,13 @@ export interface QueueContext {
   recovering: boolean;
   /** True on a USER_COPY device (-u): the queue moves request data with pread/pwrite on /dev/ublkcN. */
   userCopy: boolean;
+  /**
+   * True on a zero-copy device (AUTO_BUF_REG): a request's pages are the ring's registered buffer number `tag`,
+   * from address 0, while the target holds the request; its data goes to and from them with READ_FIXED /
+   * WRITE_FIXED SQEs on `ring` (Ring.prepReadFixed / prepWriteFixed), not through `bufferAddress`, which the
+   * kernel then neither fills nor reads.
+   */
+  zeroCopy: boolean;
   /**
    * Completes `tag` later with bytes done or -errno, for requests whose handleIo returned IO_PENDING (the result
    * is checked as handleIo's is). Once per request: a completion for a tag that holds no pending request (a

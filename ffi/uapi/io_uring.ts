@@ -101,6 +101,9 @@ export const IORING_CQE_F_MORE = 1 << 1;
 export const IORING_REGISTER_FILES = 2;
 export const IORING_UNREGISTER_FILES = 3;
 export const IORING_REGISTER_PROBE = 8;
+export const IORING_REGISTER_BUFFERS2 = 15;
+/** io_uring_rsrc_register.flags: a table of `nr` empty slots (filled later, e.g. by ublk's AUTO_BUF_REG). */
+export const IORING_RSRC_REGISTER_SPARSE = 1 << 0;
 
 export const io_sqring_offsets = struct("io_sqring_offsets", 40, {
   head: [0, 4], tail: [4, 4], ring_mask: [8, 4], ring_entries: [12, 4], flags: [16, 4], dropped: [20, 4],
@@ -138,6 +141,9 @@ export const io_uring_getevents_arg = struct("io_uring_getevents_arg", 24, {
   sigmask: [0, 8], sigmask_sz: [8, 4], min_wait_usec: [12, 4], ts: [16, 8],
 });
 
+export const io_uring_rsrc_register = struct("io_uring_rsrc_register", 32, {
+  nr: [0, 4], flags: [4, 4], resv2: [8, 8], data: [16, 8], tags: [24, 8],
+});
 export const __kernel_timespec = struct("__kernel_timespec", 16, { tv_sec: [0, 8], tv_nsec: [8, 8] });
 
 export const POLLIN = 0x001;

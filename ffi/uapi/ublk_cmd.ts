@@ -20,6 +20,10 @@ export const ublksrv_io_desc = struct("ublksrv_io_desc", 24, {
 });
 
 export const ublksrv_io_cmd = struct("ublksrv_io_cmd", 16, { q_id: [0, 2], tag: [2, 2], result: [4, 4], addr: [8, 8] });
+/** What an AUTO_BUF_REG device's FETCH / COMMIT_AND_FETCH carries in ublksrv_io_cmd.addr: the ring's buffer-table
+ * slot the kernel registers the request's pages in. */
+export const ublk_auto_buf_reg = struct("ublk_auto_buf_reg", 8, { index: [0, 2], flags: [2, 1], reserved0: [3, 1], reserved1: [4, 4] });
+export const UBLK_AUTO_BUF_REG_FALLBACK = 1 << 0;
 
 export const ublk_param_basic = struct("ublk_param_basic", 32, {
   attrs: [0, 4], logical_bs_shift: [4, 1], physical_bs_shift: [5, 1], io_opt_shift: [6, 1], io_min_shift: [7, 1],
@@ -39,9 +43,10 @@ export const ublk_param_zoned = struct("ublk_param_zoned", 32, {
   max_open_zones: [0, 4], max_active_zones: [4, 4], max_zone_append_sectors: [8, 4], reserved: [12, 20],
 });
 
-/** struct ublk_params as of 6.12 (later kernels append dma/segment/integrity; `len` says how much we send). */
+/** struct ublk_params up to its dma part (6.14: ublk_param_dma_align, whose one field, alignment, fits in 6.12's
+ * tail padding); later kernels append segment/integrity, and `len` says how much we send. */
 export const ublk_params = struct("ublk_params", 112, {
-  len: [0, 4], types: [4, 4], basic: [8, 32], discard: [40, 20], devt: [60, 16], zoned: [76, 32],
+  len: [0, 4], types: [4, 4], basic: [8, 32], discard: [40, 20], devt: [60, 16], zoned: [76, 32], dma_alignment: [108, 4],
 });
 
 // Legacy command numbers; the ioctl-encoded UBLK_U_* forms below are what we send.
@@ -156,6 +161,8 @@ export const UBLK_IO_F_META = 1 << 11;
 export const UBLK_IO_F_FUA = 1 << 13;
 export const UBLK_IO_F_NOUNMAP = 1 << 15;
 export const UBLK_IO_F_SWAP = 1 << 16;
+/** AUTO_BUF_REG with FALLBACK: the kernel could not register this request's buffer; the daemon must do without. */
+export const UBLK_IO_F_NEED_REG_BUF = 1 << 17;
 
 export const UBLK_ATTR_READ_ONLY = 1 << 0;
 export const UBLK_ATTR_ROTATIONAL = 1 << 1;
@@ -166,6 +173,7 @@ export const UBLK_PARAM_TYPE_BASIC = 1 << 0;
 export const UBLK_PARAM_TYPE_DISCARD = 1 << 1;
 export const UBLK_PARAM_TYPE_DEVT = 1 << 2;
 export const UBLK_PARAM_TYPE_ZONED = 1 << 3;
+export const UBLK_PARAM_TYPE_DMA_ALIGN = 1 << 4;
 
 /** Byte size of one queue's descriptor mapping: depth × 24, page-rounded (the kernel rejects other lengths). */
 export function ublkDescAreaBytes(queueDepth: number, pageBytes = 4096): number {

@@ -302,3 +302,62 @@ describe("--no-part-scan (NO_AUTO_PART_SCAN)", () => {
     expectClean();
   });
 });
+
+describe("zero copy (AUTO_BUF_REG)", () => {
+  /** A loop device over a file in `work` (tmpfs): a block device, so the file target opens it with O_DIRECT. */
+  function withLoopDevice(sizeBytes: number, body: (loop: string, backing: string) => void): void {
+    const backing = join(work, "zero-copy.img");
+    writeFileSync(backing, Buffer.alloc(sizeBytes));
+    const loop = Bun.spawnSync(["losetup", "-f", "--show", backing]).stdout.toString().trim();
+    expect(loop).toStartWith("/dev/loop");
+    try {
+      body(loop, backing);
+    } finally {
+      cleanUp();
+      Bun.spawnSync(["losetup", "-d", loop]);
+    }
+  }
+
+  function verifyAndCompare(devId: number, loop: string): void {
+    for (const [rw, bs, depth] of [["randwrite", "4k", "1"], ["randwrite", "4k", "32"], ["write", "128k", "32"], ["write", "512k", "8"]] as const) {
+      const result = fio([`--name=${rw}${bs}`, `--filename=/dev/ublkb${devId}`, `--rw=${rw}`, `--bs=${bs}`, "--direct=1",
+        "--ioengine=io_uring", `--iodepth=${depth}`, "--size=16m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randseed=11"]);
+      expect({ rw, bs, depth, status: result.status, errors: result.errors }).toEqual({ rw, bs, depth, status: 0, errors: 0 });
+    }
+    // The bytes are the loop device's (and so the file's): nothing stayed in a buffer of ours.
+    expect(Bun.spawnSync(["cmp", "-n", String(16 * MiB), `/dev/ublkb${devId}`, loop]).exitCode).toBe(0);
+  }
+
+  test.skipIf(!has("AUTO_BUF_REG"))("a file with O_DIRECT is zero copy by default, -z 0 the copy path; both verify, 1 and 2 queues", () => {
+    withLoopDevice(32 * MiB, (loop) => {
+      for (const [extra, path] of [[[], "zero copy"], [["-z", "0"], "copy"], [["-z", "1", "-q", "2"], "zero copy"]] as const) {
+        const devId = addDevice(["-t", "file", "-f", loop, ...extra]);
+        const listing = cliOk(["list", "-n", String(devId)]);
+        expect(listing).toContain(`data path: ${path}, per-tag commands`);
+        expect(listing.includes("AUTO_BUF_REG")).toBe(path === "zero copy"); // the kernel's flags, as the device got them
+        verifyAndCompare(devId, loop);
+        cliOk(["del", "-n", String(devId)]);
+      }
+    });
+    expectClean();
+  });
+
+  test.skipIf(!has("AUTO_BUF_REG"))("-z 1 where zero copy cannot be: one line, nothing created", () => {
+    const plain = join(work, "plain.img");
+    writeFileSync(plain, Buffer.alloc(8 * MiB));
+    expectRefused(["add", "-t", "file", "-f", plain, "-z", "1"], /^ublk-bun: -z 1: target "file" cannot serve from the request's own pages \(only a file with O_DIRECT can\)$/m);
+    expectRefused(["add", "-t", "memory", "-s", "8M", "-z", "1"], /^ublk-bun: -z 1: target "memory" cannot serve from the request's own pages$/m);
+    expectRefused(["add", "-t", "null", "-z", "1", "-u"], /^ublk-bun: -z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged$/m);
+    expectClean();
+  });
+
+  test.skipIf(has("AUTO_BUF_REG"))("a kernel without it: the copy path, and -z 1 refused with one line, nothing created", () => {
+    withLoopDevice(8 * MiB, (loop) => {
+      const devId = addDevice(["-t", "file", "-f", loop]);
+      expect(cliOk(["list", "-n", String(devId)])).toContain("data path: copy, per-tag commands");
+      cliOk(["del", "-n", String(devId)]);
+      expectRefused(["add", "-t", "file", "-f", loop, "-z", "1"], /^ublk-bun: -z 1: this kernel's ublk_drv has no AUTO_BUF_REG zero copy \(it needs Linux ≥ 6\.16\)$/m);
+    });
+    expectClean();
+  });
+});

@@ -17,7 +17,8 @@ afterAll(() => {
 });
 
 /** FAIL_IO (-e 1) exists from Linux 6.13; tests that need it report as skipped on older kernels. */
-const hasFailIo = JSON.parse(cliOk(["features", "--json"])).names.includes("USER_RECOVERY_FAIL_IO");
+const features: string[] = JSON.parse(cliOk(["features", "--json"])).names;
+const hasFailIo = features.includes("USER_RECOVERY_FAIL_IO");
 
 function state(devId: number): string {
   const line = cliOk(["list", "-n", String(devId)]).split("\n")[1]!;
@@ -113,24 +114,38 @@ describe("recovery", () => {
     report("reference scenario", timings);
   });
 
-  for (const target of ["memory", "file"]) {
+  // "file on a loop device": O_DIRECT through the ring, which is zero copy (AUTO_BUF_REG) where the kernel has it.
+  for (const target of ["memory", "file", "file on a loop device"]) {
     test(`data integrity: fio crc32c write+verify on ${target} while the daemon is killed 3×`, async () => {
       const backing = join(work, "verify.img");
-      if (target === "file") writeFileSync(backing, Buffer.alloc(64 << 20));
-      const devId = addDevice(target === "file" ? ["-t", "file", "-f", backing, "-i", "1", "-q", "2"] : ["-t", "memory", "-s", "64M", "-i", "1", "-q", "2"]);
-      const fio = startFio(devId, ["--name=verify", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=16",
-        "--size=32M", "--time_based", "--runtime=300", "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1"]);
-      const timings: KillTiming[] = [];
-      for (let kill = 0; kill < 3; kill++) {
-        await Bun.sleep(1500);
-        expect(fio.exitCode).toBeNull(); // still running: the kill lands mid-run
-        timings.push(await killAndRecover(devId, 200));
+      if (target !== "memory") writeFileSync(backing, Buffer.alloc(64 << 20));
+      const loop = target === "file on a loop device" ? Bun.spawnSync(["losetup", "-f", "--show", backing]).stdout.toString().trim() : "";
+      if (loop !== "") expect(loop).toStartWith("/dev/loop");
+      try {
+        await verifyAcrossKills(target, target === "memory" ? ["-t", "memory", "-s", "64M"] : ["-t", "file", "-f", loop || backing]);
+      } finally {
+        if (loop !== "") Bun.spawnSync(["losetup", "-d", loop]);
       }
-      await expectFioClean(fio);
-      cliOk(["del", "-n", String(devId)]);
-      expectClean();
-      report(`${target} verify`, timings);
     });
+  }
+
+  async function verifyAcrossKills(target: string, addArgs: string[]): Promise<void> {
+    const devId = addDevice([...addArgs, "-i", "1", "-q", "2"]);
+    if (target === "file on a loop device") {
+      expect(cliOk(["list", "-n", String(devId)])).toContain(`data path: ${features.includes("AUTO_BUF_REG") ? "zero copy" : "copy"}`);
+    }
+    const fio = startFio(devId, ["--name=verify", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=16",
+      "--size=32M", "--time_based", "--runtime=300", "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1"]);
+    const timings: KillTiming[] = [];
+    for (let kill = 0; kill < 3; kill++) {
+      await Bun.sleep(1500);
+      expect(fio.exitCode).toBeNull(); // still running: the kill lands mid-run
+      timings.push(await killAndRecover(devId, 200));
+    }
+    await expectFioClean(fio);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+    report(`${target} verify`, timings);
   }
 
   test("-r 1 without REISSUE: requests the dead daemon held fail with EIO (6.12); later I/O waits for recover", async () => {

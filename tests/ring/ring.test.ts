@@ -8,7 +8,7 @@ import {
   AF_UNIX, close, eventfd, iovec, memoryAt, mmapAnonymous, msghdr, MSG_NOSIGNAL, MSG_WAITALL, munmap, O_CREAT, O_DIRECT,
   O_RDWR, open, PAGE_BYTES, SOCK_STREAM, socketpair,
 } from "../../ffi/libc.ts";
-import { EAGAIN, EBADF, EBUSY, ECANCELED, ETIME } from "../../ffi/errno.ts";
+import { EAGAIN, EBADF, EBUSY, ECANCELED, EFAULT, ETIME } from "../../ffi/errno.ts";
 import {
   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128,
   IORING_SETUP_TASKRUN_FLAG, POLLIN,
@@ -144,6 +144,19 @@ describe("ring", () => {
     expect(runOne(ring, (b) => ring.prepRead(b, 9999, address, 512, 0, 5))).toEqual([5, 0, -EBADF]);
     ring.close();
     munmap(address, PAGE_BYTES);
+  });
+
+  test("a sparse buffer table: registered once (a second is -EBUSY); READ_FIXED / WRITE_FIXED on an empty slot are -EFAULT", () => {
+    const ring = Ring.create({ entries: 4 });
+    const fd = open(join(workDir, "fixed.img"), O_RDWR | O_CREAT, 0o600);
+    expect(ring.registerSparseBuffers(8)).toBe(0);
+    expect(ring.registerSparseBuffers(8)).toBe(-EBUSY);
+    // Slot 3 is empty (the kernel fills slots, e.g. ublk's AUTO_BUF_REG); slot 8 is past the table.
+    expect(runOne(ring, (b) => ring.prepReadFixed(b, fd, 3, 0, 512, 0, 6))).toEqual([6, 0, -EFAULT]);
+    expect(runOne(ring, (b) => ring.prepWriteFixed(b, fd, 3, 0, 512, 0, 7))).toEqual([7, 0, -EFAULT]);
+    expect(runOne(ring, (b) => ring.prepReadFixed(b, fd, 8, 0, 512, 0, 8))[2]).toBeLessThan(0);
+    close(fd);
+    ring.close();
   });
 
   test("POLL_ADD on an eventfd is woken by a write from another Worker", async () => {

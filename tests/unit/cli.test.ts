@@ -36,6 +36,11 @@ describe("options as typed", () => {
     expectRefused(["add", "-t", "null", "-d", "65537"], "-d: 65537 is out of range (1..4096)");
     expectRefused(["add", "-t", "null", "-s", "1000", "-b", "4096"], "-s: size must be a multiple of the logical block size (4096)");
     expectRefused(["list", "-n", "x"], `-n: "x" is not a whole number`);
+    expectRefused(["add", "-t", "null", "-z", "2"], "-z: 2 is out of range (0..1)");
+  });
+  test("zero copy wanted with another data mode is refused before anything is asked of the kernel", () => {
+    expectRefused(["add", "-t", "null", "-z", "1", "-u"], "-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged");
+    expectRefused(["add", "-t", "null", "--zero-copy=1", "--unprivileged"], "-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged");
   });
   test("known spellings still parse: bundled switches, --flag=value, help", () => {
     // -u and -g are both known switches: the bundle gets past the option check to add's own rule.

@@ -46,6 +46,7 @@ describe("io_uring layouts", () => {
     expect(plain(uring.io_uring_cqe)).toEqual({ SIZE: 16, user_data: 0, res: 8, flags: 12 });
     expect(plain(uring.io_uring_getevents_arg)).toEqual({ SIZE: 24, sigmask: 0, sigmask_sz: 8, min_wait_usec: 12, ts: 16 });
     expect(plain(uring.__kernel_timespec)).toEqual({ SIZE: 16, tv_sec: 0, tv_nsec: 8 });
+    expect(plain(uring.io_uring_rsrc_register)).toEqual({ SIZE: 32, nr: 0, flags: 4, resv2: 8, data: 16, tags: 24 });
   });
   test("constants", () => {
     expect([uring.__NR_io_uring_setup, uring.__NR_io_uring_enter, uring.__NR_io_uring_register]).toEqual([425, 426, 427]);
@@ -76,9 +77,10 @@ describe("ublk layouts", () => {
   test("ublksrv_io_desc / ublksrv_io_cmd", () => {
     expect(plain(ublk.ublksrv_io_desc)).toEqual({ SIZE: 24, op_flags: 0, nr_sectors: 4, start_sector: 8, addr: 16 });
     expect(plain(ublk.ublksrv_io_cmd)).toEqual({ SIZE: 16, q_id: 0, tag: 2, result: 4, addr: 8 });
+    expect(plain(ublk.ublk_auto_buf_reg)).toEqual({ SIZE: 8, index: 0, flags: 2, reserved0: 3, reserved1: 4 });
   });
   test("ublk_params and its parts", () => {
-    expect(plain(ublk.ublk_params)).toEqual({ SIZE: 112, len: 0, types: 4, basic: 8, discard: 40, devt: 60, zoned: 76 });
+    expect(plain(ublk.ublk_params)).toEqual({ SIZE: 112, len: 0, types: 4, basic: 8, discard: 40, devt: 60, zoned: 76, dma_alignment: 108 });
     expect(plain(ublk.ublk_param_basic)).toEqual({
       SIZE: 32, attrs: 0, logical_bs_shift: 4, physical_bs_shift: 5, io_opt_shift: 6, io_min_shift: 7, max_sectors: 8,
       chunk_sectors: 12, dev_sectors: 16, virt_boundary_mask: 24,
