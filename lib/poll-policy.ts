@@ -56,15 +56,17 @@ export class PollPolicy {
 
   /**
    * How long to spin before sleeping this time (0: sleep at once). `batchIos`: requests the last round brought;
-   * `moreWaiting`: the kernel already has work for us; `targetHolds`: the target holds requests of ours.
+   * `moreWaiting`: the kernel already has work for us; `targetHeldIos`: requests of ours the target holds.
    */
-  windowMs(batchIos: number, moreWaiting: boolean, targetHolds: boolean): number {
+  windowMs(batchIos: number, moreWaiting: boolean, targetHeldIos: number): number {
     if (!this.auto) return this.fixedMs;
-    // The last batch was one request, and no other came while we served it: requests come one at a time.
-    if (batchIos > 1 || (batchIos === 1 && moreWaiting)) this.serialRun = 0;
+    // The last batch was one request, and no other came while we served it: requests come one at a time. A target
+    // holding several is not such a stream, even when their completions, and so the next requests, come singly
+    // (a deep queue on a slow disk), where each wait would otherwise be a spin.
+    if (batchIos > 1 || (batchIos === 1 && moreWaiting) || targetHeldIos > 1) this.serialRun = 0;
     else if (batchIos === 1) this.serialRun++;
     if (this.serialRun < SERIAL_RUN_TO_SPIN) return 0;
-    const kind = this.waitKind = targetHolds ? WAIT_TARGET : WAIT_NEXT;
+    const kind = this.waitKind = targetHeldIos > 0 ? WAIT_TARGET : WAIT_NEXT;
     if (this.spinsToSkip[kind]! > 0) {
       this.spinsToSkip[kind]!--;
       return 0;

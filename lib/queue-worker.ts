@@ -384,7 +384,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
         break;
       }
     }
-    const pollMs = poll.windowMs(batchIos, ring.taskWorkPending(), pendingAsync > 0);
+    const pollMs = poll.windowMs(batchIos, ring.taskWorkPending(), pendingAsync);
     // Sends every commit queued by the previous round and waits for at least one completion. While requests
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
     // Polling first enters without waiting (with DEFER_TASKRUN that still runs the kernel's pending work for

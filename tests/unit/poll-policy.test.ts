@@ -7,15 +7,15 @@ import { AUTO_POLL_MS, AUTO_TARGET_POLL_MS, PollPolicy } from "../../lib/poll-po
 /** Serves `n` rounds of one request each, nothing else waiting; returns the last window. */
 function serial(policy: PollPolicy, n: number, targetHolds = false): number {
   let windowMs = 0;
-  for (let i = 0; i < n; i++) windowMs = policy.windowMs(1, false, targetHolds);
+  for (let i = 0; i < n; i++) windowMs = policy.windowMs(1, false, targetHolds ? 1 : 0);
   return windowMs;
 }
 
 test("a fixed --poll-us is the window every time, and only counted", () => {
   const policy = new PollPolicy(250);
-  expect(policy.windowMs(64, true, true)).toBe(0.25);
+  expect(policy.windowMs(64, true, 64)).toBe(0.25);
   policy.spun(false);
-  expect(policy.windowMs(1, false, false)).toBe(0.25);
+  expect(policy.windowMs(1, false, 0)).toBe(0.25);
   expect([policy.spinHits, policy.spinMisses]).toEqual([0, 1]);
 });
 
@@ -23,11 +23,15 @@ test("auto spins after 32 requests served one at a time; overlapping requests en
   const policy = new PollPolicy("auto");
   expect(serial(policy, 31)).toBe(0);
   expect(serial(policy, 1)).toBe(AUTO_POLL_MS);
-  expect(policy.windowMs(1, false, true)).toBe(AUTO_TARGET_POLL_MS); // the target holds a request: its own, longer spin
-  expect(policy.windowMs(2, false, false)).toBe(0); // two at once: not a one-at-a-time stream
+  expect(policy.windowMs(1, false, 1)).toBe(AUTO_TARGET_POLL_MS); // the target holds a request: its own, longer spin
+  expect(policy.windowMs(2, false, 0)).toBe(0); // two at once: not a one-at-a-time stream
   expect(serial(policy, 31)).toBe(0);
-  expect(policy.windowMs(1, true, false)).toBe(0); // another request already waiting: not one at a time either
+  expect(policy.windowMs(1, true, 0)).toBe(0); // another request already waiting: not one at a time either
   expect(serial(policy, 32)).toBe(AUTO_POLL_MS);
+  // One new request a round while the target holds many (their completions come singly): not one at a time.
+  expect(policy.windowMs(1, false, 64)).toBe(0);
+  for (let i = 0; i < 40; i++) expect(policy.windowMs(1, false, 64)).toBe(0);
+  expect(serial(policy, 32, true)).toBe(AUTO_TARGET_POLL_MS);
 });
 
 test("auto backs off after consecutive misses, per kind of wait, and a hit ends it", () => {
@@ -35,11 +39,11 @@ test("auto backs off after consecutive misses, per kind of wait, and a hit ends 
   serial(policy, 32);
   const skippedAfter = (misses: number) => {
     for (let i = 0; i < misses; i++) {
-      while (policy.windowMs(1, false, false) === 0) { /* a skipped chance */ }
+      while (policy.windowMs(1, false, 0) === 0) { /* a skipped chance */ }
       policy.spun(false);
     }
     let skipped = 0;
-    while (policy.windowMs(1, false, false) === 0) skipped++;
+    while (policy.windowMs(1, false, 0) === 0) skipped++;
     return skipped;
   };
   expect(skippedAfter(1)).toBe(0);
@@ -49,6 +53,6 @@ test("auto backs off after consecutive misses, per kind of wait, and a hit ends 
   expect(skippedAfter(3)).toBe(3);
   // The target's wait keeps its own streak: still none.
   policy.spun(true);
-  expect(policy.windowMs(1, false, true)).toBe(AUTO_TARGET_POLL_MS);
+  expect(policy.windowMs(1, false, 1)).toBe(AUTO_TARGET_POLL_MS);
   expect(policy.spinMisses).toBe(6);
 });
