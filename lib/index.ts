@@ -43,6 +43,9 @@ export interface CreateDeviceOptions {
   recovery?: "none" | "recover" | "reissue";
   /** How request data moves (default "copy": the kernel copies into each tag's buffer). */
   dataMode?: "copy" | "user-copy" | "need-get-data";
+  /** Zero copy (AUTO_BUF_REG, kernel ≥ 6.16). Default: where the kernel has it and the target can (the file target
+   * with O_DIRECT) and dataMode is "copy"; false: never; true: required (refused otherwise). */
+  zeroCopy?: boolean;
   /** Do not scan the new disk for partitions (NO_AUTO_PART_SCAN, kernel ≥ 7.0; refused before). */
   noPartScan?: boolean;
   /** A queue died after start. Default: print and exit the process (never serve half a device). */
@@ -76,6 +79,8 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
   }, API_NAMES);
   const recovery = parseChoice("recovery", options.recovery ?? "none", ["none", "recover", "reissue"] as const);
   const dataMode = parseChoice("dataMode", options.dataMode ?? "copy", ["copy", "user-copy", "need-get-data"] as const);
+  if (options.zeroCopy !== undefined && typeof options.zeroCopy !== "boolean") throw new Error(`zeroCopy: ${JSON.stringify(options.zeroCopy)} is not true or false`);
+  if (options.zeroCopy === true && dataMode !== "copy") throw new Error(`zeroCopy: cannot be combined with dataMode "${dataMode}"`);
   let type: string;
   let target: Target;
   if (typeof options.target === "object" && !(options.target instanceof URL)) {
@@ -100,6 +105,7 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     ...shape,
     flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(dataMode) |
       (options.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0),
+    ...(options.zeroCopy === undefined ? {} : { zeroCopy: options.zeroCopy }),
   };
   let served;
   try {

@@ -73,6 +73,8 @@ describe("embedding options", () => {
     await expect(createDevice({ target: "null", targetOptions: { sizeBytes: -4096 } })).rejects.toThrow(/^targetOptions\.sizeBytes: "-4096" is not a size/);
     await expect(createDevice({ target: "null", recovery: "always" as never })).rejects.toThrow(/^recovery: "always" is not one of "none", "recover", "reissue"$/);
     await expect(createDevice({ target: "null", dataMode: "zero-copy" as never })).rejects.toThrow(/^dataMode: "zero-copy" is not one of/);
+    await expect(createDevice({ target: "null", zeroCopy: "yes" as never })).rejects.toThrow(/^zeroCopy: "yes" is not true or false$/);
+    await expect(createDevice({ target: "null", zeroCopy: true, dataMode: "user-copy" })).rejects.toThrow(/^zeroCopy: cannot be combined with dataMode "user-copy"$/);
   });
   test("parseDeviceShape fills in the defaults", () => {
     expect(parseDeviceShape({}, CLI_NAMES)).toEqual({ devId: -1, nrHwQueues: 1, queueDepth: 128, maxIoBufBytes: 512 * 1024, pollUs: "auto" });
