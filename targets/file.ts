@@ -257,6 +257,14 @@ export const fileTarget: Target = {
     // Zero copy: the request's own pages are the ring's buffer `tag`, reachable only through the ring.
     const { zeroCopy } = queue;
     const inline = record.options.direct !== true && !zeroCopy;
+    /** A READ or WRITE of tag's data on the ring: from and to its pages (zero copy) or its buffer. */
+    const prepData = zeroCopy
+      ? (base: number, op: number, tag: number, lengthBytes: number, offsetBytes: number) => op === UBLK_IO_OP_READ
+        ? ring.prepReadFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
+        : ring.prepWriteFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
+      : (base: number, op: number, tag: number, lengthBytes: number, offsetBytes: number) => op === UBLK_IO_OP_READ
+        ? ring.prepRead(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
+        : ring.prepWrite(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
     // A tmpfs file on a USER_COPY device: the queue copies between the device and the mapped file directly.
     // It follows the file when `resize` grows it (targets/mapping.ts).
     let mapping: FileMapping | null = null;
@@ -290,12 +298,10 @@ export const fileTarget: Target = {
         expectedBytes[tag] = op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE ? lengthBytes : 0;
         switch (op) {
           case UBLK_IO_OP_READ:
-            if (zeroCopy) ring.prepReadFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
-            else ring.prepRead(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            prepData(base, op, tag, lengthBytes, offsetBytes);
             break;
           case UBLK_IO_OP_WRITE:
-            if (zeroCopy) ring.prepWriteFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
-            else ring.prepWrite(base, fd, address, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+            prepData(base, op, tag, lengthBytes, offsetBytes);
             if (opFlags & UBLK_IO_F_FUA) ring.setOpFlags(base, RWF_DSYNC);
             break;
           case UBLK_IO_OP_FLUSH:
