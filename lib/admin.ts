@@ -108,12 +108,12 @@ export function formatListing(listing: DeviceListing): string {
     `\tmax rq size ${info.maxIoBufBytes} daemon pid ${info.ublksrvPid} flags 0x${info.flags.toString(16)} state ${listing.stateName}`,
     // The names on a line of their own: the line above keeps ublksrv's format, which scripts parse.
     `\tflag names: ${ublkFeatureNames(info.flags).join(" ") || "(none)"}`,
-    `\tdata path: ${dataPathName(info.flags)}`,
     `\tublkc: ${devt?.charMajor ?? 0}:${devt?.charMinor ?? 0} ublkb: ${devt?.diskMajor ?? 0}:${devt?.diskMinor ?? 0} owner: ${info.ownerUid}:${info.ownerGid}`,
   ];
   for (const queue of listing.queues) lines.push(`\tqueue ${queue.qId}: tid ${queue.tid} affinity(${queue.cpus.join(" ")})`);
   if (listing.record) lines.push(`\ttarget ${JSON.stringify(listing.record.target)}`);
   else lines.push(`\ttarget ${listing.recordProblem ? `(record unusable: ${listing.recordProblem})` : "(no record)"}`);
+  lines.push(`\tdata path: ${dataPathName(info.flags)}`);
   // No "pid" in these lines: scripts find the daemon's pid as the 7th field of the one line containing "pid".
   if (listing.recordStale) {
     lines.push(`\trecord stale: it names daemon ${listing.record!.pid}, not the one serving (its write failed; the daemon retries, see ${daemonLogPath()})`);
