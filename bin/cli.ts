@@ -103,10 +103,8 @@ async function add(flags: Flags): Promise<void> {
   // -z absent: zero copy wherever it can be (config.zeroCopy undefined).
   const zeroCopyText = single("-z", flags.zeroCopy);
   const zeroCopy = zeroCopyText === undefined ? undefined : parseSwitch("-z", zeroCopyText);
-  if (zeroCopy && (userCopy || needGetData || flags.unprivileged === true)) {
-    throw new UsageError("-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged");
-  }
-  const { dataModeFlags, recoveryFlags } = await import("../lib/device.ts");
+  const { dataModeFlags, recoveryFlags, ZERO_COPY_UNAVAILABLE, ZERO_COPY_WITH_DATA_MODE } = await import("../lib/device.ts");
+  if (zeroCopy && (userCopy || needGetData || flags.unprivileged === true)) throw new UsageError(ZERO_COPY_WITH_DATA_MODE);
   const { Ctrl } = await import("../lib/ctrl.ts");
   const { canonicalType, loadTarget } = await import("../targets/registry.ts");
   const config = {
@@ -137,9 +135,7 @@ async function add(flags: Flags): Promise<void> {
       }
       config.flags |= UBLK_F_NO_AUTO_PART_SCAN;
     }
-    if (zeroCopy === true && (ctrl.getFeatures() & UBLK_F_AUTO_BUF_REG) === 0) {
-      throw new UsageError("-z 1: this kernel's ublk_drv has no AUTO_BUF_REG zero copy (it needs Linux ≥ 6.16)");
-    }
+    if (zeroCopy === true && (ctrl.getFeatures() & UBLK_F_AUTO_BUF_REG) === 0) throw new UsageError(ZERO_COPY_UNAVAILABLE);
     if (failIo) {
       if ((ctrl.getFeatures() & UBLK_F_USER_RECOVERY_FAIL_IO) === 0) {
         throw new UsageError("-e 1: this kernel's ublk_drv has no USER_RECOVERY_FAIL_IO (it needs Linux ≥ 6.13)");

@@ -49,13 +49,9 @@ export function buffersMode({ bufferAddress, tagStrideBytes }: TagBuffers): Data
  * a target that has no buffer for it) }. */
 const AUTO_BUF_REG_INDEX_SHIFT = ublk_auto_buf_reg.index * 8;
 
+/** Nothing copied here either: as noDataMode, with the slot in each command's SQE. */
 export function zeroCopyMode(): DataMode {
-  return {
-    commandAddress: () => 0,
-    sqeAddress: (tag) => tag << AUTO_BUF_REG_INDEX_SHIFT,
-    beforeTarget: () => 0,
-    afterTarget: (_tag, _op, result) => result,
-  };
+  return { ...noDataMode(), sqeAddress: (tag) => tag << AUTO_BUF_REG_INDEX_SHIFT };
 }
 
 export function noDataMode(): DataMode {

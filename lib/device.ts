@@ -597,13 +597,17 @@ export async function pauseForTest(step: string): Promise<void> {
   await Bun.sleep(Number(pauseMs));
 }
 
+/** Why `-z 1` cannot be had whatever the target; the CLI refuses these before it starts a daemon. */
+export const ZERO_COPY_UNAVAILABLE = "-z 1: this kernel's ublk_drv has no AUTO_BUF_REG zero copy (it needs Linux ≥ 6.16)";
+export const ZERO_COPY_WITH_DATA_MODE = "-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged";
+
 /** The zero-copy flag a new device gets (0 or UBLK_F_AUTO_BUF_REG); throws when `wanted` is true and it cannot. */
 export function zeroCopyFlags(wanted: boolean | undefined, target: TargetRecord, dataModeChosen: boolean, features: number): number {
   if (wanted === false) return 0;
   const available = (features & UBLK_F_AUTO_BUF_REG) !== 0;
   if (wanted === true) {
-    if (!available) throw new Error("-z 1: this kernel's ublk_drv has no AUTO_BUF_REG zero copy (it needs Linux ≥ 6.16)");
-    if (dataModeChosen) throw new Error("-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged");
+    if (!available) throw new Error(ZERO_COPY_UNAVAILABLE);
+    if (dataModeChosen) throw new Error(ZERO_COPY_WITH_DATA_MODE);
     if (target.prefersZeroCopy !== true) {
       throw new Error(`-z 1: target "${target.type}" cannot serve from the request's own pages${target.type === "file" ? " (only a file with O_DIRECT can)" : ""}`);
     }
