@@ -210,6 +210,19 @@ export class Ring {
     return base;
   }
 
+  /** Where the next SQE will be filled: a mark for dropSqesSince(). */
+  sqeMark(): number {
+    return this.sqeTail;
+  }
+
+  /** Drops the SQEs filled since `mark`, none of them submitted since (throws otherwise): the kernel never sees
+   * them. Lets code that prepares commands run once before its commands can be sent (so it is compiled). */
+  dropSqesSince(mark: number): void {
+    const unpublished = (this.sqeTail - Atomics.load(this.sqRing, this.sqTailIndex)) >>> 0;
+    if (((this.sqeTail - mark) >>> 0) > unpublished) throw new Error("Ring.dropSqesSince: SQEs after the mark were submitted");
+    this.sqeTail = mark;
+  }
+
   /**
    * Like getSqe(), but when the SQ is full it submits what is queued to make room. Returns -errno when the
    * kernel refuses that submit (after submit()'s own retries): the ring is then unusable and the caller must

@@ -264,6 +264,24 @@ describe("ring", () => {
     ring.close();
   });
 
+  test("SQEs dropped since a mark never reach the kernel; a drop past a submit throws", () => {
+    const ring = Ring.create({ entries: 8 });
+    ring.prepNop(ring.getSqe(), 1); // kept: filled before the mark
+    const mark = ring.sqeMark();
+    for (let i = 0; i < 4; i++) ring.prepNop(ring.getSqe(), 100 + i);
+    ring.dropSqesSince(mark);
+    expect(ring.sqPending()).toBe(1);
+    ring.prepNop(ring.getSqe(), 2);
+    expect(ring.submit(2)).toBe(2);
+    expect(reap(ring).map(([userData]) => userData)).toEqual([1, 2]);
+    const late = ring.sqeMark();
+    ring.prepNop(ring.getSqe(), 3);
+    expect(ring.submit(1)).toBe(1);
+    expect(() => ring.dropSqesSince(late)).toThrow("SQEs after the mark were submitted");
+    expect(reap(ring).map(([userData]) => userData)).toEqual([3]);
+    ring.close();
+  });
+
   test("close() leaves no mapping and no fd", () => {
     const before = ringMappings();
     const ring = Ring.create({ entries: 64, flags: IORING_SETUP_SQE128 });
