@@ -9,7 +9,8 @@
  *   at-once   `recover` started right after the kill: kill → LIVE, kill → first completed I/O
  *   auto      `add --auto-recover`: kill → QUIESCED and kill → first completed I/O, no operator; each kill once the
  *             supervisor's standby daemon is ready and the serving daemon has lived long enough to count as healthy
- *   standby   `add --standby`: as recover, once the warm spare is ready; `recover` hands the device to it (the C
+ *   standby   `add --standby`: as recover, once the warm spare is ready (it re-attaches after the kill, holding the
+ *             device's I/O); `recover` asks it to resume (the C
  *             column of its row is the C server's plain recover)
  * With UBLKSRV_DIR naming a build of the C reference server (ublksrv: ublk, ublk.null; ../shared/tools has a
  * build script), the recover and at-once modes run with it too, alternating, and the table gives ours ÷ C.
@@ -168,7 +169,9 @@ async function round(server: Server, mode: Mode): Promise<void> {
     if (mode === "standby") standbysReady = await standbyReady(devId, standbysReady);
     const oldPid = ctrl.getDevInfo(devId).ublksrvPid;
     const killedAt = performance.now();
+    const killedWallMs = Date.now();
     process.kill(oldPid, "SIGKILL");
+    console.log(`${new Date().toISOString()} ${key} kill ${kill + 1}: SIGKILL to ${oldPid}`);
     const timing: Timing = {};
     if (mode === "at-once") {
       const recover = Bun.spawn(server.recoverCommand(devId), { stdin: "ignore", stdout: "ignore", stderr: "pipe", env: { ...env, ...server.extraEnv } });
@@ -198,10 +201,15 @@ async function round(server: Server, mode: Mode): Promise<void> {
         if (server === ours) {
           const newPid = ctrl.getDevInfo(devId).ublksrvPid;
           const log = readFileSync(LOG, "utf8");
-          if (mode === "recover") timing.daemonStartedMs = processStartMs(newPid) - startUptimeMs; // ±10 ms
-          else timing.standbyAskedMs = logTimeMs(log, newPid, "standby for device \\d+: recover asked") - startWallMs;
-          timing.startUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: START_USER_RECOVERY done") - startWallMs;
-          timing.queuesFetchedMs = logTimeMs(log, newPid, "device \\d+: every queue fetched") - startWallMs;
+          if (mode === "recover") {
+            timing.daemonStartedMs = processStartMs(newPid) - startUptimeMs; // ±10 ms
+            timing.startUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: START_USER_RECOVERY done") - startWallMs;
+            timing.queuesFetchedMs = logTimeMs(log, newPid, "device \\d+: every queue fetched") - startWallMs;
+          } else {
+            // The spare re-attached before `recover` was started: those steps are timed from the kill.
+            timing.killToQueuesFetchedMs = logTimeMs(log, newPid, "device \\d+: every queue fetched") - killedWallMs;
+            timing.standbyAskedMs = logTimeMs(log, newPid, "standby for device \\d+: recover asked") - startWallMs;
+          }
           timing.endUserRecoveryMs = logTimeMs(log, newPid, "device \\d+: END_USER_RECOVERY done") - startWallMs;
         }
       }
@@ -252,9 +260,8 @@ const PHASES: Array<[Mode, string, string]> = [
   ["auto", "killToLiveMs", "`--auto-recover`: kill → LIVE"],
   ["auto", "killToFirstIoMs", "`--auto-recover`: kill → first completed I/O"],
   ["standby", "killToQuiescedMs", "`add --standby` (spare ready): kill → QUIESCED"],
+  ["standby", "killToQueuesFetchedMs", "`add --standby`: kill → the spare has every queue FETCHed (I/O still held)"],
   ["standby", "standbyAskedMs", "`add --standby`: `recover` start → the spare has the request"],
-  ["standby", "startUserRecoveryMs", "`add --standby`: `recover` start → START_USER_RECOVERY done"],
-  ["standby", "queuesFetchedMs", "`add --standby`: `recover` start → every queue FETCHed"],
   ["standby", "endUserRecoveryMs", "`add --standby`: `recover` start → END_USER_RECOVERY done"],
   ["standby", "firstIoMs", "`add --standby`: `recover` start → first completed I/O (C: plain recover)"],
   ["standby", "recoverExitedMs", "`add --standby`: `recover` start → `recover` exits (C: plain recover)"],
@@ -280,6 +287,8 @@ const lines = [
   "",
 ];
 writeFileSync(join(outDir, "recovery.md"), lines.join("\n"));
+// Our daemons' step-by-step log (UBLK_BUN_DEBUG), beside the kill times printed above, for reading a phase apart.
+if (existsSync(LOG)) writeFileSync(join(outDir, "recovery-daemon.log"), readFileSync(LOG));
 writeFileSync(join(outDir, "recovery.json"), JSON.stringify({ kills, rounds, timings: Object.fromEntries(timings), fioErrors: Object.fromEntries(fioErrors) }, null, 1));
 console.log(lines.join("\n"));
 process.exit(fioErrors.get(ours.name) === 0 ? 0 : 1);

@@ -155,11 +155,12 @@ export class Device {
    * record, hands the queues /dev/ublkcN (each FETCHes every tag) and, from this thread — never a queue thread —
    * END_USER_RECOVERY with our pid. `awaitTurn`, when given, is awaited once the Workers are started and before
    * anything is asked of the device, with a promise of the Workers being ready (the daemon takes the device's
-   * lock there; a standby first waits for the serving daemon to die). On failure the device stays quiesced, ready
-   * for another attempt.
+   * lock there; a standby first waits for the serving daemon to die). `awaitResume`, when given, is awaited once
+   * every queue has FETCHed, before END_USER_RECOVERY: until then the device stays quiesced, and only I/O
+   * resuming is left to do. On failure the device stays quiesced, ready for another attempt.
    */
   static async recover(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}, waitTimeoutMs = 60_000,
-                       awaitTurn?: (prepared: Promise<void>) => Promise<void>): Promise<Device> {
+                       awaitTurn?: (prepared: Promise<void>) => Promise<void>, awaitResume?: () => Promise<void>): Promise<Device> {
     const devId = config.devId;
     const ctrl = Ctrl.open();
     let charFd = -1, claimFd = -1;
@@ -195,6 +196,7 @@ export class Device {
       const queues = await launched.attach(charFd);
       debug(`device ${devId}: every queue fetched`);
       claimFd = await claimFor(target);
+      await awaitResume?.();
       await pauseForTest("before-end-recovery");
       ctrl.endUserRecovery(devId, getpid());
       debug(`device ${devId}: END_USER_RECOVERY done`);

@@ -29,8 +29,9 @@ export interface DaemonSpec {
   mode?: "create" | "recover" | "standby";
   /** With "standby": the serving daemon's pid. */
   watchPid?: number;
-  /** With "standby": once `watchPid` has exited, recover only when `recover -n ID` asks (on the standby's socket,
-   * see standbySocketPath) — the spare of `add --standby`, not of a supervisor. */
+  /** With "standby": once `watchPid` has exited, re-attach at once but resume the device's I/O (END_USER_RECOVERY)
+   * only when `recover -n ID` asks (on the standby's socket, see standbySocketPath) — the spare of `add --standby`,
+   * not of a supervisor. */
   waitForRecover?: boolean;
   /** `add --standby`: every daemon of the device keeps a warm spare that `recover` hands the device to. */
   standby?: boolean;
@@ -102,6 +103,8 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
   // its turn comes: until then the serving daemon holds it.
   let lockFd = -1;
   const devId = spec.config.devId;
+  /** An --standby spare's `recover -n ID`, listened for from its daemon's death on. */
+  let recoverAsked: Promise<void> | undefined;
   /** A recovery's turn: the device is ours to recover once we hold its lock (a killed daemon releases it as it
    * exits) and its record is still there (`del` removes it under the lock). A standby first waits, fully loaded,
    * for the serving daemon to exit. */
@@ -110,20 +113,26 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
       await prepared;
       events.onStandby?.();
       await waitForDeathOf(spec.watchPid ?? 0);
-      if (spec.waitForRecover) {
-        await events.recoverAsked?.();
-        debug(`standby for device ${devId}: recover asked`);
-      }
       debug(`standby for device ${devId}: daemon ${spec.watchPid} exited; taking over`);
+      if (spec.waitForRecover) {
+        recoverAsked = events.recoverAsked?.() ?? Promise.resolve();
+        recoverAsked.catch(() => { /* awaited by awaitResume */ });
+      }
     }
     lockFd = await lockDeviceWaiting(devId, spec.mode ?? "recover", LOCK_WAIT_MS);
     debug(`device ${devId}: locked`);
     if (readRecord(devId) === null) throw new Error(`${spec.mode}: device ${devId} has no record any more (deleted meanwhile)`);
   };
+  /** The spare re-attaches at once — up to every queue FETCHed, the device still quiesced — and resumes its I/O
+   * (END_USER_RECOVERY) when `recover` asks: the operator's command then waits for nothing else. */
+  const awaitResume = async () => {
+    await recoverAsked;
+    debug(`standby for device ${devId}: recover asked`);
+  };
   let device: Device;
   try {
     device = spec.mode === "recover" || spec.mode === "standby"
-      ? await Device.recover(spec.config, spec.target, events, undefined, awaitTurn)
+      ? await Device.recover(spec.config, spec.target, events, undefined, awaitTurn, spec.waitForRecover ? awaitResume : undefined)
       : await Device.create(spec.config, spec.target, events);
   } catch (error) {
     if (lockFd >= 0) closeSync(lockFd);

@@ -6,6 +6,10 @@
  * (WAITING / READY / ERROR lines). `recover` thus starts no daemon of its own: one runtime start less before the
  * application's I/O resumes. The spare then starts its own spare. A spare whose device went away, or was
  * recovered by someone else, exits; the serving daemon ends its spare when it stops or hands over, `del` too.
+ * The spare does not wait for `recover` to begin: once the kernel has quiesced the device it re-attaches up to
+ * the last step (START_USER_RECOVERY, every tag FETCHed), the device still quiesced and its I/O held, and the
+ * request only resumes it (END_USER_RECOVERY). A spare killed in between leaves the device as a daemon killed
+ * during a recovery does: quiesced, for the next `recover`.
  */
 import type { Socket } from "bun";
 import type { ServerProcess } from "./server-process.ts";

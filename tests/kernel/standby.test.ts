@@ -1,6 +1,6 @@
 // `add --standby`: a warm spare daemon that `recover` hands the device to (lib/standby.ts). Real ublk_drv.
 import { afterEach, describe, expect, test } from "bun:test";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, expectFioClean, waitFor } from "./helpers.ts";
 
 afterEach(cleanUp);
@@ -29,6 +29,17 @@ async function standbyOf(devId: number, notPid = 0): Promise<number> {
   return pid;
 }
 
+/** Whether `pid` has /dev/ublkcN open: a spare that re-attached while the device's I/O is held. */
+function holdsCharDevice(pid: number, devId: number): boolean {
+  try {
+    return readdirSync(`/proc/${pid}/fd`).some((fd) => {
+      try { return readlinkSync(`/proc/${pid}/fd/${fd}`) === `/dev/ublkc${devId}`; } catch { return false; }
+    });
+  } catch {
+    return false;
+  }
+}
+
 async function killAndWaitQuiesced(devId: number): Promise<number> {
   const pid = daemonPidOf(devId);
   process.kill(pid, "SIGKILL");
@@ -51,7 +62,9 @@ describe("add --standby", () => {
     const fio = Bun.spawn(["fio", `--filename=/dev/ublkb${devId}`, ...VERIFY_WRITER, "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     await Bun.sleep(1500);
     const oldPid = await killAndWaitQuiesced(devId);
-    await Bun.sleep(1500); // the spare recovers only when asked
+    // The spare re-attaches at once (START_USER_RECOVERY, every tag FETCHed) but resumes I/O only when asked.
+    await waitFor(`the spare to open /dev/ublkc${devId}`, () => holdsCharDevice(spare, devId), 30_000);
+    await Bun.sleep(1500);
     expect(stateOf(devId)).toBe("QUIESCED");
     expect(alive(spare)).toBe(true);
     cliOk(["recover", "-n", String(devId)]);
@@ -85,10 +98,28 @@ describe("add --standby", () => {
     await expectNoDaemonLeft();
   }, 180_000);
 
-  test("del of a quiesced device whose standby waits for recover: both go, nothing is left", async () => {
-    const devId = addDevice(["-t", "null", "-r", "1", "--standby"]);
-    await standbyOf(devId);
+  test("a spare killed once re-attached (I/O still held): recover starts a daemon, which serves", async () => {
+    const devId = addDevice(["-t", "memory", "-s", "8M", "-i", "1", "--standby"]);
+    const spare = await standbyOf(devId);
     await killAndWaitQuiesced(devId);
+    await waitFor(`the spare to open /dev/ublkc${devId}`, () => holdsCharDevice(spare, devId), 30_000);
+    process.kill(spare, "SIGKILL");
+    await waitFor("the spare to exit", () => !alive(spare), 10_000);
+    cliOk(["recover", "-n", String(devId)]);
+    expect(stateOf(devId)).toBe("LIVE");
+    expect([spare]).not.toContain(daemonPidOf(devId));
+    const read = Bun.spawnSync(["dd", `if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=16", "iflag=direct"], { stderr: "pipe" });
+    expect([read.exitCode, read.stderr.toString().includes("16+0 records in")]).toEqual([0, true]);
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+    await expectNoDaemonLeft();
+  }, 180_000);
+
+  test("del of a quiesced device whose standby waits for recover, re-attached: both go, nothing is left", async () => {
+    const devId = addDevice(["-t", "null", "-r", "1", "--standby"]);
+    const spare = await standbyOf(devId);
+    await killAndWaitQuiesced(devId);
+    await waitFor(`the spare to open /dev/ublkc${devId}`, () => holdsCharDevice(spare, devId), 30_000);
     cliOk(["del", "-n", String(devId)]);
     expectClean();
     await expectNoDaemonLeft();
