@@ -7,11 +7,11 @@
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
-  UBLK_F_AUTO_BUF_REG, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_F_AUTO_BUF_REG, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
-import { noticeQueue, QUEUE_NOTICE_DELETING, QUEUE_NOTICE_STOP } from "./queue-stop.ts";
+import { noticeQueue, QUEUE_NOTICE_DELETING, QUEUE_NOTICE_RESUME, QUEUE_NOTICE_STOP } from "./queue-stop.ts";
 import { processAlive } from "./daemon-env.ts";
 import { debug } from "./debug.ts";
 import { newQueueWorker } from "./queue-workers.ts";
@@ -43,6 +43,21 @@ export interface DeviceConfig {
   /** Zero copy (AUTO_BUF_REG): absent, when the kernel has it, the target prefers it and no data mode was asked
    * for; false: never (the copy path, for comparison); true: required (the device is refused otherwise). */
   zeroCopy?: boolean;
+}
+
+/** What a caller of Device.recover may add to its steps. */
+export interface RecoverySteps {
+  /** How long to wait for the kernel to quiesce the device and release the dead server's /dev/ublkcN (60 s). */
+  waitTimeoutMs?: number;
+  /** Awaited once the Workers are started and before anything is asked of the device, with a promise of the
+   * Workers being ready: the daemon takes the device's lock there; a standby first waits for its daemon to die.
+   * May return the target record to recover with instead of the one given (a spare's may have been resized). */
+  awaitTurn?: (prepared: Promise<void>) => Promise<TargetRecord | void>;
+  /** Awaited once every queue has FETCHed, before END_USER_RECOVERY: until then the device stays quiesced, its I/O
+   * held, and only resuming it is left to do. May return the target record as it is now: checked again. */
+  awaitResume?: () => Promise<TargetRecord | void>;
+  /** QueueStart.warmUpRounds for every queue (a spare has the time to compile its request path ahead). */
+  warmUpRounds?: number;
 }
 
 /** Where a queue runs: reported by its Worker, shown by `list`. */
@@ -153,14 +168,11 @@ export class Device {
    * (they load while the kernel works), waits until the kernel has quiesced the device, START_USER_RECOVERY
    * (retrying EBUSY until the dead server's /dev/ublkcN is released), checks the kernel's params against the
    * record, hands the queues /dev/ublkcN (each FETCHes every tag) and, from this thread — never a queue thread —
-   * END_USER_RECOVERY with our pid. `awaitTurn`, when given, is awaited once the Workers are started and before
-   * anything is asked of the device, with a promise of the Workers being ready (the daemon takes the device's
-   * lock there; a standby first waits for the serving daemon to die). `awaitResume`, when given, is awaited once
-   * every queue has FETCHed, before END_USER_RECOVERY: until then the device stays quiesced, and only I/O
-   * resuming is left to do. On failure the device stays quiesced, ready for another attempt.
+   * END_USER_RECOVERY with our pid (see RecoverySteps for the waits a caller can add). On failure the device stays
+   * quiesced, ready for another attempt.
    */
-  static async recover(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}, waitTimeoutMs = 60_000,
-                       awaitTurn?: (prepared: Promise<void>) => Promise<void>, awaitResume?: () => Promise<void>): Promise<Device> {
+  static async recover(config: DeviceConfig, target: TargetRecord, events: DeviceEvents = {}, steps: RecoverySteps = {}): Promise<Device> {
+    const { waitTimeoutMs = 60_000, awaitTurn, awaitResume } = steps;
     const devId = config.devId;
     const ctrl = Ctrl.open();
     let charFd = -1, claimFd = -1;
@@ -169,8 +181,12 @@ export class Device {
       let info = ctrl.getDevInfo(devId);
       const targetModule = loadTarget(target.type);
       targetModule.catch(() => { /* awaited below */ });
-      launched = launchQueues(ctrl, info, target, true, events, config.pollUs ?? "auto");
-      await awaitTurn?.(launched.prepared);
+      // Waiting to resume, each queue holds one tag back where the kernel would otherwise serve it early
+      // (QueueStart.holdLastTag): the kernels that cancel a command per io, not per queue daemon.
+      const holdLastTag = awaitResume !== undefined && (ctrl.getFeatures() & UBLK_F_PER_IO_DAEMON) !== 0;
+      launched = launchQueues(ctrl, info, target, true, events, config.pollUs ?? "auto",
+        { warmUpRounds: steps.warmUpRounds, holdLastTag });
+      let current = (await awaitTurn?.(launched.prepared)) ?? target;
       debug(`device ${devId}: our turn to recover`);
       info = ctrl.getDevInfo(devId);
       checkRecoverable(info, config);
@@ -185,18 +201,26 @@ export class Device {
       debug(`device ${devId}: ${UBLK_S_NAMES[info.state]}`);
       // Before the kernel hears of this recovery: a backing store that is no longer the recorded one is refused
       // while the device can still be recovered later (see Target.checkRecord).
-      await (await targetModule).checkRecord?.(target);
+      await (await targetModule).checkRecord?.(current);
       await pauseForTest("before-start-recovery");
       await startUserRecoveryRetrying(ctrl, devId, waitTimeoutMs);
       debug(`device ${devId}: START_USER_RECOVERY done`);
       await pauseForTest("after-start-recovery");
-      checkParams(ctrl.getParams(devId), target, info);
+      checkParams(ctrl.getParams(devId), current, info);
       charFd = await openCharDevice(devId, waitTimeoutMs, RECOVERY_POLL_MS);
       debug(`device ${devId}: /dev/ublkc${devId} open`);
       const queues = await launched.attach(charFd);
       debug(`device ${devId}: every queue fetched`);
-      claimFd = await claimFor(target);
-      await awaitResume?.();
+      claimFd = await claimFor(current);
+      if (awaitResume) {
+        const resumedWith = await awaitResume();
+        if (resumedWith && resumedWith !== current) {
+          checkParams(ctrl.getParams(devId), resumedWith, info);
+          current = resumedWith;
+        }
+        await launched.resume();
+        debug(`device ${devId}: every queue resumed`);
+      }
       await pauseForTest("before-end-recovery");
       ctrl.endUserRecovery(devId, getpid());
       debug(`device ${devId}: END_USER_RECOVERY done`);
@@ -204,7 +228,7 @@ export class Device {
       await launched.goLive();
       const live = ctrl.getDevInfo(devId);
       // A record written before records held the granted sizes is healed by the next record write.
-      return new Device(ctrl, live, grantedConfig(config, info), target, charFd, queues, claimFd);
+      return new Device(ctrl, live, grantedConfig(config, info), current, charFd, queues, claimFd);
     } catch (error) {
       await stopQueues(launched?.queues ?? []);
       if (claimFd >= 0) close(claimFd);
@@ -347,6 +371,9 @@ export interface LaunchedQueues {
   /** Once the kernel has the device (START_DEV or END_USER_RECOVERY done): throws the failure of a queue that
    * ended meanwhile; from then on a queue's end goes to `events.onFatal`. */
   goLive(): Promise<void>;
+  /** Queues that held a tag back (QueueStart.holdLastTag) FETCH it; resolves once every queue has (bounded by
+   * QUEUE_FETCH_TIMEOUT_MS), rejects with the first queue's failure. */
+  resume(): Promise<void>;
 }
 
 /** Starts one Worker per queue and resolves once every queue has FETCHed every tag. */
@@ -364,10 +391,12 @@ export async function startQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecor
  * device, so the Workers' start-up (the longest part of a recovery) overlaps the kernel's.
  */
 export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, recovering: boolean,
-                             events: DeviceEvents, pollUs: PollSetting): LaunchedQueues {
+                             events: DeviceEvents, pollUs: PollSetting,
+                             ahead: Pick<QueueStart, "warmUpRounds" | "holdLastTag"> = {}): LaunchedQueues {
   const queues: QueueWorker[] = [];
   const ready: Promise<void>[] = [];
   const preparedEach: Promise<void>[] = [];
+  const resumedEach: Promise<void>[] = [];
   let started = false;
   let live = false;
   /** A queue that ended after attach() but before goLive(): create()/recover() fail with it. */
@@ -406,10 +435,14 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
     let retired = false;
     let preparedResolve!: () => void;
     const prepared = new Promise<void>((resolve) => { preparedResolve = resolve; });
+    let resumedResolve!: () => void, resumedReject!: (error: Error) => void;
+    const resumed = new Promise<void>((resolve, reject) => { resumedResolve = resolve; resumedReject = reject; });
+    resumed.catch(() => { /* awaited by resume() only when a queue holds a tag back */ });
     const fetched = new Promise<void>((resolve, reject) => {
       worker.onmessage = (event: MessageEvent<QueueReply>) => {
         const reply = event.data;
         if (reply.type === "prepared") preparedResolve();
+        else if (reply.type === "resumed") resumedResolve();
         else if (reply.type === "fetched") {
           debug(`queue ${qId}: fetched every tag`);
           queue.info.tid = reply.tid;
@@ -426,11 +459,13 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
         const error = new Error(`queue ${qId}: ${failure || event.message}`);
         exitedResolve();
         reject(error);
+        resumedReject(error);
         fatal(error);
       };
       worker.addEventListener("close", () => {
         exitedResolve();
         reject(new Error(`queue ${qId}: worker ended before it was ready`));
+        resumedReject(new Error(`queue ${qId}: ${failure || "its Worker ended"} before it resumed`));
         if (queue.stopping) return;
         // Only a queue that said "exited" without a failure ended because the kernel retired its tags (the
         // device was stopped under it); any other end is this server's failure.
@@ -440,8 +475,9 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
     fetched.catch(() => { /* reported by attach(); a queue that fails while nobody waits yet is not unhandled */ });
     ready.push(fetched);
     preparedEach.push(Promise.race([prepared, fetched]));
+    resumedEach.push(resumed);
     const start: QueueStart = { devId: info.devId, qId, queueDepth: info.queueDepth, maxIoBufBytes: info.maxIoBufBytes,
-      devFlags: info.flags, target, cpuMask, recovering, stopFd, pollUs };
+      devFlags: info.flags, target, cpuMask, recovering, stopFd, pollUs, ...ahead };
     worker.postMessage(start);
     queues.push(queue);
   }
@@ -459,21 +495,19 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
         queue.attached = true;
         queue.worker.postMessage({ type: "attach", charFd } satisfies QueueAttach);
       }
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      const timedOut = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`a queue did not fetch its tags within ${QUEUE_FETCH_TIMEOUT_MS / 1000} s ` +
-          `(its target's openQueue never returned?)`)), QUEUE_FETCH_TIMEOUT_MS);
-      });
       try {
-        await Promise.race([Promise.all(ready), timedOut]);
+        await withinFetchTimeout(Promise.all(ready), "fetch its tags", "its target's openQueue never returned?");
       } catch (error) {
         await stopQueues(queues);
         throw error;
-      } finally {
-        clearTimeout(timer);
       }
       started = true;
       return queues;
+    },
+    async resume(): Promise<void> {
+      if (!ahead.holdLastTag) return;
+      for (const queue of queues) noticeQueue(queue.stopFd, QUEUE_NOTICE_RESUME);
+      await withinFetchTimeout(Promise.all(resumedEach), "fetch the tag it held back", "its thread is stuck?");
     },
     async goLive(): Promise<void> {
       // START_DEV blocked this thread while the kernel sent its first requests (the partition scan): let the
@@ -484,6 +518,19 @@ export function launchQueues(ctrl: Ctrl, info: DevInfo, target: TargetRecord, re
       live = true;
     },
   };
+}
+
+/** `done`, or a one-line failure after QUEUE_FETCH_TIMEOUT_MS naming what a queue did not do (and a guess why). */
+async function withinFetchTimeout(done: Promise<unknown>, what: string, guess: string): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timedOut = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`a queue did not ${what} within ${QUEUE_FETCH_TIMEOUT_MS / 1000} s (${guess})`)), QUEUE_FETCH_TIMEOUT_MS);
+  });
+  try {
+    await Promise.race([done, timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** Wakes every queue out of its loop (if STOP_DEV has not already retired it) and ends the Workers. */

@@ -29,7 +29,7 @@ import {
 import { loadTarget } from "../targets/registry.ts";
 import { debug } from "./debug.ts";
 import type { PollSetting } from "./options.ts";
-import { QUEUE_NOTICE_STOP } from "./queue-stop.ts";
+import { readNotices } from "./queue-stop.ts";
 import type { QueuePreload } from "./queue-workers.ts";
 import { PollPolicy } from "./poll-policy.ts";
 import { type DataMode, pickDataMode, type TagBuffers } from "./data-mode.ts";
@@ -55,6 +55,15 @@ export interface QueueStart {
   stopFd: number;
   /** DeviceConfig.pollUs: how long to spin for the next request before sleeping in the ring, or "auto". */
   pollUs: PollSetting;
+  /** How many times the request path runs on stand-ins before the queue attaches (see serveUntilRetired); 1 if absent. */
+  warmUpRounds?: number;
+  /** A spare that re-attaches before `recover` asks: FETCH every tag but the last, which waits for
+   * QUEUE_NOTICE_RESUME. On kernels that cancel per io (UBLK_F_PER_IO_DAEMON; 7.3 checked) a queue with every tag
+   * FETCHed is ready and is sent new requests before END_USER_RECOVERY; one tag short, it is not, and the kernel
+   * holds them as USER_RECOVERY promises until the operator's `recover`. Older kernels (6.12) hold every request
+   * until END_USER_RECOVERY anyway, and there a task that dies with a queue part-FETCHed leaves commands its ring
+   * can never cancel (/dev/ublkcN stays busy for good): they FETCH every tag. */
+  holdLastTag?: boolean;
 }
 
 /** Hands a prepared queue /dev/ublkcN (charFd ≥ 0), or tells it to leave without attaching (-1). */
@@ -66,6 +75,8 @@ export interface QueueAttach {
 export type QueueReply =
   | { type: "prepared"; qId: number }
   | { type: "fetched"; qId: number; tid: number }
+  /** The tag held back (QueueStart.holdLastTag) is FETCHed too: the queue is ready. */
+  | { type: "resumed"; qId: number }
   | { type: "exited"; qId: number; servedIos: number }
   /** Sent just before the Worker throws: the error's one-line message (the Worker's error event carries a
    * formatted stack with source lines instead). */
@@ -130,6 +141,9 @@ function complaintLog(): (line: string) => void {
 }
 
 const OP_NAMES = ["READ", "WRITE", "FLUSH", "DISCARD", "WRITE_SAME", "WRITE_ZEROES"];
+
+/** Serves the warm-up's stand-in requests (see serveUntilRetired): done at once, nothing touched. */
+const STAND_IN_HANDLER: QueueHandler = { handleIo: () => 0 };
 
 /** What a queue holds; released on every way out of serveQueue. */
 interface QueueResources {
@@ -280,10 +294,12 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
       else refuse(tag, result, state === TAG_CLOSED ? "after its queue stopped" : state === undefined ? "for no such tag" : "that was already completed");
     },
   };
-  const handler: QueueHandler = held.handler = await target.openQueue(start.target, context);
-  const usesEventLoop = handler.needsEventLoop === true;
+  const targetHandler: QueueHandler = held.handler = await target.openQueue(start.target, context);
+  /** Who serves requests: a stand-in during the warm-up below, then the target. */
+  let handler = STAND_IN_HANDLER;
+  const usesEventLoop = targetHandler.needsEventLoop === true;
   // With USER_COPY the kernel then copies nothing either: reads leave the reader's buffer as it was.
-  if (handler.ignoresData === true) buffers.tagStrideBytes = 0;
+  if (targetHandler.ignoresData === true) buffers.tagStrideBytes = 0;
 
   /** Serves the request now in `tag`'s descriptor. */
   function serveRequest(tag: number): void {
@@ -321,21 +337,26 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     return dataResult !== 0 ? dataResult : handler.handleIo(tag, op, opFlags & ~0xff, startSector, nrSectors);
   }
 
-  // The command path runs first for every tag at once — the FETCHes at attach, then a round of commits. Under
-  // emulation that first, uncompiled run of the FETCHes took 14–100 ms of a recovery's stall (2–33 ms once
-  // warmed). So it runs once here, as a flush's commit per tag into SQEs that are dropped unsent (with a stand-in
-  // data mode: the same code, no descriptor to name yet).
-  dataMode = pickDataMode(start.devFlags, -1, qId, depth, buffers, handler);
-  const unsent = ring.sqeMark();
-  for (let tag = 0; tag < Math.min(depth, ring.sqSpace()); tag++) {
-    tagOp[tag] = UBLK_IO_OP_FLUSH;
-    finish(tag, 0);
+  // The request path runs first for a whole batch at once: the FETCHes at attach, then — after a recovery — every
+  // request the dead server held, together. Under emulation the first, uncompiled run of the FETCHes took 14–100
+  // ms of a recovery's stall (2–33 ms once warmed), and a first batch of 64 reads 10–90 ms (1–3 ms once compiled).
+  // So it runs here first, on stand-ins: each tag's descriptor a flush, served by a target that answers 0 and
+  // committed into SQEs that are dropped unsent, with a data mode that names no descriptor yet. Once for a queue
+  // started on the application's path; a spare, which has the time, runs it until it is compiled.
+  dataMode = pickDataMode(start.devFlags, -1, qId, depth, buffers, targetHandler);
+  iod = new Uint32Array(depth * IOD_WORDS);
+  for (let tag = 0; tag < depth; tag++) iod[tag * IOD_WORDS + IOD_OP_FLAGS] = UBLK_IO_OP_FLUSH;
+  for (let round = 0; round < (start.warmUpRounds ?? 1); round++) {
+    const unsent = ring.sqeMark();
+    for (let tag = 0; tag < Math.min(depth, ring.sqSpace()); tag++) serveRequest(tag);
+    ring.dropSqesSince(unsent);
   }
-  ring.dropSqesSince(unsent);
+  handler = targetHandler;
+  servedIos = 0;
   reply({ type: "prepared", qId });
   charFd = start.charFd ?? await attached;
   if (charFd < 0) return 0; // stopped before it was attached: nothing was served
-  dataMode = pickDataMode(start.devFlags, charFd, qId, depth, buffers, handler);
+  dataMode = pickDataMode(start.devFlags, charFd, qId, depth, buffers, targetHandler);
   debug(`queue ${qId}: attached`);
   const descBytes = ublkDescAreaBytes(depth);
   const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
@@ -344,13 +365,16 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   held.descBytes = descBytes;
   iod = new Uint32Array(memoryAt(descAddress, descBytes));
 
-  for (let tag = 0; tag < depth; tag++) queueIoCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+  /** The tag a spare holds back until it is asked to resume (QueueStart.holdLastTag), or -1. */
+  let heldTag = start.holdLastTag ? depth - 1 : -1;
+  for (let tag = 0; tag < depth; tag++) if (tag !== heldTag) queueIoCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
   ring.prepPollAdd(nextSqe(), stopFd, POLLIN, 0, STOP_USER_DATA);
   const submitted = ring.submit();
   if (submitted < 0) throw new ErrnoError(`FETCH_REQ on queue ${qId}`, -submitted);
   reply({ type: "fetched", qId, tid: gettid() });
 
-  let retiredTags = 0;
+  // A held tag never reaches the kernel until resumed, so the kernel can never retire it: it counts as retired.
+  let retiredTags = heldTag >= 0 ? 1 : 0;
   let batchIos = 0; // ublk completions in the last round
   let stopRequested = false;
   const noticeCount = new BigUint64Array(1);
@@ -441,10 +465,20 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
       } else if (kind === TARGET_USER_DATA) {
         handler.onTargetCqe?.(userDataLow, res);
       } else if (kind === STOP_USER_DATA) {
-        const notice = res < 0 || read(stopFd, noticeCount, 8) !== 8 ? QUEUE_NOTICE_STOP : Number(noticeCount[0]);
-        if (notice >= QUEUE_NOTICE_STOP) stopRequested = true;
+        const notices = res < 0 || read(stopFd, noticeCount, 8) !== 8 ? { deleting: false, resume: false, stop: true } : readNotices(Number(noticeCount[0]));
+        if (notices.stop) stopRequested = true;
         else {
-          handler.onDeleting?.();
+          if (notices.deleting) handler.onDeleting?.();
+          if (notices.resume && heldTag >= 0) {
+            // Sent at once, not with this round's commits: the device waits for it to END_USER_RECOVERY, and this
+            // thread may sleep in the ring below until a request comes, which none will before then.
+            queueIoCmd(UBLK_U_IO_FETCH_REQ, heldTag, 0);
+            const resumed = ring.submit(0);
+            if (resumed < 0) throw new ErrnoError(`FETCH_REQ on queue ${qId}`, -resumed);
+            heldTag = -1;
+            retiredTags--;
+            reply({ type: "resumed", qId });
+          }
           ring.prepPollAdd(nextSqe(), stopFd, POLLIN, 0, STOP_USER_DATA);
         }
       }
