@@ -45,7 +45,7 @@ cli
   .option("-e, --recovery-fail-io <0|1>", "USER_RECOVERY + FAIL_IO: I/O fails fast while no daemon (kernel ≥ 6.13)")
   .option("--no-part-scan", "NO_AUTO_PART_SCAN: do not scan the new disk for partitions (kernel ≥ 7.0)")
   .option("--auto-recover", "Watch the daemon and recover the device by itself when it dies (needs -r 1, -i 1 or -e 1)")
-  .option("--standby", "Keep a warm spare daemon that `recover` hands the device to at once (needs -r 1, -i 1 or -e 1; one more process)")
+  .option("--standby [0|1]", "A warm spare daemon that `recover` hands the device to at once (one more process, ~15 MiB; default with -r 1, -i 1 or -e 1; 0: none)")
   .option("--foreground", "Serve from this process until SIGINT/SIGTERM instead of starting a daemon")
   .option("--json", "Print the device as JSON")
   .action((flags: Flags) => run(() => add(flags)));
@@ -116,9 +116,14 @@ async function add(flags: Flags): Promise<void> {
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0 && !failIo) throw new UsageError("--auto-recover needs -r 1, -i 1 or -e 1");
   if (flags.autoRecover && flags.foreground) throw new UsageError("--auto-recover and --foreground cannot be combined");
-  if (flags.standby !== undefined && flags.standby !== true) throw new UsageError("--standby takes no value");
-  if (flags.standby && (config.flags & UBLK_F_USER_RECOVERY) === 0 && !failIo) throw new UsageError("--standby needs -r 1, -i 1 or -e 1");
-  if (flags.standby && flags.autoRecover) throw new UsageError("--standby and --auto-recover cannot be combined (the supervisor keeps its own standby)");
+  const recoverable = (config.flags & UBLK_F_USER_RECOVERY) !== 0 || failIo;
+  const standbyText = single("--standby", flags.standby);
+  const standbyAsked = standbyText === undefined ? undefined : standbyText === true || parseSwitch("--standby", standbyText);
+  if (standbyAsked && !recoverable) throw new UsageError("--standby needs -r 1, -i 1 or -e 1");
+  if (standbyAsked && flags.autoRecover) throw new UsageError("--standby and --auto-recover cannot be combined (the supervisor keeps its own standby)");
+  // A recoverable device keeps a warm spare unless told not to: `recover` then starts no runtime of its own. Not
+  // with --auto-recover (its supervisor keeps one) nor --foreground (whoever runs it, systemd say, restarts it).
+  const standby = standbyAsked ?? (recoverable && flags.autoRecover !== true && flags.foreground !== true);
   if (flags.unprivileged === true) {
     // ublk_drv clears the recovery flags of unprivileged devices (a user's daemon could stall recovery forever).
     if ((config.flags & UBLK_F_USER_RECOVERY) !== 0 || failIo) throw new UsageError("--unprivileged: the kernel allows no recovery (-r, -i, -e) for unprivileged devices");
@@ -152,7 +157,7 @@ async function add(flags: Flags): Promise<void> {
   if (flags.nbd !== undefined) targetOptions.nbd = String(single("--nbd", flags.nbd));
   for (const key of ["buffered", "readOnly", "grow"] as const) if (flags[key] === true) targetOptions[key] = true;
   const record = await target.prepare(targetOptions);
-  const spec: DaemonSpec = { config, target: { ...record, type: targetType }, ...(flags.standby ? { standby: true } : {}) };
+  const spec: DaemonSpec = { config, target: { ...record, type: targetType }, ...(standby ? { standby: true } : {}) };
   try {
     await serve(spec, flags);
   } catch (error) {

@@ -1,7 +1,7 @@
 /**
  * `recover -n ID`, from bin/ublk-bun.ts before cac and the rest of the CLI load (every millisecond until the
- * device serves again is the application's stall): hands the device to its `add --standby` spare when one
- * listens, or else starts a daemon that recovers it. Prints the device's list block once it serves.
+ * device serves again is the application's stall): hands the device to its warm spare when one listens, or else
+ * starts a daemon that recovers it. Prints the device's list block once it serves (as the spare sent it).
  */
 import { recoverThroughStandby } from "./standby-client.ts";
 import type { DeviceRecord } from "./records.ts";
@@ -26,6 +26,10 @@ export async function recoverCommand(devId: number, json: boolean): Promise<void
     record = outcome.record;
   }
   if (lastReportS >= 0) process.stderr.write("\n");
+  if (spare.listing) {
+    console.log(json ? JSON.stringify(spare.listing.json, null, 2) : spare.listing.text);
+    return;
+  }
   const { formatListing, listDevices, listingJson } = await import("./admin.ts");
   const [listing] = listDevices(record.devId);
   console.log(json ? JSON.stringify(listingJson(listing!), null, 2) : formatListing(listing!));

@@ -13,6 +13,7 @@ import { DAEMON_SPEC_ENV, isOurDaemon, processAlive, STATUS_FD, SUPERVISOR_PID_E
 import { Ctrl, type DevInfo } from "./ctrl.ts";
 import { runDir } from "./run-dir.ts";
 import { forget, keepStandby, recoverAsked, type Asker, type KeptStandby } from "./standby.ts";
+import type { SentListing } from "./status-lines.ts";
 
 export { DAEMON_SPEC_ENV, STATUS_FD, SUPERVISOR_PID_ENV };
 import { loadTarget } from "../targets/registry.ts";
@@ -42,6 +43,10 @@ export interface DaemonSpec {
 }
 
 
+/** How many times a spare's queues run their request path ahead (QueueStart.warmUpRounds): under emulation 32
+ * rounds of 128 stand-in requests took 0.25 s per queue, long before the spare is needed, and brought the first
+ * batch after a take-over from 10–90 ms to 6–17 ms. */
+const STANDBY_WARM_UP_ROUNDS = 32;
 /** How long a recovering daemon waits for the device's lock: a daemon just killed still holds it until it has exited. */
 const LOCK_WAIT_MS = 2_000;
 /** Back-off of the record write a recovered daemon retries (first delay, then doubling up to the max). */
@@ -83,6 +88,23 @@ export function recoverySpec(devId: number): DaemonSpec {
     ...(record.standby ? { standby: true } : {}) };
 }
 
+/**
+ * What a spare recovers with: the record as it is now, not as it was when the spare started. `resize` may have
+ * changed the size since (the queues follow a grown file by themselves, see targets/mapping.ts); anything else
+ * changed means the spare's queues serve something the record no longer describes, so it steps back and a daemon
+ * started from the record does the recovery.
+ */
+function recordedTarget(spec: DaemonSpec, record: DeviceRecord): TargetRecord {
+  const withoutSize = (target: TargetRecord) => JSON.stringify({ ...target, sizeBytes: 0 });
+  const { devId: _recordedId, ...recordedConfig } = record.config;
+  const { devId: _specId, ...specConfig } = spec.config;
+  if (withoutSize(record.target) !== withoutSize(spec.target) || JSON.stringify(recordedConfig) !== JSON.stringify(specConfig)) {
+    throw new Error(`standby for device ${record.devId}: the device's record changed since this spare started; ` +
+      `run "recover -n ${record.devId}" again to recover it with a daemon started from the record`);
+  }
+  return record.target;
+}
+
 /** A started device with its record written; `stop()` deletes the device, the record and the target's state. */
 export interface ServedDevice {
   device: Device;
@@ -108,7 +130,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
   /** A recovery's turn: the device is ours to recover once we hold its lock (a killed daemon releases it as it
    * exits) and its record is still there (`del` removes it under the lock). A standby first waits, fully loaded,
    * for the serving daemon to exit. */
-  const awaitTurn = async (prepared: Promise<void>) => {
+  const awaitTurn = async (prepared: Promise<void>): Promise<TargetRecord | void> => {
     if (spec.mode === "standby") {
       await prepared;
       events.onStandby?.();
@@ -121,18 +143,25 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
     }
     lockFd = await lockDeviceWaiting(devId, spec.mode ?? "recover", LOCK_WAIT_MS);
     debug(`device ${devId}: locked`);
-    if (readRecord(devId) === null) throw new Error(`${spec.mode}: device ${devId} has no record any more (deleted meanwhile)`);
+    const record = readRecord(devId);
+    if (record === null) throw new Error(`${spec.mode}: device ${devId} has no record any more (deleted meanwhile)`);
+    if (spec.mode === "standby") return recordedTarget(spec, record);
   };
   /** The spare re-attaches at once — up to every queue FETCHed, the device still quiesced — and resumes its I/O
    * (END_USER_RECOVERY) when `recover` asks: the operator's command then waits for nothing else. */
-  const awaitResume = async () => {
+  const awaitResume = async (): Promise<TargetRecord> => {
     await recoverAsked;
     debug(`standby for device ${devId}: recover asked`);
+    const record = readRecord(devId);
+    if (record === null) throw new Error(`recover: device ${devId} has no record in ${runDir()} any more`);
+    return recordedTarget(spec, record);
   };
   let device: Device;
   try {
     device = spec.mode === "recover" || spec.mode === "standby"
-      ? await Device.recover(spec.config, spec.target, events, undefined, awaitTurn, spec.waitForRecover ? awaitResume : undefined)
+      ? await Device.recover(spec.config, spec.target, events, {
+        awaitTurn, ...(spec.waitForRecover ? { awaitResume } : {}), ...(spec.mode === "standby" ? { warmUpRounds: STANDBY_WARM_UP_ROUNDS } : {}),
+      })
       : await Device.create(spec.config, spec.target, events);
   } catch (error) {
     if (lockFd >= 0) closeSync(lockFd);
@@ -148,7 +177,7 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
   }
   const supervisorPid = Number(process.env[SUPERVISOR_PID_ENV] ?? 0);
   const record: DeviceRecord = {
-    version: RECORD_VERSION, devId: device.devId, config: device.config, target: spec.target, pid: process.pid,
+    version: RECORD_VERSION, devId: device.devId, config: device.config, target: device.target, pid: process.pid,
     queues: device.queueInfo, createdAt: spec.createdAt ?? new Date().toISOString(),
     ...(supervisorPid > 0 ? { supervisorPid } : {}), ...recordedIdentity(supervisorPid), ...(spec.standby ? { standby: true } : {}),
   };
@@ -242,7 +271,11 @@ export async function runDaemon(request: DaemonSpec | RecoveryRequest, reportToS
     served = await startServing(spec, {
       onAdded: (devId) => report(`ADDED ${devId}`),
       onWaiting: (elapsedMs, state) => report(`WAITING ${Math.round(elapsedMs)} ${state}`),
-      onStandby: () => report("STANDBY"),
+      onStandby() {
+        report("STANDBY");
+        // What a spare needs once it serves, loaded while it waits (see listingLine).
+        if (spec.waitForRecover) import("./admin.ts").catch(() => { /* listingLine reports nothing then */ });
+      },
       recoverAsked: () => recoverAsked(spec.config.devId, spec.watchPid ?? 0, (who) => { asker = who; }),
       onFatal,
     });
@@ -253,9 +286,13 @@ export async function runDaemon(request: DaemonSpec | RecoveryRequest, reportToS
     dropEarlyQueueWorkers();
   }
   report(`READY ${JSON.stringify(served.record)}`);
-  asker = undefined;
   // A spare's own note goes once it serves; a supervisor keeps the spares of its devices itself.
   forget(served.device.devId, process.pid);
+  if (asker) {
+    // `recover` prints the device's list block: sent from here (admin.ts is loaded by now), it loads nothing for it.
+    asker.end(await listingLine(served.device.devId));
+    asker = undefined;
+  }
   let spare: KeptStandby | undefined;
   if (served.record.standby && !served.record.supervisorPid) {
     try {
@@ -276,6 +313,18 @@ export async function runDaemon(request: DaemonSpec | RecoveryRequest, reportToS
     await served.handOver();
   } else {
     await served.stop();
+  }
+}
+
+/** The LISTING status line for a served device (see SentListing), or undefined: `recover` then builds it itself. */
+async function listingLine(devId: number): Promise<string | undefined> {
+  try {
+    const { formatListing, listDevices, listingJson } = await import("./admin.ts");
+    const [listing] = listDevices(devId);
+    return `LISTING ${JSON.stringify({ text: formatListing(listing!), json: listingJson(listing!) } satisfies SentListing)}`;
+  } catch (error) {
+    log(`device ${devId}: cannot send recover the list block: ${oneLine(error)}`);
+    return undefined;
   }
 }
 

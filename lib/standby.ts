@@ -22,9 +22,11 @@ import { readRecord, readStandby, removeStandby, writeStandby, type DeviceRecord
 /** How often a spare whose daemon died checks that it is still wanted. */
 const WANTED_CHECK_MS = 1_000;
 
-/** Where status lines go: the `recover` that asked, until READY or ERROR. */
+/** Where status lines go: the `recover` that asked, until ERROR, or until READY and the LISTING after it. */
 export interface Asker {
   write(line: string): void;
+  /** Writes `line` last (if any) and closes. */
+  end(line?: string): void;
 }
 
 /**
@@ -49,7 +51,10 @@ export function recoverAsked(devId: number, watchPid: number, onAsker: (asker: A
           }
           asked = true;
           finish();
-          onAsker({ write: (line) => send(socket, line + "\n", line.startsWith("READY ") || line.startsWith("ERROR ")) });
+          onAsker({
+            write: (line) => send(socket, line + "\n", line.startsWith("ERROR ")),
+            end: (line) => send(socket, line === undefined ? "" : line + "\n", true),
+          });
           resolve();
         },
         drain: flush,

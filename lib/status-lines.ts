@@ -20,11 +20,18 @@ export function lineReader(onLine: (line: string) => void): (chunk: Uint8Array) 
   };
 }
 
+/** The device's `list` block as a spare sends it to `recover` after READY, so that `recover` loads nothing to print it. */
+export interface SentListing {
+  text: string;
+  json: object;
+}
+
 export interface StatusHandlers {
   onAdded?(devId: number): void;
   onWaiting?(elapsedMs: number, state: string): void;
   onStandby?(): void;
   onReady(record: DeviceRecord): void;
+  onListing?(listing: SentListing): void;
   onError(message: string): void;
 }
 
@@ -36,5 +43,6 @@ export function readStatusLine(line: string, handlers: StatusHandlers): void {
     handlers.onWaiting?.(Number(elapsedMs), state ?? "?");
   } else if (line === "STANDBY") handlers.onStandby?.();
   else if (line.startsWith("READY ")) handlers.onReady(JSON.parse(line.slice(6)) as DeviceRecord);
+  else if (line.startsWith("LISTING ")) handlers.onListing?.(JSON.parse(line.slice(8)) as SentListing);
   else if (line.startsWith("ERROR ")) handlers.onError(line.slice(6));
 }

@@ -4,7 +4,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { addDevice, CLI, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio } from "./helpers.ts";
+import { addDevice, CLI, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, waitFor } from "./helpers.ts";
 
 const features: string[] = JSON.parse(cliOk(["features", "--json"])).names;
 const has = (name: string) => features.includes(name);
@@ -46,6 +46,13 @@ function expectVerified(devId: number, offsetBytes: number, sizeBytes: number): 
   expect({ status: result.status, errors: result.errors }).toEqual({ status: 0, errors: 0 });
 }
 
+/** The device's warm spare (`list` names it once it is loaded), waited for. */
+async function standbyOf(devId: number): Promise<number> {
+  let pid = 0;
+  await waitFor(`the spare of device ${devId}`, () => (pid = Number(/standby daemon: (\d+)/.exec(cliOk(["list", "-n", String(devId)]))?.[1] ?? 0)) > 0, 60_000);
+  return pid;
+}
+
 /** One line on stderr, non-zero exit. */
 function expectRefused(args: string[], message: RegExp): void {
   const run = cli(args);
@@ -55,7 +62,7 @@ function expectRefused(args: string[], message: RegExp): void {
 }
 
 describe("resize (UPDATE_SIZE)", () => {
-  test.skipIf(!has("UPDATE_SIZE"))("memory: grow and shrink a live device; data kept, record updated, recover accepts it", () => {
+  test.skipIf(!has("UPDATE_SIZE"))("memory: grow and shrink a live device; data kept, record updated, recover (by the warm spare) accepts it", async () => {
     const devId = addDevice(["-t", "memory", "-s", "32M", "-q", "2", "-i", "1"]);
     writeVerified(devId, 0, 16 * MiB);
     const shmPath = recordOf(devId).target.options.shmPath;
@@ -83,12 +90,16 @@ describe("resize (UPDATE_SIZE)", () => {
     closeSync(fd);
     expect(tail.every((byte) => byte === 0)).toBe(true);
 
-    // The kernel's params and the record agree: a crash now is recoverable.
+    // The kernel's params and the record agree: a crash now is recoverable — by the warm spare, which was started
+    // with the record of 32 MiB and must take the size from the record as it is now (and keep it there).
+    const spare = await standbyOf(devId);
     process.kill(daemonPidOf(devId), "SIGKILL");
     const recover = cli(["recover", "-n", String(devId)]);
     expect(recover.stderr).toBe("");
     expect(recover.status).toBe(0);
+    expect(daemonPidOf(devId)).toBe(spare);
     expect(sizeBytesOf(devId)).toBe(48 * MiB);
+    expect(recordOf(devId).target.sizeBytes).toBe(48 * MiB);
     expectVerified(devId, 0, 16 * MiB);
     cliOk(["del", "-n", String(devId)]);
     expectClean();

@@ -143,7 +143,8 @@ setInterval(() => {}, 1 << 30); // serve until killed
 
 describe("a recover that cannot write its record", () => {
   test("keeps serving, says so in the log and in list, and writes the record once it can", async () => {
-    const devId = addDevice(["-t", "memory", "-s", "32M", "-i", "1", "-d", "16"]);
+    // No spare (--standby 0): the daemon that `recover` starts is the one paused here.
+    const devId = addDevice(["-t", "memory", "-s", "32M", "-i", "1", "-d", "16", "--standby", "0"]);
     const fio = startFio(devId, PSYNC_READER);
     await Bun.sleep(1000);
     const oldPid = await killDaemon(devId);
@@ -181,7 +182,7 @@ describe("a recover that cannot write its record", () => {
 describe("del while a recover runs", () => {
   for (const step of ["before-end-recovery", "before-record"]) {
     test(`del during a recover paused at ${step}: del succeeds, the recovering daemon is gone, nothing comes back`, async () => {
-      const devId = addDevice(["-t", "memory", "-s", "16M", "-i", "1", "-d", "16"]);
+      const devId = addDevice(["-t", "memory", "-s", "16M", "-i", "1", "-d", "16", "--standby", "0"]);
       const oldPid = await killDaemon(devId);
       const { child, daemonPid } = await spawnPaused(["recover", "-n", String(devId)], step, oldPid);
       const del = cli(["del", "-n", String(devId)], {}, 60_000);

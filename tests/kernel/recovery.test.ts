@@ -167,7 +167,8 @@ describe("recovery", () => {
 
   for (const step of ["after-start-recovery", "before-end-recovery"]) {
     test(`the daemon killed during recover (${step}): a second recover succeeds, fio sees no error`, async () => {
-      const devId = addDevice(["-t", "null", "-i", "1", "-q", "2", "-d", "16"]);
+      // No spare (--standby 0): this is about the daemon that `recover` starts.
+      const devId = addDevice(["-t", "null", "-i", "1", "-q", "2", "-d", "16", "--standby", "0"]);
       const fio = startFio(devId, PSYNC_READER);
       await Bun.sleep(1000);
       const { pid: oldPid } = await killDaemon(devId);
@@ -186,7 +187,7 @@ describe("recovery", () => {
   }
 
   test("a second recover while one runs is refused in one line; another device recovers meanwhile; after a kill, recover works", async () => {
-    const busyId = addDevice(["-t", "null", "-i", "1", "-d", "16"]);
+    const busyId = addDevice(["-t", "null", "-i", "1", "-d", "16", "--standby", "0"]); // its recover starts a daemon
     const otherId = addDevice(["-t", "memory", "-s", "16M", "-i", "1"]);
     const fio = startFio(busyId, PSYNC_READER);
     await Bun.sleep(1000);

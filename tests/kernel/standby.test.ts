@@ -54,7 +54,7 @@ async function expectNoDaemonLeft(): Promise<void> {
 const VERIFY_WRITER = ["--name=verify", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=8",
   "--size=16M", "--time_based", "--runtime=300", "--verify=crc32c", "--verify_backlog=128", "--verify_fatal=1"];
 
-describe("add --standby", () => {
+describe("warm spares (add --standby, the default with recovery)", () => {
   test("-i 1 under fio verify: kill -9 leaves the device quiesced; recover hands it to the standby, which starts the next; 0 errors; del leaves nothing", async () => {
     const devId = addDevice(["-t", "memory", "-s", "32M", "-i", "1", "-d", "32", "--standby"]);
     const spare = await standbyOf(devId);
@@ -62,20 +62,30 @@ describe("add --standby", () => {
     const fio = Bun.spawn(["fio", `--filename=/dev/ublkb${devId}`, ...VERIFY_WRITER, "--output-format=json"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     await Bun.sleep(1500);
     const oldPid = await killAndWaitQuiesced(devId);
-    // The spare re-attaches at once (START_USER_RECOVERY, every tag FETCHed) but resumes I/O only when asked.
+    // The spare re-attaches at once (START_USER_RECOVERY, its queues FETCHed but for one tag each) but resumes
+    // I/O only when asked: a reader that comes meanwhile waits, on every kernel (from 6.16 or so a queue with every
+    // tag FETCHed would serve it at once).
     await waitFor(`the spare to open /dev/ublkc${devId}`, () => holdsCharDevice(spare, devId), 30_000);
+    const reader = Bun.spawn(["dd", `if=/dev/ublkb${devId}`, "of=/dev/null", "bs=4k", "count=1", "skip=100", "iflag=direct"],
+      { stdin: "ignore", stdout: "ignore", stderr: "pipe" });
     await Bun.sleep(1500);
     expect(stateOf(devId)).toBe("QUIESCED");
     expect(alive(spare)).toBe(true);
-    cliOk(["recover", "-n", String(devId)]);
+    expect(reader.exitCode).toBeNull();
+    // recover prints the list block as `list` would (the spare sends it), naming the spare as the daemon.
+    const printed = cliOk(["recover", "-n", String(devId)]);
+    expect(printed).toMatch(new RegExp(`^dev id ${devId}: nr_hw_queues 1 queue_depth 32 `));
+    expect(printed.split("\n").find((line) => line.includes("pid"))!.trim().split(/\s+/)[6]).toBe(String(spare));
     expect(daemonPidOf(devId)).toBe(spare); // no daemon was started: the spare serves
     expect(alive(oldPid)).toBe(false);
+    expect(await reader.exited).toBe(0);
     const next = await standbyOf(devId, spare);
     expect(alive(next)).toBe(true);
     await expectFioClean(fio, 2000, 500);
     // Twice in a row: the next spare works as the first did.
     await killAndWaitQuiesced(devId);
-    cliOk(["recover", "-n", String(devId)]);
+    const printedJson = JSON.parse(cliOk(["recover", "-n", String(devId), "--json"]));
+    expect([printedJson.devId, printedJson.daemonPid, printedJson.state]).toEqual([devId, next, "LIVE"]);
     expect(daemonPidOf(devId)).toBe(next);
     cliOk(["del", "-n", String(devId)]);
     expectClean();
@@ -125,10 +135,30 @@ describe("add --standby", () => {
     await expectNoDaemonLeft();
   }, 120_000);
 
-  test("refusals: without recovery, or with --auto-recover: one line, nothing created", () => {
+  test("by default a recoverable device keeps a spare; --standby 0, a device without recovery and --auto-recover keep none of their own", async () => {
+    const spared = addDevice(["-t", "null", "-r", "1"]);
+    const bare = addDevice(["-t", "null", "-i", "1", "--standby", "0"]);
+    const plain = addDevice(["-t", "null"]);
+    const supervised = addDevice(["-t", "null", "-i", "1", "--auto-recover"]);
+    // The record says whether a daemon keeps a spare (written before add returns); the processes must agree.
+    const standbyRecorded = (devId: number) => JSON.parse(readFileSync(`/run/ublk-bun/${devId}.json`, "utf8")).standby === true;
+    expect([spared, bare, plain, supervised].map(standbyRecorded)).toEqual([true, false, false, false]);
+    const spare = await standbyOf(spared);
+    const supervisorsStandby = await standbyOf(supervised);
+    await Bun.sleep(2000); // a spare for `bare` or `plain` would have been started by now
+    expect(daemonProcesses().sort()).toEqual([spared, bare, plain, supervised].map(daemonPidOf).concat(spare, supervisorsStandby).sort());
+    for (const devId of [bare, plain]) expect(cliOk(["list", "-n", String(devId)])).not.toContain("standby daemon:");
+    cliOk(["del", "-a"]);
+    expectClean();
+    await expectNoDaemonLeft();
+  }, 180_000);
+
+  test("refusals: without recovery, with --auto-recover, a value other than 0 or 1: one line, nothing created", () => {
     for (const [args, message] of [
       [["-t", "null", "--standby"], "ublk-bun: --standby needs -r 1, -i 1 or -e 1\n"],
+      [["-t", "null", "--standby", "1"], "ublk-bun: --standby needs -r 1, -i 1 or -e 1\n"],
       [["-t", "null", "-r", "1", "--standby", "--auto-recover"], "ublk-bun: --standby and --auto-recover cannot be combined (the supervisor keeps its own standby)\n"],
+      [["-t", "null", "-r", "1", "--standby", "2"], "ublk-bun: --standby: 2 is out of range (0..1)\n"],
     ] as const) {
       const run = cli(["add", ...args]);
       expect([run.status, run.stderr]).toEqual([1, message]);

@@ -37,6 +37,8 @@ describe("options as typed", () => {
     expectRefused(["add", "-t", "null", "-s", "1000", "-b", "4096"], "-s: size must be a multiple of the logical block size (4096)");
     expectRefused(["list", "-n", "x"], `-n: "x" is not a whole number`);
     expectRefused(["add", "-t", "null", "-z", "2"], "-z: 2 is out of range (0..1)");
+    expectRefused(["add", "-t", "null", "-i", "1", "--standby", "2"], "--standby: 2 is out of range (0..1)");
+    expectRefused(["add", "-t", "null", "--standby", "1"], "--standby needs -r 1, -i 1 or -e 1");
   });
   test("zero copy wanted with another data mode is refused before anything is asked of the kernel", () => {
     expectRefused(["add", "-t", "null", "-z", "1", "-u"], "-z 1: zero copy cannot be combined with -u, --need-get-data or --unprivileged");

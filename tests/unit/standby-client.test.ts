@@ -1,4 +1,4 @@
-// The `recover` side of an --standby spare's socket (lib/standby-client.ts), against a socket played by the test.
+// The `recover` side of a warm spare's socket (lib/standby-client.ts), against a socket played by the test.
 import { afterEach, beforeEach, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -49,6 +49,25 @@ test("READY after WAITING lines, in pieces: the record, and each WAITING reporte
   expect(server.asked).toEqual([`${RECOVER_REQUEST}\n`]);
   expect(outcome).toEqual({ record: record as never });
   expect(waits).toEqual(["1000 LIVE"]);
+});
+
+test("READY then LISTING: the record and the list block recover prints without building it", async () => {
+  const record = { devId: 7, pid: 1234 };
+  const listing = { text: "dev id 7: nr_hw_queues 1\n\tmax rq size 524288 daemon pid 1234", json: { devId: 7, daemonPid: 1234 } };
+  const server = spare([`READY ${JSON.stringify(record)}\n`, `LISTING ${JSON.stringify(listing)}\n`]);
+  const outcome = await recoverThroughStandby(7);
+  server.stop();
+  expect(outcome).toEqual({ record: record as never, listing });
+});
+
+test("READY and then nothing, the connection left open: the record after a short wait, not the READY timeout", async () => {
+  const record = { devId: 7, pid: 1234 };
+  const server = spare([`READY ${JSON.stringify(record)}\n`], false);
+  const startedMs = performance.now();
+  const outcome = await recoverThroughStandby(7);
+  server.stop();
+  expect(outcome).toEqual({ record: record as never });
+  expect(performance.now() - startedMs).toBeLessThan(10_000);
 });
 
 test("ERROR: the spare's one line", async () => {
