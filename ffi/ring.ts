@@ -9,14 +9,15 @@
  * u32 halves, so no BigInt is ever created.
  */
 import {
-  IORING_ENTER_EXT_ARG, IORING_ENTER_GETEVENTS, IORING_FEAT_EXT_ARG, IORING_FEAT_SINGLE_MMAP, IORING_OFF_CQ_RING,
+  IORING_ENTER_EXT_ARG, IORING_ENTER_GETEVENTS, IORING_ENTER_REGISTERED_RING, IORING_FEAT_EXT_ARG, IORING_FEAT_SINGLE_MMAP, IORING_OFF_CQ_RING,
   IORING_OFF_SQ_RING, IORING_OFF_SQES, IORING_OP_ASYNC_CANCEL, IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_NOP,
   IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_READ_FIXED, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
   IORING_OP_WRITE_FIXED, IORING_REGISTER_BUFFERS2, IORING_RSRC_REGISTER_SPARSE,
-  IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER,
+  IORING_REGISTER_USE_REGISTERED_RING, IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN,
+  IORING_SETUP_NO_MMAP, IORING_SETUP_REGISTERED_FD_ONLY, IORING_SETUP_SINGLE_ISSUER, IORING_UNREGISTER_RING_FDS,
   IORING_SETUP_SQE128, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_TASKRUN_FLAG, IORING_SQ_CQ_OVERFLOW, IORING_SQ_TASKRUN,
   __NR_io_uring_enter, __NR_io_uring_register, __NR_io_uring_setup, __kernel_timespec, io_cqring_offsets,
-  io_sqring_offsets, io_uring_getevents_arg, io_uring_params, io_uring_rsrc_register,
+  io_sqring_offsets, io_uring_getevents_arg, io_uring_params, io_uring_rsrc_register, io_uring_rsrc_update,
 } from "./uapi/io_uring.ts";
 import { EAGAIN, EBUSY, EINTR, EINVAL, ErrnoError } from "./errno.ts";
 import { close, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PAGE_BYTES, PROT_READ, PROT_WRITE, syscall } from "./libc.ts";
@@ -27,6 +28,12 @@ export interface RingOptions {
   /** IORING_SETUP_* flags wanted. SINGLE_ISSUER / DEFER_TASKRUN / COOP_TASKRUN / TASKRUN_FLAG / SUBMIT_ALL
    * are dropped one by one if the kernel refuses them; SQE128 / CQE32 are required when asked. */
   flags?: number;
+  /** A ring only the creating thread uses (a queue's): no file descriptor and no mapping of the kernel's — its
+   * SQ/CQ memory is ours (NO_MMAP) and it is known by an index among the thread's registered rings
+   * (REGISTERED_FD_ONLY, Linux ≥ 6.5). The kernel then lets go of it when this thread exits, not once the whole
+   * process has torn down its memory and files: a killed server's commands are cancelled that much sooner
+   * (measured: the teardown of a Bun process took 2–12 ms under emulation). Falls back to a plain ring. */
+  privateToThread?: boolean;
 }
 
 /** Flags we may drop, in this order, when io_uring_setup answers EINVAL (each newer than the next). */
@@ -51,7 +58,10 @@ export const SQE_CMD_WORD = 12;
 export const CQE_USER_DATA_LO = 0, CQE_USER_DATA_HI = 1, CQE_RES = 2, CQE_FLAGS = 3;
 
 export class Ring {
+  /** The ring's file descriptor, or with `registeredRing` its index among this thread's registered rings. */
   readonly fd: number;
+  /** Whether `fd` is a registered-ring index (RingOptions.privateToThread). */
+  readonly registeredRing: boolean;
   /** The IORING_SETUP_* flags the kernel accepted. */
   readonly flags: number;
   readonly features: number;
@@ -100,19 +110,49 @@ export class Ring {
 
     let flags = options.flags ?? 0;
     let fd = -EINVAL;
+    /** Our memory for the rings (cq_off.user_addr) and the SQEs (sq_off.user_addr) of a private ring, else 0. */
+    let ringsAddress = 0, sqesAddress = 0;
+    if (options.privateToThread) {
+      // The kernel rounds the SQ up to a power of two and makes the CQ twice that; the rings region is a header
+      // (under a page), the CQEs and the SQ index array.
+      const sqEntries = 2 ** Math.ceil(Math.log2(Math.max(1, options.entries)));
+      const ringsBytes = pageAligned(PAGE_BYTES + 2 * sqEntries * (flags & IORING_SETUP_CQE32 ? 32 : 16) + sqEntries * 4);
+      const sqesBytes = pageAligned(sqEntries * (flags & IORING_SETUP_SQE128 ? 128 : 64));
+      ringsAddress = mmapAnonymous(ringsBytes);
+      sqesAddress = ringsAddress < 0 ? -1 : mmapAnonymous(sqesBytes);
+      if (ringsAddress >= 0) this.mappings.push([ringsAddress, ringsBytes]);
+      if (sqesAddress >= 0) this.mappings.push([sqesAddress, sqesBytes]);
+      if (ringsAddress < 0 || sqesAddress < 0) {
+        this.close();
+        throw ringError("mmap", ringsAddress < 0 ? ringsAddress : sqesAddress);
+      }
+    }
     for (let attempt = 0; ; attempt++) {
-      this.scratch.fill(0, 0, io_uring_params.SIZE / 4);
-      this.scratch[io_uring_params.flags / 4] = flags;
+      const p = this.scratch;
+      p.fill(0, 0, io_uring_params.SIZE / 4);
+      p[io_uring_params.flags / 4] = flags | (ringsAddress > 0 ? IORING_SETUP_NO_MMAP | IORING_SETUP_REGISTERED_FD_ONLY : 0);
+      if (ringsAddress > 0) {
+        setU64(p, io_uring_params.sq_off + io_sqring_offsets.user_addr, sqesAddress);
+        setU64(p, io_uring_params.cq_off + io_cqring_offsets.user_addr, ringsAddress);
+      }
       fd = syscall(__NR_io_uring_setup, options.entries, this.scratchAddress);
       if (fd !== -EINVAL) break;
+      if (ringsAddress > 0) {
+        // A kernel before 6.5: a plain ring, mapped from the kernel.
+        for (const [address, lengthBytes] of this.mappings.splice(1)) munmap(address, lengthBytes);
+        ringsAddress = sqesAddress = 0;
+        continue;
+      }
       const droppable = OPTIONAL_SETUP_FLAGS.find((flag) => (flags & flag) !== 0);
       if (droppable === undefined) break;
       // DEFER_TASKRUN is only valid with SINGLE_ISSUER; dropping SINGLE_ISSUER drops it too.
       flags &= ~droppable;
       if (droppable === IORING_SETUP_SINGLE_ISSUER) flags &= ~IORING_SETUP_DEFER_TASKRUN;
     }
+    this.registeredRing = ringsAddress > 0 && fd >= 0;
     if (fd < 0) {
-      munmap(this.scratchAddress, PAGE_BYTES);
+      this.fd = -1;
+      this.close();
       throw ringError("io_uring_setup", fd);
     }
     this.fd = fd;
@@ -140,9 +180,12 @@ export class Ring {
     if (singleMmap) sqRingBytes = cqRingBytes = Math.max(sqRingBytes, cqRingBytes);
 
     try {
-      const sqRingAddress = this.map(sqRingBytes, IORING_OFF_SQ_RING);
-      const cqRingAddress = singleMmap ? sqRingAddress : this.map(cqRingBytes, IORING_OFF_CQ_RING);
-      const sqesAddress = this.map(this.sqEntries * sqeBytes, IORING_OFF_SQES);
+      if (this.registeredRing && (sqOff.array + this.sqEntries * 4 > this.mappings[1]![1] || cqOff.cqes + this.cqEntries * cqeBytes > this.mappings[1]![1])) {
+        throw new Error(`io_uring_setup: the kernel's ring layout (SQ array at ${sqOff.array}, CQEs at ${cqOff.cqes}) outgrows the memory given it`);
+      }
+      const sqRingAddress = this.registeredRing ? ringsAddress : this.map(sqRingBytes, IORING_OFF_SQ_RING);
+      const cqRingAddress = this.registeredRing || singleMmap ? sqRingAddress : this.map(cqRingBytes, IORING_OFF_CQ_RING);
+      sqesAddress = this.registeredRing ? sqesAddress : this.map(this.sqEntries * sqeBytes, IORING_OFF_SQES);
       this.sqRing = new Uint32Array(memoryAt(sqRingAddress, sqRingBytes));
       this.cqRing = new Uint32Array(memoryAt(cqRingAddress, cqRingBytes));
       this.sqe32 = new Uint32Array(memoryAt(sqesAddress, this.sqEntries * sqeBytes));
@@ -176,8 +219,14 @@ export class Ring {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // A private ring first lets go of its registered index (its memory stays pinned until the kernel is done).
+    if (this.registeredRing) {
+      const s = this.scratch;
+      s.fill(0, 0, io_uring_rsrc_update.SIZE / 4);
+      s[io_uring_rsrc_update.offset / 4] = this.fd;
+      this.register(IORING_UNREGISTER_RING_FDS, this.scratchAddress, 1);
+    } else if (this.fd >= 0) close(this.fd);
     for (const [address, lengthBytes] of this.mappings.splice(0)) munmap(address, lengthBytes);
-    if (this.fd >= 0) close(this.fd);
   }
 
   // ---- submission -------------------------------------------------------------------------------------
@@ -275,7 +324,7 @@ export class Ring {
 
   /** io_uring_enter(2) on this ring; a method of its own so a test can stand in for the kernel's answer. */
   private enter(toSubmit: number, waitNr: number, enterFlags: number, argAddress: number, argBytes: number): number {
-    return syscall(__NR_io_uring_enter, this.fd, toSubmit, waitNr, enterFlags, argAddress, argBytes);
+    return syscall(__NR_io_uring_enter, this.fd, toSubmit, waitNr, this.registeredRing ? enterFlags | IORING_ENTER_REGISTERED_RING : enterFlags, argAddress, argBytes);
   }
 
   /** Fills the scratch page with an io_uring_getevents_arg pointing at a relative timespec. */
@@ -306,7 +355,7 @@ export class Ring {
 
   /** io_uring_register(2); returns its result or -errno. */
   register(opcode: number, argAddress: number, nrArgs: number): number {
-    return syscall(__NR_io_uring_register, this.fd, opcode, argAddress, nrArgs);
+    return syscall(__NR_io_uring_register, this.fd, this.registeredRing ? opcode + IORING_REGISTER_USE_REGISTERED_RING : opcode, argAddress, nrArgs);
   }
 
   // ---- completion -------------------------------------------------------------------------------------
@@ -461,6 +510,17 @@ export class Ring {
     this.sqe32.fill(0, base + SQE_CMD_WORD, base + this.sqeWords);
     return base + SQE_CMD_WORD;
   }
+}
+
+/** `bytes` rounded up to whole pages. */
+function pageAligned(bytes: number): number {
+  return Math.ceil(bytes / PAGE_BYTES) * PAGE_BYTES;
+}
+
+/** Stores a u64 (an address: below 2^53) at byte `byteOffset` of a u32 view, as two halves. */
+function setU64(words: Uint32Array, byteOffset: number, value: number): void {
+  words[byteOffset / 4] = value % TWO_POW_32;
+  words[byteOffset / 4 + 1] = Math.floor(value / TWO_POW_32);
 }
 
 function ringError(op: string, negativeErrno: number): ErrnoError {

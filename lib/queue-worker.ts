@@ -199,9 +199,12 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
 
   const userCopy = (start.devFlags & UBLK_F_USER_COPY) !== 0;
   const target = await loadTarget(start.target.type);
+  // Private to this thread: when the server is killed, the kernel cancels the queue's commands (and quiesces the
+  // device) as this thread exits, not after the whole process is torn down.
   const ring = held.ring = Ring.create({
     entries: depth * 2,
     flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+    privateToThread: true,
   });
   // Zero copy: the kernel registers each request's pages in this ring's buffer table, at slot = tag.
   const zeroCopy = (start.devFlags & UBLK_F_AUTO_BUF_REG) !== 0;

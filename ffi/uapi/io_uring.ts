@@ -52,6 +52,7 @@ export const IORING_ENTER_GETEVENTS = 1 << 0;
 export const IORING_ENTER_SQ_WAKEUP = 1 << 1;
 export const IORING_ENTER_SQ_WAIT = 1 << 2;
 export const IORING_ENTER_EXT_ARG = 1 << 3;
+export const IORING_ENTER_REGISTERED_RING = 1 << 4;
 
 // sq_ring.flags
 export const IORING_SQ_NEED_WAKEUP = 1 << 0;
@@ -102,6 +103,9 @@ export const IORING_REGISTER_FILES = 2;
 export const IORING_UNREGISTER_FILES = 3;
 export const IORING_REGISTER_PROBE = 8;
 export const IORING_REGISTER_BUFFERS2 = 15;
+export const IORING_UNREGISTER_RING_FDS = 21;
+/** Or-ed into io_uring_register's opcode: its fd is an index of the calling thread's registered rings. */
+export const IORING_REGISTER_USE_REGISTERED_RING = 0x80000000;
 /** io_uring_rsrc_register.flags: a table of `nr` empty slots (filled later, e.g. by ublk's AUTO_BUF_REG). */
 export const IORING_RSRC_REGISTER_SPARSE = 1 << 0;
 
@@ -144,6 +148,7 @@ export const io_uring_getevents_arg = struct("io_uring_getevents_arg", 24, {
 export const io_uring_rsrc_register = struct("io_uring_rsrc_register", 32, {
   nr: [0, 4], flags: [4, 4], resv2: [8, 8], data: [16, 8], tags: [24, 8],
 });
+export const io_uring_rsrc_update = struct("io_uring_rsrc_update", 16, { offset: [0, 4], resv: [4, 4], data: [8, 8] });
 export const __kernel_timespec = struct("__kernel_timespec", 16, { tv_sec: [0, 8], tv_nsec: [8, 8] });
 
 export const POLLIN = 0x001;

@@ -1,12 +1,12 @@
 // The io_uring ring against the host kernel (io_uring works here; no ublk needed).
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, readlinkSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../../ffi/ring.ts";
 import {
   AF_UNIX, close, eventfd, iovec, memoryAt, mmapAnonymous, msghdr, MSG_NOSIGNAL, MSG_WAITALL, munmap, O_CREAT, O_DIRECT,
-  O_RDWR, open, PAGE_BYTES, SOCK_STREAM, socketpair,
+  O_RDWR, open, PAGE_BYTES, SOCK_STREAM, socketpair, write,
 } from "../../ffi/libc.ts";
 import { EAGAIN, EBADF, EBUSY, ECANCELED, EFAULT, ETIME } from "../../ffi/errno.ts";
 import {
@@ -136,6 +136,33 @@ describe("ring", () => {
     ring.close();
     close(left);
     munmap(address, PAGE_BYTES);
+  });
+
+  test("a ring private to its thread: no fd, no kernel mapping; NOPs, a poll and a buffer table through its index; closed, its index is free again", () => {
+    const ringFds = () => readdirSync("/proc/self/fd").filter((fd) => { try { return readlinkSync(`/proc/self/fd/${fd}`).includes("io_uring"); } catch { return false; } }).length;
+    const fdsBefore = ringFds(), mappingsBefore = ringMappings();
+    const ring = Ring.create({ entries: 8, flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG, privateToThread: true });
+    expect([ring.registeredRing, ringFds(), ringMappings()]).toEqual([true, fdsBefore, mappingsBefore]);
+    expect(ring.flags & IORING_SETUP_DEFER_TASKRUN).toBe(IORING_SETUP_DEFER_TASKRUN);
+    for (let i = 0; i < 20; i++) expect(runOne(ring, (b) => ring.prepNop(b, i, 1))).toEqual([i, 1, 0]);
+    const efd = eventfd(0, 0);
+    const poll = ring.getSqe();
+    ring.prepPollAdd(poll, efd, POLLIN, 21, 0);
+    expect(ring.submit(0)).toBe(1);
+    expect(reap(ring)).toEqual([]);
+    expect(write(efd, new BigUint64Array([1n]), 8)).toBe(8);
+    expect(ring.submit(1)).toBeGreaterThanOrEqual(0);
+    expect(reap(ring).map(([low, , res]) => [low, res > 0])).toEqual([[21, true]]);
+    expect(ring.registerSparseBuffers(4)).toBe(0);
+    ring.close();
+    close(efd);
+    // A thread holds 16 registered rings at most: each closed ring gave its index back.
+    for (let i = 0; i < 20; i++) {
+      const again = Ring.create({ entries: 4, privateToThread: true });
+      expect(again.registeredRing).toBe(true);
+      expect(runOne(again, (b) => again.prepNop(b, 1, 0))).toEqual([1, 0, 0]);
+      again.close();
+    }
   });
 
   test("a bad fd comes back as -EBADF in the CQE", () => {

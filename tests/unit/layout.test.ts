@@ -47,6 +47,7 @@ describe("io_uring layouts", () => {
     expect(plain(uring.io_uring_getevents_arg)).toEqual({ SIZE: 24, sigmask: 0, sigmask_sz: 8, min_wait_usec: 12, ts: 16 });
     expect(plain(uring.__kernel_timespec)).toEqual({ SIZE: 16, tv_sec: 0, tv_nsec: 8 });
     expect(plain(uring.io_uring_rsrc_register)).toEqual({ SIZE: 32, nr: 0, flags: 4, resv2: 8, data: 16, tags: 24 });
+    expect(plain(uring.io_uring_rsrc_update)).toEqual({ SIZE: 16, offset: 0, resv: 4, data: 8 });
   });
   test("constants", () => {
     expect([uring.__NR_io_uring_setup, uring.__NR_io_uring_enter, uring.__NR_io_uring_register]).toEqual([425, 426, 427]);
@@ -57,6 +58,8 @@ describe("io_uring layouts", () => {
       uring.IORING_OP_FALLOCATE, uring.IORING_OP_READ, uring.IORING_OP_WRITE, uring.IORING_OP_URING_CMD]).toEqual([0, 3, 6, 11, 14, 17, 22, 23, 46]);
     expect([uring.IORING_OP_SENDMSG, uring.IORING_OP_SEND, uring.IORING_OP_RECV]).toEqual([9, 26, 27]);
     expect([uring.IORING_ENTER_GETEVENTS, uring.IORING_ENTER_EXT_ARG, uring.IORING_SQ_CQ_OVERFLOW, uring.IORING_SQ_TASKRUN]).toEqual([1, 8, 2, 4]);
+    expect([uring.IORING_ENTER_REGISTERED_RING, uring.IORING_SETUP_NO_MMAP, uring.IORING_SETUP_REGISTERED_FD_ONLY, uring.IORING_UNREGISTER_RING_FDS,
+      uring.IORING_REGISTER_USE_REGISTERED_RING]).toEqual([16, 0x4000, 0x8000, 21, 0x80000000]);
     expect([uring.IORING_FEAT_SINGLE_MMAP, uring.IORING_FEAT_NODROP, uring.IORING_FEAT_EXT_ARG, uring.IORING_FEAT_MIN_TIMEOUT])
       .toEqual([1, 2, 256, 32768]);
   });
