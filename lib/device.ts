@@ -218,6 +218,8 @@ export class Device {
           checkParams(ctrl.getParams(devId), resumedWith, info);
           current = resumedWith;
         }
+        // The spare may have waited long: its backing store must still be the recorded one (see above).
+        await (await targetModule).checkRecord?.(current);
         await launched.resume();
         debug(`device ${devId}: every queue resumed`);
       }
