@@ -3,15 +3,17 @@
  * `npm run bench:recovery`: how long an application stalls when the daemon dies, per phase. A null device
  * (`-q 2 -d 128 -i 1`) is read by fio (4k randread QD64) while its daemon is killed with SIGKILL, KILLS times per
  * round and mode, ROUNDS rounds alternating the modes (and the servers), in one boot:
- *   recover   kill → QUIESCED; then `recover` is started (as an operator would, after the kernel quiesced the
- *             device) and timed from its start: the new daemon process exists, START_USER_RECOVERY done, every
- *             queue FETCHed, END_USER_RECOVERY done, `recover` exits, the first completed I/O
- *   at-once   `recover` started right after the kill: kill → LIVE, kill → first completed I/O
+ *   recover   `add --standby 0` (no spare): kill → QUIESCED; then `recover` is started (as an operator would, after
+ *             the kernel quiesced the device) and timed from its start: the new daemon process exists,
+ *             START_USER_RECOVERY done, every queue FETCHed, END_USER_RECOVERY done, `recover` exits, the first
+ *             completed I/O
+ *   at-once   `recover` started right after the kill (ours with the default spare): kill → LIVE, kill → first
+ *             completed I/O
  *   auto      `add --auto-recover`: kill → QUIESCED and kill → first completed I/O, no operator; each kill once the
  *             supervisor's standby daemon is ready and the serving daemon has lived long enough to count as healthy
- *   standby   `add --standby`: as recover, once the warm spare is ready (it re-attaches after the kill, holding the
- *             device's I/O); `recover` asks it to resume (the C
- *             column of its row is the C server's plain recover)
+ *   standby   the default warm spare (`add -i 1`): as recover, once the spare is ready (it re-attaches after the
+ *             kill, holding the device's I/O); `recover` asks it to resume (the C column of its row is the C
+ *             server's plain recover); the spare's memory is read once it is ready
  * With UBLKSRV_DIR naming a build of the C reference server (ublksrv: ublk, ublk.null; ../shared/tools has a
  * build script), the recover and at-once modes run with it too, alternating, and the table gives ours ÷ C.
  * The device state is polled in this process (GET_DEV_INFO on one open control ring), completed I/O from
@@ -65,7 +67,7 @@ interface Server {
 const ours: Server = {
   name: "ublk-bun",
   add: (mode) => Number(/^dev id (\d+):/m.exec(run([process.execPath, CLI, "add", "-t", "null", "-q", "2", "-d", "128", "-i", "1",
-    ...(mode === "auto" ? ["--auto-recover"] : mode === "standby" ? ["--standby"] : [])]))![1]),
+    ...(mode === "auto" ? ["--auto-recover"] : mode === "recover" ? ["--standby", "0"] : [])]))![1]),
   recoverCommand: (devId) => [process.execPath, CLI, "recover", "-n", String(devId)],
   extraEnv: {},
   del: (devId) => void run([process.execPath, CLI, "del", "-n", String(devId)]),
@@ -134,6 +136,15 @@ async function standbyReady(devId: number, seen: number): Promise<number> {
   }
 }
 
+/** A process's proportional and private memory in KiB (/proc/PID/smaps_rollup). */
+function memoryOf(pid: number): { pssKiB: number; privateKiB: number } {
+  const rollup = readFileSync(`/proc/${pid}/smaps_rollup`, "utf8");
+  const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, "m").exec(rollup)?.[1] ?? Number.NaN);
+  return { pssKiB: field("Pss"), privateKiB: field("Private_Clean") + field("Private_Dirty") };
+}
+/** The ready spare's memory, once per kill of the standby mode. */
+const spareMemory: Array<{ pssKiB: number; privateKiB: number }> = [];
+
 type Timing = Record<string, number>;
 const timings = new Map<string, Timing[]>();
 /** fio errors per server: ours must stay at 0 (the exit status says so); the C server's are reported. */
@@ -166,7 +177,12 @@ async function round(server: Server, mode: Mode): Promise<void> {
       if (kill > 0) await Bun.sleep(HEALTHY_MS);
       standbysReady = await standbyReady(devId, standbysReady);
     }
-    if (mode === "standby") standbysReady = await standbyReady(devId, standbysReady);
+    // Our at-once kills find the default spare ready too, as in use (C keeps none).
+    if (mode === "at-once" && server === ours) standbysReady = await standbyReady(devId, standbysReady);
+    if (mode === "standby") {
+      standbysReady = await standbyReady(devId, standbysReady);
+      spareMemory.push(memoryOf(Number([...readFileSync(LOG, "utf8").matchAll(new RegExp(`device ${devId}: standby pid (\\d+) is ready`, "g"))].at(-1)![1])));
+    }
     const oldPid = ctrl.getDevInfo(devId).ublksrvPid;
     const killedAt = performance.now();
     const killedWallMs = Date.now();
@@ -248,23 +264,23 @@ const stats = (values: number[]) => {
 };
 const PHASES: Array<[Mode, string, string]> = [
   ["recover", "killToQuiescedMs", "kill -9 → device QUIESCED"],
-  ["recover", "daemonStartedMs", "`recover` start → new daemon process started"],
-  ["recover", "startUserRecoveryMs", "`recover` start → START_USER_RECOVERY done"],
-  ["recover", "queuesFetchedMs", "`recover` start → every queue FETCHed"],
-  ["recover", "endUserRecoveryMs", "`recover` start → END_USER_RECOVERY done"],
-  ["recover", "firstIoMs", "`recover` start → first completed I/O"],
-  ["recover", "recoverExitedMs", "`recover` start → `recover` exits"],
-  ["at-once", "killToLiveMs", "kill → LIVE, `recover` started at once"],
-  ["at-once", "killToFirstIoMs", "kill → first completed I/O, `recover` started at once"],
+  ["recover", "daemonStartedMs", "no spare (`--standby 0`): `recover` start → new daemon process started"],
+  ["recover", "startUserRecoveryMs", "no spare: `recover` start → START_USER_RECOVERY done"],
+  ["recover", "queuesFetchedMs", "no spare: `recover` start → every queue FETCHed"],
+  ["recover", "endUserRecoveryMs", "no spare: `recover` start → END_USER_RECOVERY done"],
+  ["recover", "firstIoMs", "no spare: `recover` start → first completed I/O"],
+  ["recover", "recoverExitedMs", "no spare: `recover` start → `recover` exits"],
+  ["at-once", "killToLiveMs", "kill → LIVE, `recover` started at once (ours: warm spare)"],
+  ["at-once", "killToFirstIoMs", "kill → first completed I/O, `recover` started at once (ours: warm spare)"],
   ["auto", "killToQuiescedMs", "`--auto-recover` (standby ready): kill → QUIESCED"],
   ["auto", "killToLiveMs", "`--auto-recover`: kill → LIVE"],
   ["auto", "killToFirstIoMs", "`--auto-recover`: kill → first completed I/O"],
-  ["standby", "killToQuiescedMs", "`add --standby` (spare ready): kill → QUIESCED"],
-  ["standby", "killToQueuesFetchedMs", "`add --standby`: kill → the spare has every queue FETCHed (I/O still held)"],
-  ["standby", "standbyAskedMs", "`add --standby`: `recover` start → the spare has the request"],
-  ["standby", "endUserRecoveryMs", "`add --standby`: `recover` start → END_USER_RECOVERY done"],
-  ["standby", "firstIoMs", "`add --standby`: `recover` start → first completed I/O (C: plain recover)"],
-  ["standby", "recoverExitedMs", "`add --standby`: `recover` start → `recover` exits (C: plain recover)"],
+  ["standby", "killToQuiescedMs", "warm spare (the default; ready): kill → QUIESCED"],
+  ["standby", "killToQueuesFetchedMs", "warm spare: kill → the spare has every queue FETCHed (I/O still held)"],
+  ["standby", "standbyAskedMs", "warm spare: `recover` start → the spare has the request"],
+  ["standby", "endUserRecoveryMs", "warm spare: `recover` start → END_USER_RECOVERY done"],
+  ["standby", "firstIoMs", "warm spare: `recover` start → first completed I/O (C: plain recover)"],
+  ["standby", "recoverExitedMs", "warm spare: `recover` start → `recover` exits (C: plain recover)"],
 ];
 const column = (server: Server, mode: Mode, key: string) => (timings.get(`${server.name}:${mode}`) ?? []).map((t) => t[key] ?? Number.NaN);
 const lines = [
@@ -284,11 +300,13 @@ const lines = [
   }),
   "",
   `fio errors across all kills: ${[...fioErrors].map(([name, errors]) => `${name} ${errors}`).join(", ")}`,
+  ...(spareMemory.length > 0 ? ["", `A ready spare's memory (median of ${spareMemory.length}): ${(median(spareMemory.map((m) => m.pssKiB)) / 1024).toFixed(1)} MiB ` +
+    `proportional set size, ${(median(spareMemory.map((m) => m.privateKiB)) / 1024).toFixed(1)} MiB of it private`] : []),
   "",
 ];
 writeFileSync(join(outDir, "recovery.md"), lines.join("\n"));
 // Our daemons' step-by-step log (UBLK_BUN_DEBUG), beside the kill times printed above, for reading a phase apart.
 if (existsSync(LOG)) writeFileSync(join(outDir, "recovery-daemon.log"), readFileSync(LOG));
-writeFileSync(join(outDir, "recovery.json"), JSON.stringify({ kills, rounds, timings: Object.fromEntries(timings), fioErrors: Object.fromEntries(fioErrors) }, null, 1));
+writeFileSync(join(outDir, "recovery.json"), JSON.stringify({ kills, rounds, timings: Object.fromEntries(timings), fioErrors: Object.fromEntries(fioErrors), spareMemory }, null, 1));
 console.log(lines.join("\n"));
 process.exit(fioErrors.get(ours.name) === 0 ? 0 : 1);
