@@ -211,15 +211,18 @@ export class Device {
       debug(`device ${devId}: /dev/ublkc${devId} open`);
       const queues = await launched.attach(charFd);
       debug(`device ${devId}: every queue fetched`);
-      claimFd = await claimFor(current);
       if (awaitResume) {
         const resumedWith = await awaitResume();
         if (resumedWith && resumedWith !== current) {
           checkParams(ctrl.getParams(devId), resumedWith, info);
           current = resumedWith;
         }
-        // The spare may have waited long: its backing store must still be the recorded one (see above).
+        // The spare may have waited long: its backing store must still be the recorded one (see above). Checked
+        // before this process claims it: the check opens it as the claim does (O_EXCL on a block device).
         await (await targetModule).checkRecord?.(current);
+      }
+      claimFd = await claimFor(current);
+      if (awaitResume) {
         await launched.resume();
         debug(`device ${devId}: every queue resumed`);
       }
