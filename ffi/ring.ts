@@ -111,12 +111,12 @@ export class Ring {
     let flags = options.flags ?? 0;
     let fd = -EINVAL;
     /** Our memory for the rings (cq_off.user_addr) and the SQEs (sq_off.user_addr) of a private ring, else 0. */
-    let ringsAddress = 0, sqesAddress = 0;
+    let ringsAddress = 0, sqesAddress = 0, ringsBytes = 0;
     if (options.privateToThread) {
       // The kernel rounds the SQ up to a power of two and makes the CQ twice that; the rings region is a header
       // (under a page), the CQEs and the SQ index array.
       const sqEntries = 2 ** Math.ceil(Math.log2(Math.max(1, options.entries)));
-      const ringsBytes = pageAligned(PAGE_BYTES + 2 * sqEntries * (flags & IORING_SETUP_CQE32 ? 32 : 16) + sqEntries * 4);
+      ringsBytes = pageAligned(PAGE_BYTES + 2 * sqEntries * (flags & IORING_SETUP_CQE32 ? 32 : 16) + sqEntries * 4);
       const sqesBytes = pageAligned(sqEntries * (flags & IORING_SETUP_SQE128 ? 128 : 64));
       ringsAddress = mmapAnonymous(ringsBytes);
       sqesAddress = ringsAddress < 0 ? -1 : mmapAnonymous(sqesBytes);
@@ -180,7 +180,7 @@ export class Ring {
     if (singleMmap) sqRingBytes = cqRingBytes = Math.max(sqRingBytes, cqRingBytes);
 
     try {
-      if (this.registeredRing && (sqOff.array + this.sqEntries * 4 > this.mappings[1]![1] || cqOff.cqes + this.cqEntries * cqeBytes > this.mappings[1]![1])) {
+      if (this.registeredRing && (sqOff.array + this.sqEntries * 4 > ringsBytes || cqOff.cqes + this.cqEntries * cqeBytes > ringsBytes)) {
         throw new Error(`io_uring_setup: the kernel's ring layout (SQ array at ${sqOff.array}, CQEs at ${cqOff.cqes}) outgrows the memory given it`);
       }
       const sqRingAddress = this.registeredRing ? ringsAddress : this.map(sqRingBytes, IORING_OFF_SQ_RING);
@@ -329,17 +329,16 @@ export class Ring {
 
   /** Fills the scratch page with an io_uring_getevents_arg pointing at a relative timespec. */
   private waitArgument(timeoutMs: number): number {
-    const argWord = 64 / 4, tsByte = 128;
+    const argByte = 64, tsByte = 128;
     const s = this.scratch;
-    s.fill(0, argWord, argWord + io_uring_getevents_arg.SIZE / 4);
-    s[argWord + io_uring_getevents_arg.ts / 4] = this.scratchAddress + tsByte; // addresses fit in 47 bits
-    s[argWord + io_uring_getevents_arg.ts / 4 + 1] = Math.floor((this.scratchAddress + tsByte) / TWO_POW_32);
+    s.fill(0, argByte / 4, (argByte + io_uring_getevents_arg.SIZE) / 4);
+    setU64(s, argByte + io_uring_getevents_arg.ts, this.scratchAddress + tsByte);
     const seconds = Math.floor(timeoutMs / 1000);
     s[tsByte / 4 + __kernel_timespec.tv_sec / 4] = seconds;
     s[tsByte / 4 + __kernel_timespec.tv_sec / 4 + 1] = 0;
     s[tsByte / 4 + __kernel_timespec.tv_nsec / 4] = Math.round((timeoutMs - seconds * 1000) * 1e6);
     s[tsByte / 4 + __kernel_timespec.tv_nsec / 4 + 1] = 0;
-    return this.scratchAddress + 64;
+    return this.scratchAddress + argByte;
   }
 
   /** A table of `count` empty registered-buffer slots (filled by the kernel, e.g. ublk's AUTO_BUF_REG); 0 or -errno. */
