@@ -222,12 +222,19 @@ export class Device {
         await (await targetModule).checkRecord?.(current);
       }
       claimFd = await claimFor(current);
-      if (awaitResume) {
-        await launched.resume();
-        debug(`device ${devId}: every queue resumed`);
-      }
       await pauseForTest("before-end-recovery");
-      ctrl.endUserRecovery(devId, getpid());
+      // The queues that held a tag back FETCH it now. END_USER_RECOVERY is sent at once, not after their replies:
+      // the kernel waits for those FETCHes itself, and the replies' trip through this thread's event loop is
+      // the application's stall. A queue that fails to resume is reported rather than END's timeout.
+      const resumed = awaitResume ? launched.resume() : undefined;
+      resumed?.catch(() => { /* awaited below */ });
+      try {
+        ctrl.endUserRecovery(devId, getpid(), resumed ? { timeoutMs: QUEUE_FETCH_TIMEOUT_MS } : undefined);
+      } catch (error) {
+        await resumed;
+        throw error;
+      }
+      await resumed;
       debug(`device ${devId}: END_USER_RECOVERY done`);
       // A queue that died meanwhile fails this recovery; once we exit the kernel quiesces the device again.
       await launched.goLive();
