@@ -12,7 +12,7 @@ import {
   IORING_ENTER_EXT_ARG, IORING_ENTER_GETEVENTS, IORING_ENTER_REGISTERED_RING, IORING_FEAT_EXT_ARG, IORING_FEAT_SINGLE_MMAP, IORING_OFF_CQ_RING,
   IORING_OFF_SQ_RING, IORING_OFF_SQES, IORING_OP_ASYNC_CANCEL, IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_NOP,
   IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_READ_FIXED, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
-  IORING_OP_WRITE_FIXED, IORING_REGISTER_BUFFERS2, IORING_RSRC_REGISTER_SPARSE,
+  IORING_OP_WRITE_FIXED, IORING_REGISTER_BUFFERS2, IORING_REGISTER_FILES, IORING_RSRC_REGISTER_SPARSE,
   IORING_REGISTER_USE_REGISTERED_RING, IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_NO_MMAP, IORING_SETUP_REGISTERED_FD_ONLY, IORING_SETUP_SINGLE_ISSUER, IORING_UNREGISTER_RING_FDS,
   IORING_SETUP_SQE128, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_TASKRUN_FLAG, IORING_SQ_CQ_OVERFLOW, IORING_SQ_TASKRUN,
@@ -350,6 +350,13 @@ export class Ring {
     s[argWord + io_uring_rsrc_register.nr / 4] = count;
     s[argWord + io_uring_rsrc_register.flags / 4] = IORING_RSRC_REGISTER_SPARSE;
     return this.register(IORING_REGISTER_BUFFERS2, this.scratchAddress + argByte, io_uring_rsrc_register.SIZE);
+  }
+
+  /** Registers `fds` as the ring's fixed files 0..n-1 (IOSQE_FIXED_FILE then names one by index); 0 or -errno. */
+  registerFiles(fds: readonly number[]): number {
+    const argByte = 256; // in the scratch page, clear of the getevents argument and its timespec
+    for (let i = 0; i < fds.length; i++) this.scratch[argByte / 4 + i] = fds[i]!;
+    return this.register(IORING_REGISTER_FILES, this.scratchAddress + argByte, fds.length);
   }
 
   /** io_uring_register(2); returns its result or -errno. */

@@ -11,7 +11,7 @@ import {
   mmapAnonymous, munmap, O_DIRECT, O_EXCL, O_RDONLY, O_RDWR, open, PAGE_BYTES, pread, PROT_READ, PROT_WRITE, pwrite, RWF_DSYNC,
 } from "../ffi/libc.ts";
 import { EBUSY, EINVAL, EIO, EOPNOTSUPP, ErrnoError, errnoText } from "../ffi/errno.ts";
-import { IORING_FSYNC_DATASYNC } from "../ffi/uapi/io_uring.ts";
+import { IORING_FSYNC_DATASYNC, IOSQE_FIXED_FILE } from "../ffi/uapi/io_uring.ts";
 import {
   UBLK_ATTR_FUA, UBLK_ATTR_READ_ONLY, UBLK_ATTR_VOLATILE_CACHE, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, UBLK_IO_OP_DISCARD,
   UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES,
@@ -257,14 +257,19 @@ export const fileTarget: Target = {
     // Zero copy: the request's own pages are the ring's buffer `tag`, reachable only through the ring.
     const { zeroCopy } = queue;
     const inline = record.options.direct !== true && !zeroCopy;
+    // The backing file as the ring's fixed file 0: each request then skips the kernel's lookup and reference
+    // count of the file (atomic in a multi-threaded process). The plain fd where the kernel refuses.
+    const fixedFile = !inline && ring.registerFiles([fd]) === 0;
+    const ringFd = fixedFile ? 0 : fd;
+    const sqeFlags = fixedFile ? IOSQE_FIXED_FILE : 0;
     /** A READ or WRITE of tag's data on the ring: from and to its pages (zero copy) or its buffer. */
     const prepData = zeroCopy
       ? (base: number, op: number, tag: number, lengthBytes: number, offsetBytes: number) => op === UBLK_IO_OP_READ
-        ? ring.prepReadFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
-        : ring.prepWriteFixed(base, fd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
+        ? ring.prepReadFixed(base, ringFd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
+        : ring.prepWriteFixed(base, ringFd, tag, 0, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
       : (base: number, op: number, tag: number, lengthBytes: number, offsetBytes: number) => op === UBLK_IO_OP_READ
-        ? ring.prepRead(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
-        : ring.prepWrite(base, fd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
+        ? ring.prepRead(base, ringFd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA)
+        : ring.prepWrite(base, ringFd, bufferAddress + tag * maxIoBufBytes, lengthBytes, offsetBytes, tag, TARGET_USER_DATA);
     // A tmpfs file on a USER_COPY device: the queue copies between the device and the mapped file directly.
     // It follows the file when `resize` grows it (targets/mapping.ts).
     let mapping: FileMapping | null = null;
@@ -305,18 +310,20 @@ export const fileTarget: Target = {
             if (opFlags & UBLK_IO_F_FUA) ring.setOpFlags(base, RWF_DSYNC);
             break;
           case UBLK_IO_OP_FLUSH:
-            ring.prepFsync(base, fd, IORING_FSYNC_DATASYNC, tag, TARGET_USER_DATA);
+            ring.prepFsync(base, ringFd, IORING_FSYNC_DATASYNC, tag, TARGET_USER_DATA);
             break;
           case UBLK_IO_OP_DISCARD:
-            ring.prepFallocate(base, fd, punchMode, offsetBytes, lengthBytes, tag, TARGET_USER_DATA);
+            ring.prepFallocate(base, ringFd, punchMode, offsetBytes, lengthBytes, tag, TARGET_USER_DATA);
             break;
           case UBLK_IO_OP_WRITE_ZEROES:
-            ring.prepFallocate(base, fd, opFlags & UBLK_IO_F_NOUNMAP ? zeroMode : punchMode, offsetBytes, lengthBytes, tag, TARGET_USER_DATA);
+            ring.prepFallocate(base, ringFd, opFlags & UBLK_IO_F_NOUNMAP ? zeroMode : punchMode, offsetBytes, lengthBytes, tag, TARGET_USER_DATA);
             break;
           default:
             ring.prepNop(base, tag, TARGET_USER_DATA); // keeps the SQE slot consistent; answered below
             expectedBytes[tag] = -EOPNOTSUPP;
+            return IO_PENDING;
         }
+        if (sqeFlags !== 0) ring.setSqeFlags(base, sqeFlags);
         return IO_PENDING;
       },
       onTargetCqe(tag, result) {

@@ -12,7 +12,7 @@ import { EAGAIN, EBADF, EBUSY, ECANCELED, EFAULT, ETIME } from "../../ffi/errno.
 import {
   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128,
   IORING_SETUP_TASKRUN_FLAG, POLLIN,
-  IORING_FEAT_NODROP,
+  IORING_FEAT_NODROP, IOSQE_FIXED_FILE,
 } from "../../ffi/uapi/io_uring.ts";
 
 const workDir = mkdtempSync(join(tmpdir(), "ublk-bun-ring-"));
@@ -102,6 +102,29 @@ describe("ring", () => {
       munmap(address, lengthBytes * 2);
     });
   }
+
+  test("a registered file is named by its index with IOSQE_FIXED_FILE, its fd no longer needed", () => {
+    const path = join(workDir, "fixed-file");
+    const fd = open(path, O_RDWR | O_CREAT, 0o600);
+    expect(fd).toBeGreaterThanOrEqual(0);
+    const address = mmapAnonymous(PAGE_BYTES);
+    const bytes = new Uint8Array(memoryAt(address, PAGE_BYTES));
+    bytes.fill(0x5a, 0, 512);
+    const ring = Ring.create({ entries: 8 });
+    // Before registration index 0 names nothing.
+    expect(runOne(ring, (b) => { ring.prepWrite(b, 0, address, 512, 0, 1); ring.setSqeFlags(b, IOSQE_FIXED_FILE); })).toEqual([1, 0, -EBADF]);
+    expect(ring.registerFiles([fd])).toBe(0);
+    close(fd); // the ring holds its own reference
+    expect(runOne(ring, (b) => { ring.prepWrite(b, 0, address, 512, 0, 2); ring.setSqeFlags(b, IOSQE_FIXED_FILE); })).toEqual([2, 0, 512]);
+    bytes.fill(0, 0, 512);
+    expect(runOne(ring, (b) => { ring.prepRead(b, 0, address, 512, 0, 3); ring.setSqeFlags(b, IOSQE_FIXED_FILE); })).toEqual([3, 0, 512]);
+    expect(bytes.subarray(0, 512).every((byte) => byte === 0x5a)).toBe(true);
+    expect(readFileSync(path).subarray(0, 512).every((byte) => byte === 0x5a)).toBe(true);
+    // A second table is refused: the ring has one.
+    expect(ring.registerFiles([1])).toBe(-EBUSY);
+    ring.close();
+    munmap(address, PAGE_BYTES);
+  });
 
   test("SENDMSG gathers two iovecs into one stream; RECV with MSG_WAITALL and SEND move them back", () => {
     const pair = socketpair(AF_UNIX, SOCK_STREAM);
