@@ -61,7 +61,12 @@ export function recoverAsked(devId: number, watchPid: number, onAsker: (asker: A
       },
     });
     const wanted = setInterval(() => {
-      const record = readRecord(devId);
+      let record: DeviceRecord | null;
+      try {
+        record = readRecord(devId);
+      } catch {
+        return; // unusable, not gone: the spare stays, and tells `recover` why it cannot go on
+      }
       const why = !existsSync(`/sys/class/ublk-char/ublkc${devId}`) || !record ? "the device was deleted"
         : record.pid !== watchPid && processAlive(record.pid) ? `daemon pid ${record.pid} serves the device now` : "";
       if (!why) return;

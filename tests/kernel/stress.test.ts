@@ -1,7 +1,9 @@
 // Short forms of the stress tests: many devices, many cycles, kills at awkward moments, bad records.
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { Ctrl } from "../../lib/ctrl.ts";
+import { processAlive } from "../../lib/daemon-env.ts";
+import { readStandby } from "../../lib/records.ts";
 import { join } from "node:path";
 import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, ROOT, spawnPaused, waitFor } from "./helpers.ts";
 
@@ -134,9 +136,19 @@ describe("records that cannot be trusted", () => {
   for (const [name, damage, message] of cases) {
     test(`${name}: list says so, recover refuses with one line, del still removes everything`, async () => {
       const devId = addDevice(["-t", "memory", "-s", "8M", "-i", "1"]);
+      await waitFor("the spare", () => readStandby(devId) !== null, 60_000);
+      const sparePid = readStandby(devId)!.pid;
       process.kill(daemonPidOf(devId), "SIGKILL");
       await waitFor("QUIESCED", () => cliOk(["list", "-n", String(devId)]).includes("state QUIESCED"), 60_000);
+      // Damaged once the spare has re-attached (it has read the record and opened /dev/ublkcN), as it waits for `recover`.
+      const spareHolds = () => readdirSync(`/proc/${sparePid}/fd`).some((fd) => {
+        try { return readlinkSync(`/proc/${sparePid}/fd/${fd}`) === `/dev/ublkc${devId}`; } catch { return false; }
+      });
+      await waitFor("the spare to re-attach", spareHolds, 60_000);
       damage(recordOf(devId), readFileSync(recordOf(devId), "utf8"));
+      // The spare checks every second that it is still wanted: a record it cannot read is not a deleted device.
+      await Bun.sleep(1_500);
+      expect(processAlive(sparePid)).toBe(true);
       expect(cliOk(["list", "-n", String(devId)])).toMatch(/\ttarget \(record unusable: /);
       const recover = cli(["recover", "-n", String(devId)]);
       expect(recover.status).not.toBe(0);
