@@ -51,6 +51,8 @@ const FULL_SQ_SUBMITS = 4;
 // Word indices inside one SQE (see io_uring_sqe in uapi/io_uring.ts).
 const W_OPCODE_FLAGS = 0, W_FD = 1, W_OFF_LO = 2, W_OFF_HI = 3, W_ADDR_LO = 4, W_ADDR_HI = 5, W_LEN = 6;
 const W_RW_FLAGS = 7, W_USER_DATA_LO = 8, W_USER_DATA_HI = 9, W_BUF_INDEX = 10, W_FILE_INDEX = 11;
+/** Where a register call's argument goes in the scratch page: clear of the getevents argument and its timespec. */
+const REGISTER_ARG_BYTE = 256;
 const W_ADDR3_LO = 12, W_ADDR3_HI = 13, W_PAD2_LO = 14, W_PAD2_HI = 15;
 /** Word index of the uring_cmd payload (`cmd[]`, byte 48) inside an SQE. */
 export const SQE_CMD_WORD = 12;
@@ -343,20 +345,19 @@ export class Ring {
 
   /** A table of `count` empty registered-buffer slots (filled by the kernel, e.g. ublk's AUTO_BUF_REG); 0 or -errno. */
   registerSparseBuffers(count: number): number {
-    const argByte = 256; // in the scratch page, clear of the getevents argument and its timespec
-    const argWord = argByte / 4;
+    const argWord = REGISTER_ARG_BYTE / 4;
     const s = this.scratch;
     s.fill(0, argWord, argWord + io_uring_rsrc_register.SIZE / 4);
     s[argWord + io_uring_rsrc_register.nr / 4] = count;
     s[argWord + io_uring_rsrc_register.flags / 4] = IORING_RSRC_REGISTER_SPARSE;
-    return this.register(IORING_REGISTER_BUFFERS2, this.scratchAddress + argByte, io_uring_rsrc_register.SIZE);
+    return this.register(IORING_REGISTER_BUFFERS2, this.scratchAddress + REGISTER_ARG_BYTE, io_uring_rsrc_register.SIZE);
   }
 
   /** Registers `fds` as the ring's fixed files 0..n-1 (IOSQE_FIXED_FILE then names one by index); 0 or -errno. */
   registerFiles(fds: readonly number[]): number {
-    const argByte = 256; // in the scratch page, clear of the getevents argument and its timespec
-    for (let i = 0; i < fds.length; i++) this.scratch[argByte / 4 + i] = fds[i]!;
-    return this.register(IORING_REGISTER_FILES, this.scratchAddress + argByte, fds.length);
+    if (REGISTER_ARG_BYTE + fds.length * 4 > PAGE_BYTES) return -EINVAL;
+    for (let i = 0; i < fds.length; i++) this.scratch[REGISTER_ARG_BYTE / 4 + i] = fds[i]!;
+    return this.register(IORING_REGISTER_FILES, this.scratchAddress + REGISTER_ARG_BYTE, fds.length);
   }
 
   /** io_uring_register(2); returns its result or -errno. */

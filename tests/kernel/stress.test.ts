@@ -1,11 +1,11 @@
 // Short forms of the stress tests: many devices, many cycles, kills at awkward moments, bad records.
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { Ctrl } from "../../lib/ctrl.ts";
 import { processAlive } from "../../lib/daemon-env.ts";
 import { readStandby } from "../../lib/records.ts";
 import { join } from "node:path";
-import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, ROOT, spawnPaused, waitFor } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, ROOT, spawnPaused, ublkHolders, waitFor } from "./helpers.ts";
 
 /** bench/stress.sh runs this file with a larger scale (the long forms); CI runs scale 1. */
 const SCALE = Math.max(1, Number(process.env.UBLK_BUN_STRESS_SCALE ?? 1));
@@ -141,10 +141,7 @@ describe("records that cannot be trusted", () => {
       process.kill(daemonPidOf(devId), "SIGKILL");
       await waitFor("QUIESCED", () => cliOk(["list", "-n", String(devId)]).includes("state QUIESCED"), 60_000);
       // Damaged once the spare has re-attached (it has read the record and opened /dev/ublkcN), as it waits for `recover`.
-      const spareHolds = () => readdirSync(`/proc/${sparePid}/fd`).some((fd) => {
-        try { return readlinkSync(`/proc/${sparePid}/fd/${fd}`) === `/dev/ublkc${devId}`; } catch { return false; }
-      });
-      await waitFor("the spare to re-attach", spareHolds, 60_000);
+      await waitFor("the spare to re-attach", () => ublkHolders().some((holder) => holder.startsWith(`${sparePid}/`)), 60_000);
       damage(recordOf(devId), readFileSync(recordOf(devId), "utf8"));
       // The spare checks every second that it is still wanted: a record it cannot read is not a deleted device.
       await Bun.sleep(1_500);
