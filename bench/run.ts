@@ -1,7 +1,8 @@
 #!/usr/bin/env bun
 /**
  * `npm run bench`: fio against our targets beside the kernel's own drivers, in one boot, as ratios.
- *   null target  vs null_blk (configfs, irqmode=0, hw_queue_depth 128, 1 queue)
+ *   null target  vs null_blk (configfs, irqmode=0, hw_queue_depth 128, 1 queue), and with UBLKSRV_DIR=DIR vs the C
+ *                reference server's null target
  *   file target  vs loop (buffered) over the same zero-filled 1 GiB file on tmpfs; memory target beside them
  *   nbd target   vs nbd.ko + nbd-client, both over loopback TCP to one `nbdkit memory` export (BENCH_CASES=nbd only)
  *   ext4         file target vs loop with direct I/O vs fio on the file itself (O_DIRECT), optionally vs the C
@@ -42,10 +43,10 @@ if (!existsSync("/dev/ublk-control")) {
   if (process.env.UBLK_BUN_VM === "1") throw new Error("bench: ublk_drv is not loaded in the VM");
   const env = ["BENCH_SECONDS", "BENCH_REPEATS", "BENCH_CASES"].filter((k) => process.env[k]).flatMap((k) => ["--env", `${k}=${process.env[k]}`]);
   const kernel = vmKernel === undefined ? [] : ["--kernel", vmKernel];
-  // The ext4 group needs a real disk, and with UBLKSRV_DIR the C server's binaries, copied in as /with.
-  const ext4 = !groups.has("ext4") ? [] : ["--disk", String(EXT4_DISK_MIB),
-    ...(process.env.UBLKSRV_DIR ? ["--with", process.env.UBLKSRV_DIR, "--env", "UBLKSRV_DIR=/with"] : [])];
-  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", ...kernel, "--timeout", "5400", "--out", join(root, "bench/results"), ...ext4, ...env,
+  // The ext4 group needs a real disk; with UBLKSRV_DIR the C server's binaries are copied in as /with.
+  const ext4 = !groups.has("ext4") ? [] : ["--disk", String(EXT4_DISK_MIB)];
+  const peerBinaries = process.env.UBLKSRV_DIR ? ["--with", process.env.UBLKSRV_DIR, "--env", "UBLKSRV_DIR=/with"] : [];
+  const run = Bun.spawnSync(["bash", "tests/vm/vm.sh", ...kernel, "--timeout", "5400", "--out", join(root, "bench/results"), ...ext4, ...peerBinaries, ...env,
     "--", "bun bench/run.ts"], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
   process.exit(run.exitCode ?? 1);
 }
@@ -208,6 +209,24 @@ function compare(group: string, ours: Side & { pid: number }, kernel: Side | nul
   }
 }
 
+// The optional C reference server (UBLKSRV_DIR names a build of ublksrv), run on the same cases in the same boot.
+const peerDir = process.env.UBLKSRV_DIR;
+const peerEnv = peerDir && existsSync(join(peerDir, "lib")) ? { ...process.env, LD_LIBRARY_PATH: join(peerDir, "lib") } : process.env;
+function peer(args: string[]): string {
+  const run = Bun.spawnSync([join(peerDir!, "ublk"), ...args], { stdin: "ignore", env: peerEnv });
+  if (run.exitCode !== 0) throw new Error(`ublk ${args.join(" ")}: ${run.stderr}`);
+  return run.stdout.toString();
+}
+/** A C server device of the given target, depth 128, with its daemon's pid from `ublk list`. */
+function addPeerDevice(target: string, queues: number, args: string[]): Side & { devId: number } {
+  // A device id of our choosing, above ours: ublksrv's `add` prints nothing when it succeeds.
+  const devId = 90 + queues;
+  peer(["add", "-t", target, "-n", String(devId), ...args, "-q", String(queues), "-d", "128"]);
+  const pid = Number(/daemon pid (\d+)/.exec(peer(["list", "-n", String(devId)]))?.[1]);
+  if (!(pid > 0)) throw new Error(`bench: no daemon pid for ublksrv device ${devId}`);
+  return { label: `C ublksrv ${target}${queues > 1 ? ` ${queues}q` : ""}`, path: `/dev/ublkb${devId}`, pid, devId };
+}
+
 let batching = "not measured";
 process.env.UBLK_BUN_DEBUG = "1"; // the daemons log their queue counters when they stop
 cli(["del", "-a"]);
@@ -225,8 +244,10 @@ if (groups.has("null")) {
   sh("modprobe null_blk nr_devices=0 && mkdir -p /sys/kernel/config/nullb/nullb0 && cd /sys/kernel/config/nullb/nullb0 && " +
     "echo 0 > irqmode && echo 128 > hw_queue_depth && echo 1 > submit_queues && echo 256000 > size && echo 512 > blocksize && echo 1 > power");
   const one = addDevice(["-t", "null", "-q", "1", "-d", "128"]);
+  const cNull = peerDir ? addPeerDevice("null", 1, []) : null;
   compare("null", { label: "ublk-bun null 1q", path: `/dev/ublkb${one.devId}`, pid: one.pid }, { label: "null_blk", path: "/dev/nullb0" },
-    ["randread1", "randread64", "randwrite64", "read128k", "write128k"]);
+    ["randread1", "randread64", "randwrite64", "read128k", "write128k"], null, cNull ? [cNull] : []);
+  if (cNull) peer(["del", "-n", String(cNull.devId)]);
   // At QD1 null_blk completes inline: `loop`, which also hands each request to another thread, is the reference.
   compare("null-loop", { label: "ublk-bun null 1q", path: `/dev/ublkb${one.devId}`, pid: one.pid }, { label: "loop", path: loop }, ["randread1"]);
   recordMemory("null, 1 queue, depth 128", one.pid);
@@ -239,7 +260,9 @@ if (groups.has("null")) {
     { label: "null_blk", path: "/dev/nullb0" }, ["randread64"]);
   cli(["del", "-n", String(sleeping.devId)]);
   const two = addDevice(["-t", "null", "-q", "2", "-d", "128"]);
-  compare("null-2q", { label: "ublk-bun null 2q", path: `/dev/ublkb${two.devId}`, pid: two.pid }, null, ["randread64x2"]);
+  const cTwo = peerDir ? addPeerDevice("null", 2, []) : null;
+  compare("null-2q", { label: "ublk-bun null 2q", path: `/dev/ublkb${two.devId}`, pid: two.pid }, null, ["randread64x2"], null, cTwo ? [cTwo] : []);
+  if (cTwo) peer(["del", "-n", String(cTwo.devId)]);
   recordMemory("null, 2 queues, depth 128", two.pid);
   cli(["del", "-n", String(two.devId)]);
   // Batching: a fresh device, one QD64 run, then the queue's counters from its debug log.
@@ -343,22 +366,8 @@ if (groups.has("ext4")) {
 
   const loopDio = sh(`/usr/sbin/losetup --direct-io=on -f --show ${file}`); // busybox sh would run its own losetup
   if (sh(`cat /sys/block/${loopDio.replace("/dev/", "")}/loop/dio`) !== "1") throw new Error(`bench: ${loopDio} did not switch to direct I/O`);
-  const peerDir = process.env.UBLKSRV_DIR;
-  const peerEnv = peerDir && existsSync(join(peerDir, "lib")) ? { ...process.env, LD_LIBRARY_PATH: join(peerDir, "lib") } : process.env;
-  const peer = (args: string[]) => {
-    const run = Bun.spawnSync([join(peerDir!, "ublk"), ...args], { stdin: "ignore", env: peerEnv });
-    if (run.exitCode !== 0) throw new Error(`ublk ${args.join(" ")}: ${run.stderr}`);
-    return run.stdout.toString();
-  };
-  /** The C server's loop target on the file (O_DIRECT, its default), with its daemon's pid from `ublk list`. */
-  const addPeer = (queues: number): Side & { devId: number } => {
-    // A device id of our choosing, above ours: ublksrv's `add` prints nothing when it succeeds.
-    const devId = 90 + queues;
-    peer(["add", "-t", "loop", "-n", String(devId), "-f", file, "-q", String(queues), "-d", "128"]);
-    const pid = Number(/daemon pid (\d+)/.exec(peer(["list", "-n", String(devId)]))?.[1]);
-    if (!(pid > 0)) throw new Error(`bench: no daemon pid for ublksrv device ${devId}`);
-    return { label: `C ublksrv loop${queues > 1 ? ` ${queues}q` : ""}`, path: `/dev/ublkb${devId}`, pid, devId };
-  };
+  /** The C server's loop target on the file (O_DIRECT, its default). */
+  const addPeer = (queues: number) => addPeerDevice("loop", queues, ["-f", file]);
   /** Ours on the file, checked to serve it with O_DIRECT through the queue's io_uring (the record says so). */
   const addOurs = (queues: number) => {
     const device = addDevice(["-t", "file", "-f", file, "-q", String(queues), "-d", "128"]);
@@ -399,16 +408,24 @@ if (groups.has("ext4")) {
 
 const fmt = (value: number | null | undefined, digits = 0) => (value === null || value === undefined ? "—" : value.toFixed(digits));
 const mainRows = rows.filter((r) => r.group !== "nbd" && r.group !== "zero-copy" && !r.group.startsWith("ext4"));
+/** The further side whose label starts with prefix (the C server: "C "), if the row has one. */
+const other = (r: Row, prefix: string) => r.others?.find((o) => o.label.startsWith(prefix));
+const mainWithC = mainRows.some((r) => other(r, "C "));
 const lines = [
   `# ublk-bun benchmark (${new Date().toISOString().slice(0, 10)}, ${seconds} s per run, median of ${repeats}, one boot)`,
   "",
   `Machine: fio on /dev/null, 4k write QD64: ${machine.iops.toFixed(0)} IOPS. Kernel ${sh("uname -r")}, ${sh("nproc")} CPUs.`,
   "",
-  "| case | ours | IOPS | MB/s | p50 µs | p99 µs | server CPU µs/IO | kernel | IOPS | MB/s | p50 µs | p99 µs | ratio |",
-  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+  "| case | ours | IOPS | MB/s | p50 µs | p99 µs | server CPU µs/IO | kernel | IOPS | MB/s | p50 µs | p99 µs | ratio |" +
+    (mainWithC ? " C IOPS | C MB/s | C CPU µs/IO | ours ÷ C |" : ""),
+  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |" + (mainWithC ? " ---: | ---: | ---: | ---: |" : ""),
   ...mainRows.map((r) => `| ${r.case} | ${r.ours} | ${fmt(r.oursResult.iops)} | ${fmt(r.oursResult.mbps, 1)} | ${fmt(r.oursResult.p50us)} | ${fmt(r.oursResult.p99us)} | ` +
     `${fmt(r.oursResult.cpuUsPerIo, 1)} | ${r.kernel} | ${fmt(r.kernelResult?.iops)} | ${fmt(r.kernelResult?.mbps, 1)} | ${fmt(r.kernelResult?.p50us)} | ` +
-    `${fmt(r.kernelResult?.p99us)} | ${r.ratio === null ? "—" : `${r.ratio.toFixed(2)} (${r.metric})`} |`),
+    `${fmt(r.kernelResult?.p99us)} | ${r.ratio === null ? "—" : `${r.ratio.toFixed(2)} (${r.metric})`} |` + (!mainWithC ? "" : (() => {
+      const c = other(r, "C ");
+      return ` ${fmt(c?.result.iops)} | ${fmt(c?.result.mbps, 1)} | ${fmt(c?.result.cpuUsPerIo, 1)} | ${c ? `${c.ratio.toFixed(2)} (${r.metric})` : "—"} |`;
+    })())),
+  ...(mainWithC ? ["", "\"C\" is the C reference server (ublksrv, its own null target, `-q 1 -d 128` or `-q 2`), run alternating with ours in the same boot."] : []),
   "",
   "Where the server's CPU goes, µs per I/O (median of the runs): queue threads in user space (our JS loop and",
   "target) / queue threads and io_uring workers in the kernel (ublk_drv, io_uring, block layer, wake-ups) / JSC's JIT",
@@ -463,7 +480,6 @@ const ext4Rows = rows.filter((r) => r.group.startsWith("ext4"));
 const zeroCopyRows = rows.filter((r) => r.group === "zero-copy");
 if (ext4Rows.length > 0) {
   const valueOf = (r: Row, s: Summary | null | undefined) => (s ? (r.metric === "IOPS" ? fmt(s.iops) : fmt(s.mbps, 1)) : "—");
-  const other = (r: Row, label: string) => r.others?.find((o) => o.label.startsWith(label));
   const ratioOf = (ratio: number | null | undefined) => (ratio === null || ratio === undefined ? "—" : ratio.toFixed(2));
   const withC = ext4Rows.some((r) => other(r, "C "));
   const ext4Lines = [
