@@ -32,6 +32,7 @@ export const ETIME = 62;
 export const EOVERFLOW = 75;
 export const EBADR = 53;
 export const EOPNOTSUPP = 95;
+export const ENOBUFS = 105;
 export const ETIMEDOUT = 110;
 export const ECANCELED = 125;
 
@@ -40,7 +41,7 @@ const NAMES: Record<number, string> = {
   12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR",
   22: "EINVAL", 23: "ENFILE", 24: "EMFILE", 25: "ENOTTY", 27: "EFBIG", 28: "ENOSPC", 29: "ESPIPE", 30: "EROFS",
   34: "ERANGE", 38: "ENOSYS", 40: "ELOOP", 53: "EBADR", 61: "ENODATA", 62: "ETIME", 75: "EOVERFLOW", 95: "EOPNOTSUPP",
-  110: "ETIMEDOUT", 125: "ECANCELED", 32: "EPIPE", 101: "ENETUNREACH", 104: "ECONNRESET", 108: "ESHUTDOWN",
+  105: "ENOBUFS", 110: "ETIMEDOUT", 125: "ECANCELED", 32: "EPIPE", 101: "ENETUNREACH", 104: "ECONNRESET", 108: "ESHUTDOWN",
   111: "ECONNREFUSED", 113: "EHOSTUNREACH", 115: "EINPROGRESS",
 };
 
@@ -51,7 +52,7 @@ const TEXTS: Record<number, string> = {
   17: "already exists", 19: "no such device", 20: "not a directory", 21: "is a directory", 22: "invalid argument",
   24: "too many open files", 25: "inappropriate ioctl for device", 27: "file too large", 28: "no space left on device",
   30: "read-only file system", 34: "result out of range", 38: "function not implemented", 40: "too many levels of symbolic links", 61: "no data", 62: "timer expired",
-  95: "operation not supported", 110: "timed out", 125: "operation canceled", 32: "broken pipe",
+  95: "operation not supported", 105: "no buffer space available", 110: "timed out", 125: "operation canceled", 32: "broken pipe",
   101: "network is unreachable", 104: "connection reset by peer", 108: "the connection was shut down",
   111: "connection refused", 113: "no route to host", 115: "no answer in time",
 };

@@ -13,11 +13,12 @@ import {
   IORING_OFF_SQ_RING, IORING_OFF_SQES, IORING_OP_ASYNC_CANCEL, IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_NOP,
   IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_READ_FIXED, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
   IORING_OP_WRITE_FIXED, IORING_REGISTER_BUFFERS2, IORING_REGISTER_FILES, IORING_RSRC_REGISTER_SPARSE,
-  IORING_REGISTER_USE_REGISTERED_RING, IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN,
+  IORING_REGISTER_PBUF_RING, IORING_REGISTER_USE_REGISTERED_RING, IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_NO_MMAP, IORING_SETUP_REGISTERED_FD_ONLY, IORING_SETUP_SINGLE_ISSUER, IORING_UNREGISTER_RING_FDS,
   IORING_SETUP_SQE128, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_TASKRUN_FLAG, IORING_SQ_CQ_OVERFLOW, IORING_SQ_TASKRUN,
   __NR_io_uring_enter, __NR_io_uring_register, __NR_io_uring_setup, __kernel_timespec, io_cqring_offsets,
-  io_sqring_offsets, io_uring_getevents_arg, io_uring_params, io_uring_rsrc_register, io_uring_rsrc_update,
+  io_sqring_offsets, io_uring_buf, io_uring_buf_reg, io_uring_getevents_arg, io_uring_params, io_uring_rsrc_register,
+  io_uring_rsrc_update,
 } from "./uapi/io_uring.ts";
 import { EAGAIN, EBUSY, EINTR, EINVAL, ErrnoError } from "./errno.ts";
 import { close, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PAGE_BYTES, PROT_READ, PROT_WRITE, syscall } from "./libc.ts";
@@ -360,6 +361,29 @@ export class Ring {
     return this.register(IORING_REGISTER_FILES, this.scratchAddress + REGISTER_ARG_BYTE, fds.length);
   }
 
+  /**
+   * A provided-buffer group (IORING_REGISTER_PBUF_RING): `count` (a power of two) buffers of `bufferBytes` each,
+   * all handed to the kernel. A request with IOSQE_BUFFER_SELECT and this group (setBufferGroup) takes one; its CQE
+   * names it (cqe.flags >>> IORING_CQE_BUFFER_SHIFT), and the caller gives it back with BufferGroup.recycle once
+   * read. Throws an ErrnoError when the kernel refuses (before 5.19). The memory stays mapped until the process
+   * exits: the kernel may write into a buffer until it has cancelled the last request that selects from the group.
+   */
+  registerBufferGroup(groupId: number, count: number, bufferBytes: number): BufferGroup {
+    if (count < 1 || count > 32768 || (count & (count - 1)) !== 0) throw ringError(`a buffer group of ${count}`, -EINVAL);
+    const entriesBytes = pageAligned(count * io_uring_buf.SIZE);
+    const address = mmapAnonymous(entriesBytes + count * bufferBytes);
+    if (address < 0) throw ringError(`mmap a buffer group of ${count} × ${bufferBytes} bytes`, address);
+    const group = new BufferGroup(groupId, address, count, address + entriesBytes, bufferBytes);
+    const argWord = REGISTER_ARG_BYTE / 4;
+    this.scratch.fill(0, argWord, argWord + io_uring_buf_reg.SIZE / 4);
+    setU64(this.scratch, REGISTER_ARG_BYTE + io_uring_buf_reg.ring_addr, address);
+    this.scratch[argWord + io_uring_buf_reg.ring_entries / 4] = count;
+    this.scratch[argWord + io_uring_buf_reg.bgid / 4] = groupId & 0xffff; // flags 0: the kernel uses our memory
+    const registered = this.register(IORING_REGISTER_PBUF_RING, this.scratchAddress + REGISTER_ARG_BYTE, 1);
+    if (registered < 0) throw ringError(`io_uring_register (buffer group ${groupId})`, registered);
+    return group;
+  }
+
   /** io_uring_register(2); returns its result or -errno. */
   register(opcode: number, argAddress: number, nrArgs: number): number {
     return syscall(__NR_io_uring_register, this.fd, this.registeredRing ? opcode + IORING_REGISTER_USE_REGISTERED_RING : opcode, argAddress, nrArgs);
@@ -433,6 +457,10 @@ export class Ring {
   /** Sets IOSQE_* flags on a prepared SQE. */
   setSqeFlags(base: number, sqeFlags: number): void {
     this.sqe32[base + W_OPCODE_FLAGS] = (this.sqe32[base + W_OPCODE_FLAGS]! & ~0xff00) | ((sqeFlags & 0xff) << 8);
+  }
+  /** Names the provided-buffer group a prepared SQE with IOSQE_BUFFER_SELECT takes its buffer from (buf_group). */
+  setBufferGroup(base: number, groupId: number): void {
+    this.sqe32[base + W_BUF_INDEX] = groupId & 0xffff; // buf_group (u16); personality 0
   }
   /** Sets a prepared SQE's `addr` (an address, or what a command puts there, as ublk's AUTO_BUF_REG does). */
   setSqeAddress(base: number, address: number): void {
@@ -516,6 +544,53 @@ export class Ring {
     this.sqe32[base + W_OFF_LO] = cmdOp; // cmd_op shares the `off` field; its upper half is padding.
     this.sqe32.fill(0, base + SQE_CMD_WORD, base + this.sqeWords);
     return base + SQE_CMD_WORD;
+  }
+}
+
+/**
+ * The buffers of a provided-buffer group (Ring.registerBufferGroup): buffer `bid` is at bufferAddress(bid), and
+ * `bytes` views them all. Each starts with the kernel; recycle() gives one back after its CQE was read.
+ */
+export class BufferGroup {
+  /** All buffers, buffer bid's first byte at bid * bufferBytes. */
+  readonly bytes: Uint8Array;
+  private readonly entries: Uint32Array;
+  private readonly entries16: Uint16Array;
+  /** The ring's tail: the u16 in entry 0's `resv`, which the kernel reads with acquire semantics. */
+  private readonly tail: Uint16Array;
+  private tailCount = 0;
+
+  constructor(readonly groupId: number, entriesAddress: number, readonly count: number, readonly buffersAddress: number,
+              readonly bufferBytes: number) {
+    this.bytes = new Uint8Array(memoryAt(buffersAddress, count * bufferBytes));
+    this.entries = new Uint32Array(memoryAt(entriesAddress, count * io_uring_buf.SIZE));
+    this.entries16 = new Uint16Array(this.entries.buffer, this.entries.byteOffset, this.entries.length * 2);
+    this.tail = new Uint16Array(memoryAt(entriesAddress + io_uring_buf.resv, 2));
+    for (let bid = 0; bid < count; bid++) this.place(bid);
+    Atomics.store(this.tail, 0, this.tailCount);
+  }
+
+  bufferAddress(bid: number): number {
+    return this.buffersAddress + bid * this.bufferBytes;
+  }
+
+  /** Gives buffer `bid` back to the kernel. */
+  recycle(bid: number): void {
+    this.place(bid);
+    // Release: the entry must be complete before the kernel can see the new tail.
+    Atomics.store(this.tail, 0, this.tailCount);
+  }
+
+  /** Writes bid's entry at the tail; the tail moves in memory only when published. Entry 0's `resv` is the tail
+   * itself, so the entry's last word is written as addr/len then bid alone (a u16 store). */
+  private place(bid: number): void {
+    const word = (this.tailCount & (this.count - 1)) * (io_uring_buf.SIZE / 4);
+    const address = this.bufferAddress(bid);
+    this.entries[word + io_uring_buf.addr / 4] = address % TWO_POW_32;
+    this.entries[word + io_uring_buf.addr / 4 + 1] = Math.floor(address / TWO_POW_32);
+    this.entries[word + io_uring_buf.len / 4] = this.bufferBytes;
+    this.entries16[word * 2 + io_uring_buf.bid / 2] = bid;
+    this.tailCount = (this.tailCount + 1) & 0xffff;
   }
 }
 

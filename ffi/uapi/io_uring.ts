@@ -91,12 +91,19 @@ export const IOSQE_IO_DRAIN = 1 << 1;
 export const IOSQE_IO_LINK = 1 << 2;
 export const IOSQE_IO_HARDLINK = 1 << 3;
 export const IOSQE_ASYNC = 1 << 4;
+/** The request takes a buffer from the provided-buffer group in sqe.buf_group (buf_index). */
+export const IOSQE_BUFFER_SELECT = 1 << 5;
 export const IOSQE_CQE_SKIP_SUCCESS = 1 << 6;
 
 export const IORING_FSYNC_DATASYNC = 1 << 0;
 export const IORING_TIMEOUT_ABS = 1 << 0;
 export const IORING_ASYNC_CANCEL_ALL = 1 << 0;
+/** cqe.flags: a provided buffer was used; its id is in flags >>> IORING_CQE_BUFFER_SHIFT. */
+export const IORING_CQE_F_BUFFER = 1 << 0;
 export const IORING_CQE_F_MORE = 1 << 1;
+export const IORING_CQE_BUFFER_SHIFT = 16;
+/** sqe.uring_cmd_flags (rw_flags): a multishot uring_cmd, which needs IOSQE_BUFFER_SELECT. */
+export const IORING_URING_CMD_MULTISHOT = 1 << 1;
 
 // io_uring_register opcodes
 export const IORING_REGISTER_FILES = 2;
@@ -104,6 +111,8 @@ export const IORING_UNREGISTER_FILES = 3;
 export const IORING_REGISTER_PROBE = 8;
 export const IORING_REGISTER_BUFFERS2 = 15;
 export const IORING_UNREGISTER_RING_FDS = 21;
+export const IORING_REGISTER_PBUF_RING = 22;
+export const IORING_UNREGISTER_PBUF_RING = 23;
 /** Or-ed into io_uring_register's opcode: its fd is an index of the calling thread's registered rings. */
 export const IORING_REGISTER_USE_REGISTERED_RING = 0x80000000;
 /** io_uring_rsrc_register.flags: a table of `nr` empty slots (filled later, e.g. by ublk's AUTO_BUF_REG). */
@@ -148,6 +157,12 @@ export const io_uring_getevents_arg = struct("io_uring_getevents_arg", 24, {
 export const io_uring_rsrc_register = struct("io_uring_rsrc_register", 32, {
   nr: [0, 4], flags: [4, 4], resv2: [8, 8], data: [16, 8], tags: [24, 8],
 });
+/** IORING_REGISTER_PBUF_RING's argument: a ring of `ring_entries` io_uring_buf (a power of two) for group `bgid`. */
+export const io_uring_buf_reg = struct("io_uring_buf_reg", 40, {
+  ring_addr: [0, 8], ring_entries: [8, 4], bgid: [12, 2], flags: [14, 2], resv: [16, 24],
+});
+/** One provided buffer; the ring's tail is the u16 in entry 0's `resv` (offset 14). */
+export const io_uring_buf = struct("io_uring_buf", 16, { addr: [0, 8], len: [8, 4], bid: [12, 2], resv: [14, 2] });
 export const io_uring_rsrc_update = struct("io_uring_rsrc_update", 16, { offset: [0, 4], resv: [4, 4], data: [8, 8] });
 export const __kernel_timespec = struct("__kernel_timespec", 16, { tv_sec: [0, 8], tv_nsec: [8, 8] });
 

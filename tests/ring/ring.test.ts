@@ -3,16 +3,16 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../../ffi/ring.ts";
+import { CQE_FLAGS, CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../../ffi/ring.ts";
 import {
   AF_UNIX, close, eventfd, iovec, memoryAt, mmapAnonymous, msghdr, MSG_NOSIGNAL, MSG_WAITALL, munmap, O_CREAT, O_DIRECT,
   O_RDWR, open, PAGE_BYTES, SOCK_STREAM, socketpair, write,
 } from "../../ffi/libc.ts";
-import { EAGAIN, EBADF, EBUSY, ECANCELED, EFAULT, ETIME } from "../../ffi/errno.ts";
+import { EAGAIN, EBADF, EBUSY, ECANCELED, EFAULT, ENOBUFS, ETIME } from "../../ffi/errno.ts";
 import {
   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SQE128,
   IORING_SETUP_TASKRUN_FLAG, POLLIN,
-  IORING_FEAT_NODROP, IOSQE_FIXED_FILE,
+  IORING_FEAT_NODROP, IOSQE_FIXED_FILE, IOSQE_BUFFER_SELECT, IORING_CQE_F_BUFFER, IORING_CQE_BUFFER_SHIFT,
 } from "../../ffi/uapi/io_uring.ts";
 
 const workDir = mkdtempSync(join(tmpdir(), "ublk-bun-ring-"));
@@ -124,6 +124,40 @@ describe("ring", () => {
     expect(ring.registerFiles([1])).toBe(-EBUSY);
     ring.close();
     munmap(address, PAGE_BYTES);
+  });
+
+  test("a buffer group: each RECV with BUFFER_SELECT takes the next buffer, ENOBUFS once all are out, recycle gives one back", () => {
+    const pair = socketpair(AF_UNIX, SOCK_STREAM);
+    if (typeof pair === "number") throw new Error(`socketpair: ${pair}`);
+    const [left, right] = pair;
+    const ring = Ring.create({ entries: 4 });
+    const group = ring.registerBufferGroup(7, 2, 16);
+    const text = new TextEncoder();
+    /** Sends `message` on one end and receives it on the other into a buffer of group 7: [res, bid or -1, bytes]. */
+    const receive = (message: string): [number, number, string] => {
+      expect(write(right, text.encode(message), message.length)).toBe(message.length);
+      const base = ring.getSqe();
+      ring.prepRecv(base, left, 0, 0, 0, 1); // length 0: the selected buffer's
+      ring.setSqeFlags(base, IOSQE_BUFFER_SELECT);
+      ring.setBufferGroup(base, 7);
+      expect(ring.submit(1)).toBe(1);
+      const at = ring.cqeBase(ring.cqHead());
+      const res = ring.cqe32[at + CQE_RES]!, flags = ring.cqe32[at + CQE_FLAGS]!;
+      ring.cqAdvanceTo(ring.cqHead() + 1);
+      const bid = (flags & IORING_CQE_F_BUFFER) !== 0 ? flags >>> IORING_CQE_BUFFER_SHIFT : -1;
+      return [res, bid, bid < 0 ? "" : new TextDecoder().decode(group.bytes.subarray(bid * 16, bid * 16 + Math.max(res, 0)))];
+    };
+    expect(receive("abc")).toEqual([3, 0, "abc"]);
+    expect(receive("de")).toEqual([2, 1, "de"]);
+    expect(receive("f")).toEqual([-ENOBUFS, -1, ""]);
+    group.recycle(0);
+    expect(receive("")).toEqual([1, 0, "f"]); // the byte left waiting
+    expect(group.bufferAddress(1) - group.bufferAddress(0)).toBe(16);
+    // A second group with the same id is refused.
+    expect(() => ring.registerBufferGroup(7, 2, 16)).toThrow(/buffer group 7/);
+    ring.close();
+    close(left);
+    close(right);
   });
 
   test("SENDMSG gathers two iovecs into one stream; RECV with MSG_WAITALL and SEND move them back", () => {
