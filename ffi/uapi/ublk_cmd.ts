@@ -85,6 +85,22 @@ export const UBLK_U_IO_FETCH_REQ = iowr("u", 0x20, IOCMD);
 export const UBLK_U_IO_COMMIT_AND_FETCH_REQ = iowr("u", 0x21, IOCMD);
 export const UBLK_U_IO_NEED_GET_DATA = iowr("u", 0x22, IOCMD);
 
+/** BATCH_IO (UBLK_F_BATCH_IO, 7.0): one command for many tags. Its header sits in the SQE's cmd area; PREP and
+ * COMMIT read an array of `nr_elem` elements of `elem_bytes` each from the SQE's addr; FETCH is a multishot command
+ * that writes the tags of new requests (u16 each, elem_bytes 2) into buffers of a provided-buffer group. */
+export const ublk_batch_io = struct("ublk_batch_io", 16, {
+  q_id: [0, 2], flags: [2, 2], nr_elem: [4, 2], elem_bytes: [6, 1], reserved: [7, 1], reserved2: [8, 8],
+});
+/** The start of every PREP / COMMIT element; with UBLK_BATCH_F_HAS_BUF_ADDR a u64 buffer address follows (at 8). */
+export const ublk_elem_header = struct("ublk_elem_header", 8, { tag: [0, 2], buf_index: [2, 2], result: [4, 4] });
+export const UBLK_BATCH_F_HAS_ZONE_LBA = 1 << 0;
+export const UBLK_BATCH_F_HAS_BUF_ADDR = 1 << 1;
+export const UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK = 1 << 2;
+const BATCH = ublk_batch_io.SIZE;
+export const UBLK_U_IO_PREP_IO_CMDS = iowr("u", 0x25, BATCH);
+export const UBLK_U_IO_COMMIT_IO_CMDS = iowr("u", 0x26, BATCH);
+export const UBLK_U_IO_FETCH_IO_CMDS = iowr("u", 0x27, BATCH);
+
 // Results of FETCH / COMMIT_AND_FETCH in the CQE.
 export const UBLK_IO_RES_OK = 0;
 export const UBLK_IO_RES_NEED_GET_DATA = 1;

@@ -48,6 +48,10 @@ describe("io_uring layouts", () => {
     expect(plain(uring.__kernel_timespec)).toEqual({ SIZE: 16, tv_sec: 0, tv_nsec: 8 });
     expect(plain(uring.io_uring_rsrc_register)).toEqual({ SIZE: 32, nr: 0, flags: 4, resv2: 8, data: 16, tags: 24 });
     expect(plain(uring.io_uring_rsrc_update)).toEqual({ SIZE: 16, offset: 0, resv: 4, data: 8 });
+    expect(plain(uring.io_uring_buf_reg)).toEqual({ SIZE: 40, ring_addr: 0, ring_entries: 8, bgid: 12, flags: 14, resv: 16 });
+    expect(plain(uring.io_uring_buf)).toEqual({ SIZE: 16, addr: 0, len: 8, bid: 12, resv: 14 });
+    expect([uring.IOSQE_BUFFER_SELECT, uring.IORING_CQE_F_BUFFER, uring.IORING_CQE_BUFFER_SHIFT, uring.IORING_URING_CMD_MULTISHOT,
+      uring.IORING_REGISTER_PBUF_RING, uring.IORING_UNREGISTER_PBUF_RING]).toEqual([32, 1, 16, 2, 22, 23]);
   });
   test("constants", () => {
     expect([uring.__NR_io_uring_setup, uring.__NR_io_uring_enter, uring.__NR_io_uring_register]).toEqual([425, 426, 427]);
@@ -81,6 +85,12 @@ describe("ublk layouts", () => {
     expect(plain(ublk.ublksrv_io_desc)).toEqual({ SIZE: 24, op_flags: 0, nr_sectors: 4, start_sector: 8, addr: 16 });
     expect(plain(ublk.ublksrv_io_cmd)).toEqual({ SIZE: 16, q_id: 0, tag: 2, result: 4, addr: 8 });
     expect(plain(ublk.ublk_auto_buf_reg)).toEqual({ SIZE: 8, index: 0, flags: 2, reserved0: 3, reserved1: 4 });
+  });
+  test("BATCH_IO: ublk_batch_io, ublk_elem_header, opcodes, flags", () => {
+    expect(plain(ublk.ublk_batch_io)).toEqual({ SIZE: 16, q_id: 0, flags: 2, nr_elem: 4, elem_bytes: 6, reserved: 7, reserved2: 8 });
+    expect(plain(ublk.ublk_elem_header)).toEqual({ SIZE: 8, tag: 0, buf_index: 2, result: 4 });
+    expect([ublk.UBLK_U_IO_PREP_IO_CMDS, ublk.UBLK_U_IO_COMMIT_IO_CMDS, ublk.UBLK_U_IO_FETCH_IO_CMDS]).toEqual([0xc0107525, 0xc0107526, 0xc0107527]);
+    expect([ublk.UBLK_BATCH_F_HAS_ZONE_LBA, ublk.UBLK_BATCH_F_HAS_BUF_ADDR, ublk.UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK]).toEqual([1, 2, 4]);
   });
   test("ublk_params and its parts", () => {
     expect(plain(ublk.ublk_params)).toEqual({ SIZE: 112, len: 0, types: 4, basic: 8, discard: 40, devt: 60, zoned: 76, dma_alignment: 108 });
