@@ -4,7 +4,7 @@
  * scripts keep working. Every failure is one line on stderr and a non-zero exit.
  */
 import { cac } from "cac";
-import { UBLK_F_AUTO_BUF_REG, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE } from "../ffi/uapi/ublk_cmd.ts";
 import {
   CLI_NAMES, DEFAULT_NR_HW_QUEUES, DEFAULT_QUEUE_DEPTH, parseDevId, parseDeviceShape, parseSize, parseSwitch, single, UsageError,
 } from "../lib/options.ts";
@@ -35,6 +35,7 @@ cli
   .option("-u, --user-copy", "USER_COPY data mode (pread/pwrite on /dev/ublkcN)")
   .option("-g, --need-get-data", "NEED_GET_DATA data mode")
   .option("-z, --zero-copy <0|1>", "Zero copy (AUTO_BUF_REG, kernel ≥ 6.16): the file target with O_DIRECT reads and writes the request's own pages (default: when the kernel has it; 0: the copy path)")
+  .option("--batch <0|1>", "Batch commands (BATCH_IO, kernel ≥ 7.0): one command for many requests (default: when the kernel has them; 0: per-tag commands)")
   .option("-f, --file <path>", "file target: the backing file or block device")
   .option("--buffered", "file target: use the page cache instead of O_DIRECT")
   .option("--read-only", "file target: serve the backing store read-only")
@@ -103,8 +104,12 @@ async function add(flags: Flags): Promise<void> {
   // -z absent: zero copy wherever it can be (config.zeroCopy undefined).
   const zeroCopyText = single("-z", flags.zeroCopy);
   const zeroCopy = zeroCopyText === undefined ? undefined : parseSwitch("-z", zeroCopyText);
-  const { dataModeFlags, recoveryFlags, ZERO_COPY_UNAVAILABLE, ZERO_COPY_WITH_DATA_MODE } = await import("../lib/device.ts");
+  const { BATCH_IO_UNAVAILABLE, BATCH_IO_WITH_GET_DATA, dataModeFlags, recoveryFlags, ZERO_COPY_UNAVAILABLE, ZERO_COPY_WITH_DATA_MODE } =
+    await import("../lib/device.ts");
   if (zeroCopy && (userCopy || needGetData || flags.unprivileged === true)) throw new UsageError(ZERO_COPY_WITH_DATA_MODE);
+  const batchText = single("--batch", flags.batch);
+  const batchIo = batchText === undefined ? undefined : parseSwitch("--batch", batchText);
+  if (batchIo && needGetData) throw new UsageError(BATCH_IO_WITH_GET_DATA);
   const { Ctrl } = await import("../lib/ctrl.ts");
   const { canonicalType, loadTarget } = await import("../targets/registry.ts");
   const config = {
@@ -112,6 +117,7 @@ async function add(flags: Flags): Promise<void> {
     flags: recoveryFlags(parseSwitch("-r", single("-r", flags.recovery)), parseSwitch("-i", single("-i", flags.recoveryReissue))) |
       dataModeFlags(userCopy ? "user-copy" : needGetData ? "need-get-data" : "copy"),
     ...(zeroCopy === undefined ? {} : { zeroCopy }),
+    ...(batchIo === undefined ? {} : { batchIo }),
   };
   const failIo = parseSwitch("-e", single("-e", flags.recoveryFailIo));
   if (flags.autoRecover && (config.flags & UBLK_F_USER_RECOVERY) === 0 && !failIo) throw new UsageError("--auto-recover needs -r 1, -i 1 or -e 1");
@@ -141,6 +147,7 @@ async function add(flags: Flags): Promise<void> {
       config.flags |= UBLK_F_NO_AUTO_PART_SCAN;
     }
     if (zeroCopy === true && (ctrl.getFeatures() & UBLK_F_AUTO_BUF_REG) === 0) throw new UsageError(ZERO_COPY_UNAVAILABLE);
+    if (batchIo === true && (ctrl.getFeatures() & UBLK_F_BATCH_IO) === 0) throw new UsageError(BATCH_IO_UNAVAILABLE);
     if (failIo) {
       if ((ctrl.getFeatures() & UBLK_F_USER_RECOVERY_FAIL_IO) === 0) {
         throw new UsageError("-e 1: this kernel's ublk_drv has no USER_RECOVERY_FAIL_IO (it needs Linux ≥ 6.13)");

@@ -17,6 +17,7 @@ import {
   UBLK_F_AUTO_BUF_REG, UBLK_F_NEED_GET_DATA, UBLK_F_USER_COPY, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, ublk_auto_buf_reg, ublkUserCopyOffset,
 } from "../ffi/uapi/ublk_cmd.ts";
 import type { QueueHandler } from "../targets/types.ts";
+import { transportName } from "./command-transport.ts";
 
 export interface DataMode {
   /** The buffer address tag's FETCH / COMMIT_AND_FETCH carries in ublksrv_io_cmd.addr (0 for none). */
@@ -86,11 +87,11 @@ export function userCopyMode(charFd: number, qId: number, depth: number, { buffe
   };
 }
 
-/** How `list` names a device's data path, from its flags (commands are per tag: BATCH_IO is not used yet). */
+/** How `list` names a device's data path, from its flags: the data mode, then the commands (lib/command-transport.ts). */
 export function dataPathName(devFlags: number): string {
   const mode = (devFlags & UBLK_F_AUTO_BUF_REG) !== 0 ? "zero copy" : (devFlags & UBLK_F_USER_COPY) !== 0 ? "user copy"
     : (devFlags & UBLK_F_NEED_GET_DATA) !== 0 ? "copy (NEED_GET_DATA)" : "copy";
-  return `${mode}, per-tag commands`;
+  return `${mode}, ${transportName(devFlags)}`;
 }
 
 /** The mode for a queue, from the device's flags (dev_info.flags): zero copy, user copy (no data if the target

@@ -7,7 +7,7 @@
 import { close, eventfd, getpid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBUSY, EINVAL, ENOENT, ErrnoError, errnoText } from "../ffi/errno.ts";
 import {
-  UBLK_F_AUTO_BUF_REG, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_NAMES, UBLK_F_NEED_GET_DATA, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_REISSUE,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { Ctrl, cpusOf, type DeviceParams, type DevInfo } from "./ctrl.ts";
 import type { QueueAttach, QueueReply, QueueStart } from "./queue-worker.ts";
@@ -43,6 +43,9 @@ export interface DeviceConfig {
   /** Zero copy (AUTO_BUF_REG): absent, when the kernel has it, the target prefers it and no data mode was asked
    * for; false: never (the copy path, for comparison); true: required (the device is refused otherwise). */
   zeroCopy?: boolean;
+  /** Batch commands (BATCH_IO, Linux ≥ 7.0): absent, where batchIoFlags picks them; false: per-tag commands (for
+   * comparison); true: required (refused otherwise). */
+  batchIo?: boolean;
 }
 
 /** What a caller of Device.recover may add to its steps. */
@@ -123,11 +126,13 @@ export class Device {
       const dataModeChosen = (flags & (UBLK_F_USER_COPY | UBLK_F_NEED_GET_DATA | UBLK_F_UNPRIVILEGED_DEV)) !== 0;
       const features = ctrl.getFeatures();
       flags |= zeroCopyFlags(config.zeroCopy, target, dataModeChosen, features);
+      flags |= batchIoFlags(config.batchIo, flags, features);
       if (target.prefersUserCopy && !dataModeChosen && (flags & UBLK_F_AUTO_BUF_REG) === 0 && (features & UBLK_F_USER_COPY) !== 0) {
         flags |= UBLK_F_USER_COPY;
       }
-      // A recoverable device can also be handed to a new server without failing a request (`restart`).
-      if ((flags & UBLK_F_USER_RECOVERY) !== 0 && (features & UBLK_F_QUIESCE) !== 0) flags |= UBLK_F_QUIESCE;
+      // A recoverable device can also be handed to a new server without failing a request (`restart`) — but for batch
+      // commands (see batchIoFlags).
+      if ((flags & UBLK_F_USER_RECOVERY) !== 0 && (features & UBLK_F_QUIESCE) !== 0 && (flags & UBLK_F_BATCH_IO) === 0) flags |= UBLK_F_QUIESCE;
       info = ctrl.addDev({ devId: config.devId, nrHwQueues: config.nrHwQueues, queueDepth: config.queueDepth,
         maxIoBufBytes: config.maxIoBufBytes, flags });
     } catch (error) {
@@ -674,6 +679,26 @@ export function zeroCopyFlags(wanted: boolean | undefined, target: TargetRecord,
     }
   }
   return available && !dataModeChosen && target.prefersZeroCopy === true ? UBLK_F_AUTO_BUF_REG : 0;
+}
+
+/** Why `--batch 1` cannot be had; the CLI refuses these before it starts a daemon. */
+export const BATCH_IO_UNAVAILABLE = "--batch 1: this kernel's ublk_drv has no BATCH_IO (it needs Linux ≥ 7.0)";
+export const BATCH_IO_WITH_GET_DATA = "--batch 1: batch commands cannot carry NEED_GET_DATA (--need-get-data)";
+
+/**
+ * The batch flag a new device gets (0 or UBLK_F_BATCH_IO), given the flags chosen so far; throws when `wanted` is
+ * true and it cannot. The kernel would silently drop NEED_GET_DATA on a batch device: such a device stays per tag.
+ * By default a recoverable device stays per tag where the kernel has QUIESCE_DEV, which `restart` hands it over with:
+ * on a batch device ublk_drv's QUIESCE_DEV sets the queues' force_abort and never clears it (7.3 read and run), so
+ * every later request fails with EIO, after the recovery too. Asked for, such a device gets batch commands and no
+ * QUIESCE (restart is then refused; kill + recover works).
+ */
+export function batchIoFlags(wanted: boolean | undefined, flags: number, features: number): number {
+  if (wanted === false) return 0;
+  const available = (features & UBLK_F_BATCH_IO) !== 0 && (flags & UBLK_F_NEED_GET_DATA) === 0;
+  if (wanted === true && !available) throw new Error((features & UBLK_F_BATCH_IO) === 0 ? BATCH_IO_UNAVAILABLE : BATCH_IO_WITH_GET_DATA);
+  const restartable = (flags & UBLK_F_USER_RECOVERY) !== 0 && (features & UBLK_F_QUIESCE) !== 0;
+  return available && (wanted === true || !restartable) ? UBLK_F_BATCH_IO : 0;
 }
 
 /** ublksrv's -r / -i flags as UBLK_F_* bits. */

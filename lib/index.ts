@@ -46,6 +46,9 @@ export interface CreateDeviceOptions {
   /** Zero copy (AUTO_BUF_REG, kernel ≥ 6.16). Default: where the kernel has it and the target can (the file target
    * with O_DIRECT) and dataMode is "copy"; false: never; true: required (refused otherwise). */
   zeroCopy?: boolean;
+  /** Batch commands (BATCH_IO, kernel ≥ 7.0): one command for many requests. Default: where the kernel has them and
+   * dataMode is not "need-get-data"; false: per-tag commands; true: required (refused otherwise). */
+  batchIo?: boolean;
   /** Do not scan the new disk for partitions (NO_AUTO_PART_SCAN, kernel ≥ 7.0; refused before). */
   noPartScan?: boolean;
   /** A queue died after start. Default: print and exit the process (never serve half a device). */
@@ -81,6 +84,8 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
   const dataMode = parseChoice("dataMode", options.dataMode ?? "copy", ["copy", "user-copy", "need-get-data"] as const);
   if (options.zeroCopy !== undefined && typeof options.zeroCopy !== "boolean") throw new Error(`zeroCopy: ${JSON.stringify(options.zeroCopy)} is not true or false`);
   if (options.zeroCopy === true && dataMode !== "copy") throw new Error(`zeroCopy: cannot be combined with dataMode "${dataMode}"`);
+  if (options.batchIo !== undefined && typeof options.batchIo !== "boolean") throw new Error(`batchIo: ${JSON.stringify(options.batchIo)} is not true or false`);
+  if (options.batchIo === true && dataMode === "need-get-data") throw new Error(`batchIo: cannot be combined with dataMode "need-get-data"`);
   let type: string;
   let target: Target;
   if (typeof options.target === "object" && !(options.target instanceof URL)) {
@@ -106,6 +111,7 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
     flags: recoveryFlags(recovery !== "none", recovery === "reissue") | dataModeFlags(dataMode) |
       (options.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0),
     ...(options.zeroCopy === undefined ? {} : { zeroCopy: options.zeroCopy }),
+    ...(options.batchIo === undefined ? {} : { batchIo: options.batchIo }),
   };
   let served;
   try {

@@ -1,8 +1,10 @@
 /**
  * A queue Worker: owns one ublk hardware queue. It maps the queue's descriptors, gives every tag a buffer,
- * FETCHes every tag, then loops: wait for completions → read each request's descriptor → let the target
- * serve it → COMMIT_AND_FETCH the result. All commits that are ready go to the kernel in one io_uring_enter.
- * The kernel ties a queue to the thread that FETCHed it, so every command of this queue comes from here.
+ * hands every tag to the kernel, then loops: wait for completions → read each request's descriptor → let the
+ * target serve it → commit the result. How tags go to the kernel and come back is the command transport's
+ * (lib/command-transport.ts: per-tag FETCH / COMMIT_AND_FETCH, or batch commands); all commits that are ready go
+ * to the kernel in one io_uring_enter. The kernel ties a per-tag queue to the thread that FETCHed it, so every
+ * command of this queue comes from here.
  *
  * Protocol with the device (lib/device.ts): it posts one QueueStart; we load the target, build the ring and
  * buffers and open the target's queue, answer "prepared", and wait for /dev/ublkcN (in QueueStart, or a later
@@ -16,15 +18,14 @@ import {
   gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PROT_READ, read,
   prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName,
 } from "../ffi/libc.ts";
-import { EIO, ETIME, ErrnoError, errnoName } from "../ffi/errno.ts";
-import { CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
+import { EIO, ETIME, ErrnoError } from "../ffi/errno.ts";
+import { CQE_FLAGS, CQE_RES, CQE_USER_DATA_HI, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
 import {
   IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_TASKRUN_FLAG, POLLIN,
 } from "../ffi/uapi/io_uring.ts";
 import {
-  UBLK_F_AUTO_BUF_REG, UBLK_F_USER_COPY, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_RES_ABORT, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_OK,
-  UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, ublkDescAreaBytes,
-  ublkDescMmapOffset, ublksrv_io_cmd, ublksrv_io_desc,
+  UBLK_F_AUTO_BUF_REG, UBLK_F_USER_COPY, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, ublkDescAreaBytes,
+  ublkDescMmapOffset, ublksrv_io_desc,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { loadTarget } from "../targets/registry.ts";
 import { debug } from "./debug.ts";
@@ -33,6 +34,7 @@ import { readNotices } from "./queue-stop.ts";
 import type { QueuePreload } from "./queue-workers.ts";
 import { PollPolicy } from "./poll-policy.ts";
 import { type DataMode, pickDataMode, type TagBuffers } from "./data-mode.ts";
+import { type CommandTransport, IO_CMD_USER_DATA, pickTransport, type TransportQueue } from "./command-transport.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
 /** The message that starts a queue Worker. JSON-safe. */
@@ -82,8 +84,8 @@ export type QueueReply =
    * formatted stack with source lines instead). */
   | { type: "failed"; qId: number; message: string };
 
-/** user_data high word of our own SQEs: ublk io commands, the target's SQEs, the stop eventfd poll. */
-const IO_CMD_USER_DATA = 0;
+/** user_data high word of the stop eventfd poll (the transport's commands: IO_CMD_USER_DATA, the target's SQEs:
+ * TARGET_USER_DATA). */
 const STOP_USER_DATA = 2;
 
 /** Where each tag is. A request is completed once: only a tag with the target can be committed. */
@@ -98,21 +100,6 @@ const STOP_DRAIN_MS = 2_000;
 const COMPLAINT_INTERVAL_MS = 1_000;
 /** The largest errno: a negative result below -MAX_ERRNO is not an error number. */
 const MAX_ERRNO = 4095;
-
-/** What a completed FETCH / COMMIT_AND_FETCH / NEED_GET_DATA asks of the queue. */
-export const IO_CQE_SERVE = 0, IO_CQE_GET_DATA = 1, IO_CQE_RETIRE = 2, IO_CQE_FAILED = 3;
-
-/**
- * Classifies the result of a tag's io command. Only UBLK_IO_RES_ABORT (-ENODEV: the queue is being torn down)
- * retires a tag; any other negative result means the kernel refused our command (a bug on one side or the
- * other), and the queue must not go on as if the tag were merely gone.
- */
-export function classifyIoCqe(res: number): number {
-  if (res === UBLK_IO_RES_OK) return IO_CQE_SERVE;
-  if (res === UBLK_IO_RES_NEED_GET_DATA) return IO_CQE_GET_DATA;
-  if (res === UBLK_IO_RES_ABORT) return IO_CQE_RETIRE;
-  return IO_CQE_FAILED;
-}
 
 /**
  * Checks a target's result before it goes to the kernel: READ / WRITE give 0 < bytes ≤ the request's bytes or
@@ -148,6 +135,7 @@ const STAND_IN_HANDLER: QueueHandler = { handleIo: () => 0 };
 /** What a queue holds; released on every way out of serveQueue. */
 interface QueueResources {
   ring?: Ring;
+  transport?: CommandTransport;
   handler?: QueueHandler;
   descAddress: number;
   descBytes: number;
@@ -180,6 +168,7 @@ export async function serveQueue(start: QueueStart, reply: (message: QueueReply)
       console.error(`ublk-bun: queue ${start.qId}: the target's close() threw: ${(error as Error).message}`);
     }
     held.ring?.close(); // cancels any FETCH still with the kernel (when stopped before START_DEV)
+    held.transport?.close();
     if (held.descAddress >= 0) munmap(held.descAddress, held.descBytes);
     if (held.bufferAddress >= 0 && held.abandonedRequests === 0) munmap(held.bufferAddress, held.bufferBytes);
   }
@@ -227,10 +216,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   held.bufferAddress = bufferAddress;
   held.bufferBytes = bufferBytes;
 
-  const sqe = ring.sqe32;
   const cqe = ring.cqe32;
-  const CMD_QID_TAG = ublksrv_io_cmd.q_id / 4, CMD_RESULT = ublksrv_io_cmd.result / 4;
-  const CMD_ADDR_LO = ublksrv_io_cmd.addr / 4, CMD_ADDR_HI = CMD_ADDR_LO + 1;
   const TWO_POW_32 = 4294967296;
   /** Op and size of the request each tag holds: to check the target's result, and for USER_COPY's copy-out. */
   const tagOp = new Uint8Array(depth);
@@ -246,20 +232,10 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   /** Tag t's buffer: at bufferAddress + t * tagStrideBytes; a stride of 0 when the target ignores the data and all
    * tags share one. */
   const buffers: TagBuffers = { bufferAddress, tagStrideBytes: maxIoBufBytes };
-  /** How the requests' data moves (lib/data-mode.ts): picked once the queue is attached, before its first command. */
+  /** How the requests' data moves (lib/data-mode.ts) and how tags go to the kernel and back (lib/command-transport.ts):
+   * picked once the queue is attached, before its first command. */
   let dataMode!: DataMode;
-
-  /** Queues one io command for `tag` (FETCH, COMMIT_AND_FETCH or NEED_GET_DATA). */
-  function queueIoCmd(cmdOp: number, tag: number, result: number): void {
-    const base = nextSqe();
-    const cmd = ring.prepUringCmd(base, charFd, cmdOp, tag, IO_CMD_USER_DATA);
-    const address = dataMode.commandAddress(tag);
-    ring.setSqeAddress(base, dataMode.sqeAddress(tag));
-    sqe[cmd + CMD_QID_TAG] = qId | (tag << 16);
-    sqe[cmd + CMD_RESULT] = result;
-    sqe[cmd + CMD_ADDR_LO] = address >>> 0;
-    sqe[cmd + CMD_ADDR_HI] = Math.floor(address / TWO_POW_32);
-  }
+  let transport!: CommandTransport;
 
   const targetName = `target "${start.target.type}"`;
   const complainResult = complaintLog(), complainThrow = complaintLog(), complainRefused = complaintLog();
@@ -273,7 +249,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
         `${OP_NAMES[tagOp[tag]!] ?? `op ${tagOp[tag]}`} of ${tagBytes[tag]} bytes; failing the request with EIO`);
       result = -EIO;
     }
-    queueIoCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, dataMode.afterTarget(tag, tagOp[tag]!, result));
+    transport.commit(tag, dataMode.afterTarget(tag, tagOp[tag]!, result));
   }
 
   /** A completion that has no request to complete: logged, never committed (it would answer whatever request
@@ -346,12 +322,16 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   // So it runs here first, on stand-ins: each tag's descriptor a flush, served by a target that answers 0 and
   // committed into SQEs that are dropped unsent, with a data mode that names no descriptor yet. Once for a queue
   // started on the application's path; a spare, which has the time, runs it until it is compiled.
+  const transportQueue = (attachedFd: number): TransportQueue =>
+    ({ ring, charFd: attachedFd, qId, depth, devFlags: start.devFlags, dataMode, serve: serveRequest, nextSqe });
   dataMode = pickDataMode(start.devFlags, -1, qId, depth, buffers, targetHandler);
+  transport = pickTransport(transportQueue(-1));
   iod = new Uint32Array(depth * IOD_WORDS);
   for (let tag = 0; tag < depth; tag++) iod[tag * IOD_WORDS + IOD_OP_FLAGS] = UBLK_IO_OP_FLUSH;
   for (let round = 0; round < (start.warmUpRounds ?? 1); round++) {
     const unsent = ring.sqeMark();
     for (let tag = 0; tag < Math.min(depth, ring.sqSpace()); tag++) serveRequest(tag);
+    transport.dropUnflushed();
     ring.dropSqesSince(unsent);
   }
   handler = targetHandler;
@@ -360,6 +340,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   charFd = start.charFd ?? await attached;
   if (charFd < 0) return 0; // stopped before it was attached: nothing was served
   dataMode = pickDataMode(start.devFlags, charFd, qId, depth, buffers, targetHandler);
+  transport = held.transport = pickTransport(transportQueue(charFd));
   debug(`queue ${qId}: attached`);
   const descBytes = ublkDescAreaBytes(depth);
   const descAddress = mmap(descBytes, PROT_READ, MAP_SHARED | MAP_POPULATE, charFd, ublkDescMmapOffset(qId));
@@ -370,14 +351,12 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
 
   /** The tag a spare holds back until it is asked to resume (QueueStart.holdLastTag), or -1. */
   let heldTag = start.holdLastTag ? depth - 1 : -1;
-  for (let tag = 0; tag < depth; tag++) if (tag !== heldTag) queueIoCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+  transport.start(heldTag);
   ring.prepPollAdd(nextSqe(), stopFd, POLLIN, 0, STOP_USER_DATA);
   const submitted = ring.submit();
-  if (submitted < 0) throw new ErrnoError(`FETCH_REQ on queue ${qId}`, -submitted);
+  if (submitted < 0) throw new ErrnoError(`FETCH on queue ${qId}`, -submitted);
   reply({ type: "fetched", qId, tid: gettid() });
 
-  // A held tag never reaches the kernel until resumed, so the kernel can never retire it: it counts as retired.
-  let retiredTags = heldTag >= 0 ? 1 : 0;
   let batchIos = 0; // ublk completions in the last round
   let stopRequested = false;
   const noticeCount = new BigUint64Array(1);
@@ -409,13 +388,19 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
       held.abandonedRequests++;
       finish(tag, -EIO);
     }
+    transport.flush();
     ring.submit(0);
   }
 
   let drainDeadlineMs = 0; // once stopping while the target holds requests: until when we wait for them
   for (;;) {
-    if (retiredTags === depth || stopRequested) {
-      if (pendingAsync === 0) break;
+    // The previous round's results become commands first: a queue leaves only with every result sent.
+    transport.flush();
+    if (transport.retired() || stopRequested) {
+      if (pendingAsync === 0) {
+        ring.submit(0); // a stop's last results (the kernel needs them back for a hand-over)
+        break;
+      }
       if (drainDeadlineMs === 0) drainDeadlineMs = performance.now() + STOP_DRAIN_MS;
       else if (performance.now() >= drainDeadlineMs) {
         failHeldRequests();
@@ -453,17 +438,11 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
       head = (head + 1) >>> 0;
       if (kind === IO_CMD_USER_DATA) {
         ioCqes++;
-        batchIos++;
-        const action = classifyIoCqe(res);
-        if (action === IO_CQE_SERVE) serveRequest(userDataLow);
-        else if (action === IO_CQE_GET_DATA) queueIoCmd(UBLK_U_IO_NEED_GET_DATA, userDataLow, 0);
-        else if (action === IO_CQE_RETIRE) {
-          if (retiredTags === 0) debug(`queue ${qId}: first tag retired (${res})`);
-          retiredTags++;
-        } else {
+        try {
+          batchIos += transport.onCqe(userDataLow, res, cqe[at + CQE_FLAGS]!);
+        } catch (error) {
           ring.cqAdvanceTo(head);
-          throw new ErrnoError(`queue ${qId} tag ${userDataLow}: the kernel refused its io command`, -res,
-            `queue ${qId} tag ${userDataLow}: the kernel refused its io command with ${errnoName(-res)} (${res})`);
+          throw error;
         }
       } else if (kind === TARGET_USER_DATA) {
         handler.onTargetCqe?.(userDataLow, res);
@@ -475,11 +454,10 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
           if (notices.resume && heldTag >= 0) {
             // Sent at once, not with this round's commits: the device waits for it to END_USER_RECOVERY, and this
             // thread may sleep in the ring below until a request comes, which none will before then.
-            queueIoCmd(UBLK_U_IO_FETCH_REQ, heldTag, 0);
+            transport.resume(heldTag);
             const resumed = ring.submit(0);
-            if (resumed < 0) throw new ErrnoError(`FETCH_REQ on queue ${qId}`, -resumed);
+            if (resumed < 0) throw new ErrnoError(`FETCH on queue ${qId}`, -resumed);
             heldTag = -1;
-            retiredTags--;
             reply({ type: "resumed", qId });
           }
           ring.prepPollAdd(nextSqe(), stopFd, POLLIN, 0, STOP_USER_DATA);
@@ -490,7 +468,7 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     if (usesEventLoop && pendingAsync > 0) await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
-  debug(`queue ${qId}: leaving loop, ${retiredTags}/${depth} retired, stop ${stopRequested}; served ${servedIos} requests ` +
+  debug(`queue ${qId}: leaving loop, ${transport.describe()}, stop ${stopRequested}; served ${servedIos} requests ` +
     `in ${enters} io_uring_enter calls, ${(ioCqes / Math.max(enters, 1)).toFixed(2)} ublk CQEs per enter; ` +
     `spins: ${poll.spinHits} found a request, ${poll.spinMisses} did not; ${poll.contendedChecks} back-offs for a contended CPU`);
   return servedIos;

@@ -98,6 +98,7 @@ function isRecord(value: unknown): value is DeviceRecord {
     typeof r.config === "object" && r.config !== null && Number.isInteger(r.config.nrHwQueues) && Number.isInteger(r.config.queueDepth) &&
     Number.isInteger(r.config.maxIoBufBytes) && Number.isInteger(r.config.flags) &&
     (r.config.pollUs === undefined || isPollSetting(r.config.pollUs)) && (r.config.zeroCopy === undefined || typeof r.config.zeroCopy === "boolean") &&
+    (r.config.batchIo === undefined || typeof r.config.batchIo === "boolean") &&
     typeof r.target === "object" && r.target !== null && typeof r.target.type === "string" && Number.isFinite(r.target.sizeBytes) &&
     Number.isInteger(r.pid) && Array.isArray(r.queues) &&
     (r.pidStartTicks === undefined || Number.isInteger(r.pidStartTicks)) &&

@@ -10,7 +10,7 @@
  * but a request the old daemon held when it died is served twice — we do not hide that behind "restart".
  */
 import { closeSync } from "node:fs";
-import { UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
+import { UBLK_F_BATCH_IO, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_NAMES } from "../ffi/uapi/ublk_cmd.ts";
 import { isOurDaemon, processAlive, recoverDevice, waitForExit } from "./admin.ts";
 import { Ctrl } from "./ctrl.ts";
 import { HANDOVER_SIGNAL } from "./serving.ts";
@@ -43,6 +43,10 @@ export async function restartDevice(devId: number): Promise<RestartResult> {
     }
     if ((info.flags & UBLK_F_USER_RECOVERY_FAIL_IO) !== 0) {
       throw new Error(`restart: device ${devId} fails I/O while no daemon serves it (-e 1), so a restart would fail requests; kill its daemon and "recover" instead`);
+    }
+    if ((info.flags & UBLK_F_BATCH_IO) !== 0) {
+      throw new Error(`restart: device ${devId} uses batch commands (--batch 1), which this kernel's QUIESCE_DEV cannot hand over ` +
+        `without failing every later request; kill its daemon and "recover" instead`);
     }
     if ((info.flags & UBLK_F_QUIESCE) === 0) {
       throw new Error(`restart: device ${devId} was created without QUIESCE (by an older ublk-bun); kill its daemon and "recover" instead`);

@@ -105,11 +105,13 @@ describe("a target that completes a request twice", () => {
 
 describe("the kernel refusing an io command", () => {
   // The trigger: the target sends a second FETCH_REQ for a tag the queue has already fetched, which ublk_drv
-  // refuses. The queue sees a failed io command for that tag, as it would for any refusal.
+  // refuses. The queue sees a failed io command for that tag, as it would for any refusal. Per-tag commands
+  // (--batch 0) on every kernel: a batch device refuses every FETCH_REQ, and the batch transport's refusals are
+  // tested on the host (tests/ring/command-transport.test.ts).
   // A queue's failure reaches the main thread a little after the kernel's refusal: the daemon pauses 2 s after
   // START_DEV so that it surely has. (Without the pause either outcome may happen, this one or the next test's.)
   test("during START_DEV (the partition scan's first read): add fails with one line naming tag and errno; nothing is left", () => {
-    const run = cli(["add", "-t", BAD_TARGET, "-o", "dupFetch=1"], { UBLK_BUN_TEST_PAUSE: "before-live:2000" });
+    const run = cli(["add", "-t", BAD_TARGET, "-o", "dupFetch=1", "--batch", "0"], { UBLK_BUN_TEST_PAUSE: "before-live:2000" });
     expect(run.status).not.toBe(0);
     expect(run.stderr).toMatch(/^ublk-bun: .*queue 0 tag \d+: the kernel refused its io command with EBUSY \(-16\)\n$/);
     expectClean();
@@ -120,7 +122,7 @@ describe("the kernel refusing an io command", () => {
   // deleted the device and its record without a word; it must stay for `del`, with the failure in the log.
   test("after start: the daemon ends with a message naming the tag and errno; the device stays for del, which cleans up", async () => {
     const logStart = logText().length;
-    const devId = addDevice(["-t", BAD_TARGET, "-o", "dupFetchSector=4096"], { UBLK_BUN_TEST_PAUSE: "on-fatal:7000" });
+    const devId = addDevice(["-t", BAD_TARGET, "-o", "dupFetchSector=4096", "--batch", "0"], { UBLK_BUN_TEST_PAUSE: "on-fatal:7000" });
     const pid = daemonPidOf(devId);
     await dd(devId, false, 4096, 1, 30_000);
     await waitFor("the daemon to exit", () => !alive(pid), 30_000);

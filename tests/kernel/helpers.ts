@@ -18,6 +18,16 @@ export function cli(args: string[], env: Record<string, string> = {}, timeoutMs 
   return { status: result.exitCode ?? -1, stdout: result.stdout.toString(), stderr: result.stderr.toString() };
 }
 
+/** The kernel's ublk feature names (`features --json`). */
+export function kernelFeatureNames(): string[] {
+  return JSON.parse(cliOk(["features", "--json"])).names;
+}
+
+/** How `list` names a new device's commands on this kernel: batch where it has BATCH_IO (our default). */
+export function defaultCommands(): string {
+  return kernelFeatureNames().includes("BATCH_IO") ? "batch commands" : "per-tag commands";
+}
+
 /** Runs the CLI and expects success; returns stdout. */
 export function cliOk(args: string[], env: Record<string, string> = {}): string {
   const run = cli(args, env);

@@ -4,9 +4,9 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { addDevice, CLI, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, waitFor } from "./helpers.ts";
+import { addDevice, CLI, cleanUp, cli, cliOk, daemonPidOf, defaultCommands, expectClean, fio, kernelFeatureNames, waitFor } from "./helpers.ts";
 
-const features: string[] = JSON.parse(cliOk(["features", "--json"])).names;
+const features = kernelFeatureNames();
 const has = (name: string) => features.includes(name);
 const work = mkdtempSync("/tmp/ublk-bun-newer-");
 const MiB = 1024 * 1024;
@@ -314,37 +314,37 @@ describe("--no-part-scan (NO_AUTO_PART_SCAN)", () => {
   });
 });
 
+/** A loop device over a file in `work` (tmpfs): a block device, so the file target opens it with O_DIRECT. */
+function withLoopDevice(sizeBytes: number, body: (loop: string, backing: string) => void): void {
+  const backing = join(work, "zero-copy.img");
+  writeFileSync(backing, Buffer.alloc(sizeBytes));
+  const loop = Bun.spawnSync(["losetup", "-f", "--show", backing]).stdout.toString().trim();
+  expect(loop).toStartWith("/dev/loop");
+  try {
+    body(loop, backing);
+  } finally {
+    cleanUp();
+    Bun.spawnSync(["losetup", "-d", loop]);
+  }
+}
+
+function verifyAndCompare(devId: number, loop: string): void {
+  for (const [rw, bs, depth] of [["randwrite", "4k", "1"], ["randwrite", "4k", "32"], ["write", "128k", "32"], ["write", "512k", "8"]] as const) {
+    const result = fio([`--name=${rw}${bs}`, `--filename=/dev/ublkb${devId}`, `--rw=${rw}`, `--bs=${bs}`, "--direct=1",
+      "--ioengine=io_uring", `--iodepth=${depth}`, "--size=16m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randseed=11"]);
+    expect({ rw, bs, depth, status: result.status, errors: result.errors }).toEqual({ rw, bs, depth, status: 0, errors: 0 });
+  }
+  // The bytes are the loop device's (and so the file's): nothing stayed in a buffer of ours.
+  expect(Bun.spawnSync(["cmp", "-n", String(16 * MiB), `/dev/ublkb${devId}`, loop]).exitCode).toBe(0);
+}
+
 describe("zero copy (AUTO_BUF_REG)", () => {
-  /** A loop device over a file in `work` (tmpfs): a block device, so the file target opens it with O_DIRECT. */
-  function withLoopDevice(sizeBytes: number, body: (loop: string, backing: string) => void): void {
-    const backing = join(work, "zero-copy.img");
-    writeFileSync(backing, Buffer.alloc(sizeBytes));
-    const loop = Bun.spawnSync(["losetup", "-f", "--show", backing]).stdout.toString().trim();
-    expect(loop).toStartWith("/dev/loop");
-    try {
-      body(loop, backing);
-    } finally {
-      cleanUp();
-      Bun.spawnSync(["losetup", "-d", loop]);
-    }
-  }
-
-  function verifyAndCompare(devId: number, loop: string): void {
-    for (const [rw, bs, depth] of [["randwrite", "4k", "1"], ["randwrite", "4k", "32"], ["write", "128k", "32"], ["write", "512k", "8"]] as const) {
-      const result = fio([`--name=${rw}${bs}`, `--filename=/dev/ublkb${devId}`, `--rw=${rw}`, `--bs=${bs}`, "--direct=1",
-        "--ioengine=io_uring", `--iodepth=${depth}`, "--size=16m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randseed=11"]);
-      expect({ rw, bs, depth, status: result.status, errors: result.errors }).toEqual({ rw, bs, depth, status: 0, errors: 0 });
-    }
-    // The bytes are the loop device's (and so the file's): nothing stayed in a buffer of ours.
-    expect(Bun.spawnSync(["cmp", "-n", String(16 * MiB), `/dev/ublkb${devId}`, loop]).exitCode).toBe(0);
-  }
-
   test.skipIf(!has("AUTO_BUF_REG"))("a file with O_DIRECT is zero copy by default, -z 0 the copy path; both verify, 1 and 2 queues", () => {
     withLoopDevice(32 * MiB, (loop) => {
       for (const [extra, path] of [[[], "zero copy"], [["-z", "0"], "copy"], [["-z", "1", "-q", "2"], "zero copy"]] as const) {
         const devId = addDevice(["-t", "file", "-f", loop, ...extra]);
         const listing = cliOk(["list", "-n", String(devId)]);
-        expect(listing).toContain(`data path: ${path}, per-tag commands`);
+        expect(listing).toContain(`data path: ${path}, ${defaultCommands()}`);
         expect(listing.includes("AUTO_BUF_REG")).toBe(path === "zero copy"); // the kernel's flags, as the device got them
         verifyAndCompare(devId, loop);
         cliOk(["del", "-n", String(devId)]);
@@ -369,6 +369,61 @@ describe("zero copy (AUTO_BUF_REG)", () => {
       cliOk(["del", "-n", String(devId)]);
       expectRefused(["add", "-t", "file", "-f", loop, "-z", "1"], /^ublk-bun: -z 1: this kernel's ublk_drv has no AUTO_BUF_REG zero copy \(it needs Linux ≥ 6\.16\)$/m);
     });
+    expectClean();
+  });
+});
+
+describe("batch commands (BATCH_IO)", () => {
+  test.skipIf(!has("BATCH_IO"))("the default on this kernel in every data mode, --batch 0 per tag; each verifies, 1 and 2 queues", () => {
+    withLoopDevice(32 * MiB, (loop) => {
+      const cases = [
+        [["-t", "file", "-f", loop], "zero copy, batch commands"],
+        [["-t", "file", "-f", loop, "-z", "0", "-q", "2"], "copy, batch commands"], // each element names the tag's buffer
+        [["-t", "file", "-f", loop, "--batch", "1", "-u"], "user copy, batch commands"],
+        [["-t", "file", "-f", loop, "--batch", "0"], "zero copy, per-tag commands"],
+      ] as const;
+      for (const [args, path] of cases) {
+        const devId = addDevice([...args]);
+        const listing = cliOk(["list", "-n", String(devId)]);
+        expect(listing).toContain(`data path: ${path}`);
+        expect(listing.includes(" BATCH_IO")).toBe(path.endsWith("batch commands")); // the kernel's flags, as the device got them
+        verifyAndCompare(devId, loop);
+        cliOk(["del", "-n", String(devId)]);
+      }
+    });
+    expectClean();
+  });
+
+  test.skipIf(!has("BATCH_IO"))("--need-get-data stays per tag (batch commands cannot carry it); with --batch 1 it is refused", () => {
+    const devId = addDevice(["-t", "null", "--need-get-data"]);
+    expect(cliOk(["list", "-n", String(devId)])).toContain("data path: copy (NEED_GET_DATA), per-tag commands");
+    cliOk(["del", "-n", String(devId)]);
+    expectRefused(["add", "-t", "null", "--need-get-data", "--batch", "1"], /^ublk-bun: --batch 1: batch commands cannot carry NEED_GET_DATA \(--need-get-data\)$/m);
+    expectClean();
+  });
+
+  test.skipIf(!has("BATCH_IO"))("a recoverable device stays per tag, for restart; with --batch 1 restart is refused (QUIESCE_DEV would break its queues)", () => {
+    const restartable = addDevice(["-t", "null", "-i", "1", "--standby", "0"]);
+    const listing = cliOk(["list", "-n", String(restartable)]);
+    expect(listing).toContain("per-tag commands");
+    expect(listing).toContain(" QUIESCE");
+    cliOk(["del", "-n", String(restartable)]);
+    const batched = addDevice(["-t", "null", "-i", "1", "--standby", "0", "--batch", "1"]);
+    const batchedListing = cliOk(["list", "-n", String(batched)]);
+    expect(batchedListing).toContain("batch commands");
+    expect(batchedListing).not.toContain(" QUIESCE");
+    const pid = daemonPidOf(batched);
+    expectRefused(["restart", "-n", String(batched)], /^ublk-bun: restart: device \d+ uses batch commands \(--batch 1\), which this kernel's QUIESCE_DEV cannot hand over without failing every later request; kill its daemon and "recover" instead$/m);
+    expect(daemonPidOf(batched)).toBe(pid);
+    cliOk(["del", "-n", String(batched)]);
+    expectClean();
+  });
+
+  test.skipIf(has("BATCH_IO"))("a kernel without it: per-tag commands, and --batch 1 refused with one line, nothing created", () => {
+    const devId = addDevice(["-t", "null"]);
+    expect(cliOk(["list", "-n", String(devId)])).toContain("per-tag commands");
+    cliOk(["del", "-n", String(devId)]);
+    expectRefused(["add", "-t", "null", "--batch", "1"], /^ublk-bun: --batch 1: this kernel's ublk_drv has no BATCH_IO \(it needs Linux ≥ 7\.0\)$/m);
     expectClean();
   });
 });

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { close, memoryAt, mmapAnonymous, munmap, O_DIRECT, O_RDWR, open, PAGE_BYTES, pread, pwrite } from "../../ffi/libc.ts";
 import { ublkFeatureNames } from "../../ffi/uapi/ublk_cmd.ts";
-import { addDevice, cleanUp, cli, cliOk, daemonPidOf, expectClean, fio, records, ublkNodes, waitFor } from "./helpers.ts";
+import { addDevice, cleanUp, cli, cliOk, daemonPidOf, defaultCommands, expectClean, fio, records, ublkNodes, waitFor } from "./helpers.ts";
 
 beforeAll(() => cleanUp());
 afterAll(() => cleanUp());
@@ -92,14 +92,14 @@ describe("null target through the CLI", () => {
     expect(lines[4]).toMatch(/^\tqueue 0: tid \d+ affinity\([\d ]+\)$/);
     expect(lines[5]).toMatch(/^\tqueue 1: tid \d+ affinity\([\d ]+\)$/);
     expect(lines[6]).toStartWith("\ttarget {");
-    expect(lines[7]).toBe("\tdata path: user copy, per-tag commands"); // the null target prefers USER_COPY
+    expect(lines[7]).toBe(`\tdata path: user copy, ${defaultCommands()}`); // the null target prefers USER_COPY
     const pid = daemonPidOf(devId);
     expect(existsSync(`/proc/${pid}`)).toBe(true);
     const json = JSON.parse(cliOk(["list", "--json"]));
     const mine = json.find((entry: any) => entry.devId === devId);
     expect(mine).toMatchObject({ state: "LIVE", daemonPid: pid, nrHwQueues: 2, queueDepth: 32, devSectors: 2097152 });
     expect(mine.flagNames).toEqual(ublkFeatureNames(mine.flags));
-    expect(mine.dataPath).toBe("user copy, per-tag commands");
+    expect(mine.dataPath).toBe(`user copy, ${defaultCommands()}`);
     expect(mine.queues.every((queue: any) => queue.tid > 0)).toBe(true);
     // The queue threads really are threads of the daemon, named after their device and queue.
     // A queue whose kernel CPU set is a single CPU is not pinned there (it would take turns with the submitter).

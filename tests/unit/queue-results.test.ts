@@ -1,6 +1,7 @@
 // What the queue loop accepts from a target and from the kernel, as pure decisions (lib/queue-worker.ts).
 import { describe, expect, test } from "bun:test";
-import { classifyIoCqe, IO_CQE_FAILED, IO_CQE_GET_DATA, IO_CQE_RETIRE, IO_CQE_SERVE, isValidResult } from "../../lib/queue-worker.ts";
+import { classifyIoCqe, IO_CQE_FAILED, IO_CQE_GET_DATA, IO_CQE_RETIRE, IO_CQE_SERVE } from "../../lib/command-transport.ts";
+import { isValidResult } from "../../lib/queue-worker.ts";
 import { EAGAIN, EBUSY, EINVAL, EIO, ENODEV, ENOSPC } from "../../ffi/errno.ts";
 
 const READ = 0, WRITE = 1, FLUSH = 2, DISCARD = 3, WRITE_ZEROES = 5;
