@@ -2,7 +2,7 @@
 /**
  * `npm run bench`: fio against our targets beside the kernel's own drivers, in one boot, as ratios.
  *   null target  vs null_blk (configfs, irqmode=0, hw_queue_depth 128, 1 queue), and with UBLKSRV_DIR=DIR vs the C
- *                reference server's null target
+ *                reference server's null target; where the kernel has BATCH_IO, batch vs per-tag commands (--batch 0)
  *   file target  vs loop (buffered) over the same zero-filled 1 GiB file on tmpfs; memory target beside them
  *   nbd target   vs nbd.ko + nbd-client, both over loopback TCP to one `nbdkit memory` export (BENCH_CASES=nbd only)
  *   ext4         file target vs loop with direct I/O vs fio on the file itself (O_DIRECT), optionally vs the C
@@ -265,6 +265,15 @@ if (groups.has("null")) {
   if (cTwo) peer(["del", "-n", String(cTwo.devId)]);
   recordMemory("null, 2 queues, depth 128", two.pid);
   cli(["del", "-n", String(two.devId)]);
+  // Where the kernel has BATCH_IO ours uses it: beside ours forced onto per-tag commands (--batch 0), alternating.
+  const batched = addDevice(["-t", "null", "-q", "1", "-d", "128"]);
+  if (JSON.parse(cli(["list", "-n", String(batched.devId), "--json"]))[0].dataPath.endsWith("batch commands")) {
+    const perTag = addDevice(["-t", "null", "-q", "1", "-d", "128", "--batch", "0"]);
+    compare("batch", { label: "ublk-bun null, batch", path: `/dev/ublkb${batched.devId}`, pid: batched.pid },
+      { label: "ublk-bun null --batch 0", path: `/dev/ublkb${perTag.devId}`, pid: perTag.pid }, ["randread1", "randread64", "randwrite64"]);
+    cli(["del", "-n", String(perTag.devId)]);
+  }
+  cli(["del", "-n", String(batched.devId)]);
   // Batching: a fresh device, one QD64 run, then the queue's counters from its debug log.
   const counted = addDevice(["-t", "null", "-q", "1", "-d", "128"]);
   fio(`/dev/ublkb${counted.devId}`, JOBS.randread64!, null);
@@ -408,6 +417,7 @@ if (groups.has("ext4")) {
 
 const fmt = (value: number | null | undefined, digits = 0) => (value === null || value === undefined ? "—" : value.toFixed(digits));
 const mainRows = rows.filter((r) => r.group !== "nbd" && r.group !== "zero-copy" && !r.group.startsWith("ext4"));
+// (The batch group's "kernel" side is ours with per-tag commands: its ratio is batch ÷ per tag.)
 /** The further side whose label starts with prefix (the C server: "C "), if the row has one. */
 const other = (r: Row, prefix: string) => r.others?.find((o) => o.label.startsWith(prefix));
 const mainWithC = mainRows.some((r) => other(r, "C "));
@@ -425,6 +435,8 @@ const lines = [
       const c = other(r, "C ");
       return ` ${fmt(c?.result.iops)} | ${fmt(c?.result.mbps, 1)} | ${fmt(c?.result.cpuUsPerIo, 1)} | ${c ? `${c.ratio.toFixed(2)} (${r.metric})` : "—"} |`;
     })())),
+  ...(mainRows.some((r) => r.group === "batch") ? ["", "The batch rows put ours with batch commands (BATCH_IO) beside ours with per-tag commands (`--batch 0`): " +
+    "their ratio is batch ÷ per tag."] : []),
   ...(mainWithC ? ["", "\"C\" is the C reference server (ublksrv, its own null target, `-q 1 -d 128` or `-q 2`), run alternating with ours in the same boot."] : []),
   "",
   "Where the server's CPU goes, µs per I/O (median of the runs): queue threads in user space (our JS loop and",
