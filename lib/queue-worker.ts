@@ -412,12 +412,20 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
     // wait on JS callbacks we must come back to the event loop, so the wait is bounded (1 ms).
     // Polling first enters without waiting (with DEFER_TASKRUN that still runs the kernel's pending work for
     // us), then spins: a request that comes meanwhile is served with no sleep and no wake-up.
-    let entered: number;
-    enters++;
-    if ((usesEventLoop && pendingAsync > 0) || drainDeadlineMs > 0) entered = ring.submit(1, 1);
-    else if (pollMs === 0) entered = ring.submit(1);
-    else {
-      entered = ring.submit(0);
+    let entered = 0;
+    if ((usesEventLoop && pendingAsync > 0) || drainDeadlineMs > 0) {
+      enters++;
+      entered = ring.submit(1, 1);
+    } else if (pollMs === 0) {
+      enters++;
+      entered = ring.submit(1);
+    } else {
+      // With nothing to send (a round that reaped only a batch COMMIT's completion) the first enter is skipped: the
+      // spin sees the kernel's pending work in shared memory, and the enter after it runs that work.
+      if (ring.sqPending() > 0 || !seesTaskWork) {
+        enters++;
+        entered = ring.submit(0);
+      }
       if (entered >= 0 && ring.cqReady() === 0) {
         poll.spun(spinForWork(pollMs));
         enters++;
