@@ -171,7 +171,16 @@ function recordMemory(label: string, pid: number): void {
 
 function addDevice(args: string[]): { devId: number; pid: number } {
   const out = cli(["add", ...args]);
-  return { devId: Number(/^dev id (\d+):/m.exec(out)![1]), pid: Number(/daemon pid (\d+)/.exec(out)![1]) };
+  const devId = Number(/^dev id (\d+):/m.exec(out)![1]);
+  warmUp(`/dev/ublkb${devId}`);
+  return { devId, pid: Number(/daemon pid (\d+)/.exec(out)![1]) };
+}
+
+/** An unmeasured run on a new device: its server's first thousands of requests run before JSC's optimizing tiers have
+ * compiled the queue loop (the first QD1 case measured 0.4× a later one); the C server gets the same for fairness. */
+function warmUp(path: string): void {
+  sh(`fio --name=warm-up --filename=${path} --rw=randread --bs=4k --iodepth=16 --direct=1 --ioengine=io_uring --size=64m ` +
+    "--runtime=2 --time_based >/dev/null");
 }
 
 /**
@@ -224,6 +233,7 @@ function addPeerDevice(target: string, queues: number, args: string[]): Side & {
   peer(["add", "-t", target, "-n", String(devId), ...args, "-q", String(queues), "-d", "128"]);
   const pid = Number(/daemon pid (\d+)/.exec(peer(["list", "-n", String(devId)]))?.[1]);
   if (!(pid > 0)) throw new Error(`bench: no daemon pid for ublksrv device ${devId}`);
+  warmUp(`/dev/ublkb${devId}`);
   return { label: `C ublksrv ${target}${queues > 1 ? ` ${queues}q` : ""}`, path: `/dev/ublkb${devId}`, pid, devId };
 }
 
