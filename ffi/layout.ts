@@ -41,3 +41,11 @@ export function ioc(dir: number, type: string, nr: number, sizeBytes: number): n
 }
 export const ior = (type: string, nr: number, sizeBytes: number) => ioc(IOC_READ, type, nr, sizeBytes);
 export const iowr = (type: string, nr: number, sizeBytes: number) => ioc(IOC_READ | IOC_WRITE, type, nr, sizeBytes);
+
+const TWO_POW_32 = 4294967296;
+
+/** Stores a u64 (an address: below 2^53) at byte `byteOffset` of a u32 view, as two halves. */
+export function setU64(words: Uint32Array, byteOffset: number, value: number): void {
+  words[byteOffset / 4] = value % TWO_POW_32;
+  words[byteOffset / 4 + 1] = Math.floor(value / TWO_POW_32);
+}

@@ -21,6 +21,7 @@ import {
   io_uring_rsrc_update,
 } from "./uapi/io_uring.ts";
 import { EAGAIN, EBUSY, EINTR, EINVAL, ErrnoError } from "./errno.ts";
+import { setU64 } from "./layout.ts";
 import { close, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PAGE_BYTES, PROT_READ, PROT_WRITE, syscall } from "./libc.ts";
 
 export interface RingOptions {
@@ -585,9 +586,7 @@ export class BufferGroup {
    * itself, so the entry's last word is written as addr/len then bid alone (a u16 store). */
   private place(bid: number): void {
     const word = (this.tailCount & (this.count - 1)) * (io_uring_buf.SIZE / 4);
-    const address = this.bufferAddress(bid);
-    this.entries[word + io_uring_buf.addr / 4] = address % TWO_POW_32;
-    this.entries[word + io_uring_buf.addr / 4 + 1] = Math.floor(address / TWO_POW_32);
+    setU64(this.entries, word * 4 + io_uring_buf.addr, this.bufferAddress(bid));
     this.entries[word + io_uring_buf.len / 4] = this.bufferBytes;
     this.entries16[word * 2 + io_uring_buf.bid / 2] = bid;
     this.tailCount = (this.tailCount + 1) & 0xffff;
@@ -599,11 +598,6 @@ function pageAligned(bytes: number): number {
   return Math.ceil(bytes / PAGE_BYTES) * PAGE_BYTES;
 }
 
-/** Stores a u64 (an address: below 2^53) at byte `byteOffset` of a u32 view, as two halves. */
-function setU64(words: Uint32Array, byteOffset: number, value: number): void {
-  words[byteOffset / 4] = value % TWO_POW_32;
-  words[byteOffset / 4 + 1] = Math.floor(value / TWO_POW_32);
-}
 
 function ringError(op: string, negativeErrno: number): ErrnoError {
   return new ErrnoError(op, -negativeErrno);

@@ -8,6 +8,7 @@
  * The queue loop (lib/queue-worker.ts) calls the transport around its target; it never asks which one it has.
  */
 import { EIO, ENOBUFS, ErrnoError, errnoName } from "../ffi/errno.ts";
+import { setU64 } from "../ffi/layout.ts";
 import { memoryAt, mmapAnonymous, munmap } from "../ffi/libc.ts";
 import { type BufferGroup, Ring } from "../ffi/ring.ts";
 import { IORING_CQE_BUFFER_SHIFT, IORING_CQE_F_BUFFER, IORING_CQE_F_MORE, IORING_URING_CMD_MULTISHOT, IOSQE_BUFFER_SELECT } from "../ffi/uapi/io_uring.ts";
@@ -68,8 +69,6 @@ export function transportName(devFlags: number): string {
   return (devFlags & UBLK_F_BATCH_IO) !== 0 ? "batch commands" : "per-tag commands";
 }
 
-const TWO_POW_32 = 4294967296;
-
 /** What a completed FETCH / COMMIT_AND_FETCH / NEED_GET_DATA asks of the queue. */
 export const IO_CQE_SERVE = 0, IO_CQE_GET_DATA = 1, IO_CQE_RETIRE = 2, IO_CQE_FAILED = 3;
 
@@ -94,18 +93,15 @@ function refused(subject: string, command: string, res: number): ErrnoError {
 export function perTagTransport({ ring, charFd, qId, depth, dataMode, serve, nextSqe }: TransportQueue): CommandTransport {
   const sqe = ring.sqe32;
   const CMD_QID_TAG = ublksrv_io_cmd.q_id / 4, CMD_RESULT = ublksrv_io_cmd.result / 4;
-  const CMD_ADDR_LO = ublksrv_io_cmd.addr / 4, CMD_ADDR_HI = CMD_ADDR_LO + 1;
   let retiredTags = 0;
 
   function queueIoCmd(cmdOp: number, tag: number, result: number): void {
     const base = nextSqe();
     const cmd = ring.prepUringCmd(base, charFd, cmdOp, tag, IO_CMD_USER_DATA);
-    const address = dataMode.commandAddress(tag);
     ring.setSqeAddress(base, dataMode.sqeAddress(tag));
     sqe[cmd + CMD_QID_TAG] = qId | (tag << 16);
     sqe[cmd + CMD_RESULT] = result;
-    sqe[cmd + CMD_ADDR_LO] = address >>> 0;
-    sqe[cmd + CMD_ADDR_HI] = Math.floor(address / TWO_POW_32);
+    setU64(sqe, cmd * 4 + ublksrv_io_cmd.addr, dataMode.commandAddress(tag));
   }
 
   return {
@@ -186,11 +182,7 @@ export function batchTransport({ ring, charFd, qId, depth, devFlags, dataMode, s
     const at = (array * arrayBytes) / 4 + slot * elemWords;
     elements[at] = tag | ((zeroCopy ? tag : 0) << 16); // tag, buf_index
     elements[at + 1] = result;
-    if (hasBufferAddress) {
-      const address = dataMode.commandAddress(tag);
-      elements[at + 2] = address >>> 0;
-      elements[at + 3] = Math.floor(address / TWO_POW_32);
-    }
+    if (hasBufferAddress) setU64(elements, at * 4 + ublk_elem_header.SIZE, dataMode.commandAddress(tag));
   }
 
   /** Queues a PREP or COMMIT of `count` elements of array `array`. */

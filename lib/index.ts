@@ -72,6 +72,11 @@ export interface BlockDevice {
   stop(): Promise<void>;
 }
 
+/** An optional true/false option: absent, or a boolean. */
+function checkOptionalSwitch(name: string, value: unknown): void {
+  if (value !== undefined && typeof value !== "boolean") throw new Error(`${name}: ${JSON.stringify(value)} is not true or false`);
+}
+
 export async function createDevice(options: CreateDeviceOptions): Promise<BlockDevice> {
   const pathOf = (where: string | URL) => (where instanceof URL ? where.pathname : where);
   // The CLI's rules, before anything is created: the kernel's fields are u16/u32 and would silently wrap.
@@ -82,9 +87,9 @@ export async function createDevice(options: CreateDeviceOptions): Promise<BlockD
   }, API_NAMES);
   const recovery = parseChoice("recovery", options.recovery ?? "none", ["none", "recover", "reissue"] as const);
   const dataMode = parseChoice("dataMode", options.dataMode ?? "copy", ["copy", "user-copy", "need-get-data"] as const);
-  if (options.zeroCopy !== undefined && typeof options.zeroCopy !== "boolean") throw new Error(`zeroCopy: ${JSON.stringify(options.zeroCopy)} is not true or false`);
+  checkOptionalSwitch("zeroCopy", options.zeroCopy);
   if (options.zeroCopy === true && dataMode !== "copy") throw new Error(`zeroCopy: cannot be combined with dataMode "${dataMode}"`);
-  if (options.batchIo !== undefined && typeof options.batchIo !== "boolean") throw new Error(`batchIo: ${JSON.stringify(options.batchIo)} is not true or false`);
+  checkOptionalSwitch("batchIo", options.batchIo);
   if (options.batchIo === true && dataMode === "need-get-data") throw new Error(`batchIo: cannot be combined with dataMode "need-get-data"`);
   let type: string;
   let target: Target;
