@@ -82,8 +82,12 @@ export interface NbdConnection {
   close(): void;
 }
 
-/** Serves the tags t % count = index of `queue` on `fd`, a socket fresh from the handshake. */
-export function openConnection(queue: NbdQueue, index: number, count: number, firstFd: number): NbdConnection {
+/**
+ * Serves the tags t % count = index of `queue` on `firstFd`, a socket fresh from the handshake, or, when
+ * `firstFd` is -1 (a recovering queue whose server did not answer: `unreachable` says why), waits for the server
+ * as after a drop: requests are held up to the queue's timeout while it reconnects.
+ */
+export function openConnection(queue: NbdQueue, index: number, count: number, firstFd: number, unreachable = ""): NbdConnection {
   const { ring, depth, tagCommand, tagLengthBytes } = queue;
   const where = count === 1 ? queue.where : `${queue.where} (connection ${index + 1} of ${count})`;
 
@@ -129,7 +133,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   const isLargeRead = (tag: number) => tagCommand[tag] === NBD_CMD_READ && tagLengthBytes[tag]! > LARGE_READ_BYTES;
   /** A read whose remaining data is being received straight into its tag's buffer (-1: none), and how far. */
   let recvTag = -1, recvDoneBytes = 0;
-  let connected = true, generation = 0;
+  let connected = firstFd >= 0, generation = 0;
   /** While disconnected: requests wait until this time, then fail (and new ones fail at once: `failing`). */
   let outageDeadlineMs = 0, failing = false;
   let timerArmed = false, backoffMs = RECONNECT_MIN_MS;
@@ -250,8 +254,13 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
       enqueue(tag);
       held++;
     }
-    console.error(`ublk-bun: nbd: ${where}: ${why}; reconnecting, ${held} requests wait up to ${timeoutMs / 1000} s`);
-    outageDeadlineMs = performance.now() + timeoutMs;
+    awaitServer(`${why}; reconnecting, ${held} requests wait up to ${timeoutMs / 1000} s`, performance.now() + timeoutMs);
+  }
+
+  /** No socket: requests wait until `deadlineMs` (0: the timeout from the first attempt on) while the timer tries to connect. */
+  function awaitServer(why: string, deadlineMs: number): void {
+    console.error(`ublk-bun: nbd: ${where}: ${why}`);
+    outageDeadlineMs = deadlineMs;
     failing = false;
     backoffMs = RECONNECT_MIN_MS;
     if (!timerArmed) armTimer(backoffMs);
@@ -261,6 +270,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   function onTimer(): void {
     timerArmed = false;
     if (connected) return;
+    if (outageDeadlineMs === 0) outageDeadlineMs = performance.now() + timeoutMs;
     try {
       fd = queue.connect(RECONNECT_TIMEOUT_MS);
     } catch (error) {
@@ -320,7 +330,10 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
     postRecv();
   }
 
-  postRecv();
+  if (connected) postRecv();
+  // The wait starts with the first attempt, once the queue serves: a spare opened long before it takes over
+  // still gives the application the whole timeout.
+  else awaitServer(`${unreachable}; reconnecting once the queue serves, requests wait up to ${timeoutMs / 1000} s`, 0);
 
   return {
     submit(tag) {

@@ -108,7 +108,10 @@ export const nbdTarget: Target = {
 
     /** A connection in the transmission phase to the export the record describes. */
     function connect(timeoutMs?: number): { fd: number; export: NbdExport } {
-      const connection = connectExport(uri, sockaddr, timeoutMs);
+      return checked(connectExport(uri, sockaddr, timeoutMs));
+    }
+    /** `connection` if its export is the record's; else it is closed and the reason thrown. */
+    function checked(connection: { fd: number; export: NbdExport }): { fd: number; export: NbdExport } {
       const found = connection.export;
       const problem = sameExport(record, found) || (found.maximumPayloadBytes < maxIoBufBytes ? `the server takes requests up to ` +
         `${found.maximumPayloadBytes} bytes, less than the device's ${maxIoBufBytes}; add --max-io-size ${found.maximumPayloadBytes}` : "") ||
@@ -119,8 +122,26 @@ export const nbdTarget: Target = {
       }
       return connection;
     }
-    const first = connect();
-    const flags = first.export.transmissionFlags;
+    /**
+     * A socket for a new connection, or -1 with the reason when the server does not answer a recovering queue:
+     * the connection then waits for it as after a drop (the application's requests are held, not failed, while
+     * the server restarts too). An export that changed is refused either way.
+     */
+    function firstSocket(): { fd: number; unreachable: string; flags: number } {
+      let connection;
+      try {
+        connection = connectExport(uri, sockaddr);
+      } catch (error) {
+        if (!queue.recovering) throw error;
+        // What the server said at `add` (the record) stands in until it answers.
+        const address = describeAddress(uri.address); // `where` names it already
+        const why = (error as Error).message.replace(/^nbd: /, "").replace(` to ${address}`, "").replace(`${address}: `, "");
+        return { fd: -1, unreachable: why, flags: Number(record.options.transmissionFlags ?? 0) };
+      }
+      return { fd: checked(connection).fd, unreachable: "", flags: connection.export.transmissionFlags };
+    }
+    const first = firstSocket();
+    const flags = first.flags;
     const canFlush = (flags & NBD_FLAG_SEND_FLUSH) !== 0, canFua = (flags & NBD_FLAG_SEND_FUA) !== 0;
     const canTrim = (flags & NBD_FLAG_SEND_TRIM) !== 0, canZero = (flags & NBD_FLAG_SEND_WRITE_ZEROES) !== 0;
 
@@ -129,7 +150,7 @@ export const nbdTarget: Target = {
     const headersBytes = Math.ceil((depth * HEADER_STRIDE_BYTES) / PAGE_BYTES) * PAGE_BYTES;
     const headersAddress = mmapAnonymous(headersBytes);
     if (headersAddress < 0) {
-      close(first.fd);
+      if (first.fd >= 0) close(first.fd);
       throw new Error(`nbd: ${where}: cannot map ${headersBytes} bytes`);
     }
     const words = new Uint32Array(memoryAt(headersAddress, headersBytes));
@@ -146,8 +167,11 @@ export const nbdTarget: Target = {
     const connections: NbdConnection[] = [];
     try {
       // openConnection owns the fd it is given from the start (it closes it when it fails).
-      connections.push(openConnection(shared, 0, count, first.fd));
-      while (connections.length < count) connections.push(openConnection(shared, connections.length, count, connect().fd));
+      connections.push(openConnection(shared, 0, count, first.fd, first.unreachable));
+      while (connections.length < count) {
+        const next = firstSocket();
+        connections.push(openConnection(shared, connections.length, count, next.fd, next.unreachable));
+      }
     } catch (error) {
       for (const connection of connections) connection.close();
       throw error;

@@ -273,7 +273,9 @@ describe("nbd target", () => {
       process.kill(pid, "SIGKILL");
       await waitFor("QUIESCED", () => cliOk(["list", "-n", String(devId)]).split("\n")[1]!.trim().endsWith("QUIESCED"), 60_000);
       const recover = cli(["recover", "-n", String(devId)]);
-      expect({ status: recover.status, stderr: recover.stderr }).toEqual({ status: 0, stderr: "" });
+      // nbdkit's state too: a failed recover says whether the server was still there.
+      expect({ status: recover.status, stderr: recover.stderr, nbdkit: server!.exitCode ?? server!.signalCode ?? "running" })
+        .toEqual({ status: 0, stderr: "", nbdkit: "running" });
       expect(daemonPidOf(devId)).not.toBe(pid);
     }
     await Bun.sleep(2000);
@@ -287,6 +289,33 @@ describe("nbd target", () => {
     expect(job.error).toBe(0);
     expect(job.write.total_ios).toBeGreaterThan(1000);
     cliOk(["del", "-n", String(devId)]);
+    expectClean();
+  });
+
+  // --standby 0: `recover` starts a daemon, whose queues find no server; 1: the spare took its connections before.
+  test.each(["0", "1"])("kill -9 while the server is down too (--standby %s): recover succeeds, the write waits for the server, and its bytes are there", async (standby) => {
+    const backing = join(work, "both-down.img");
+    writeFileSync(backing, Buffer.alloc(16 << 20));
+    const uri = await startServer(["file", backing]);
+    const devId = addDevice(["-t", "nbd", "--nbd", uri, "-i", "1", "-q", "2", "--standby", standby]);
+    const pid = daemonPidOf(devId);
+    process.kill(pid, "SIGKILL");
+    await waitFor("QUIESCED", () => cliOk(["list", "-n", String(devId)]).split("\n")[1]!.trim().endsWith("QUIESCED"), 60_000);
+    await stopServer();
+    // Without a server the recovering queues wait for it as after a drop, rather than failing `recover`.
+    const recover = cli(["recover", "-n", String(devId)]);
+    expect({ status: recover.status, stderr: recover.stderr }).toEqual({ status: 0, stderr: "" });
+    expect(daemonPidOf(devId)).not.toBe(pid);
+    const pattern = Buffer.alloc(256 << 10);
+    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE((i * 2654435761 + 11) >>> 0, i);
+    writeFileSync(join(work, "pattern"), pattern);
+    const writing = dd([`if=${join(work, "pattern")}`, `of=/dev/ublkb${devId}`, "bs=64k", "oflag=direct"]);
+    await Bun.sleep(1500);
+    await startServer(["file", backing]);
+    const [status, stderr] = await writing;
+    expect({ status, stderr: status === 0 ? "" : stderr }).toEqual({ status: 0, stderr: "" });
+    cliOk(["del", "-n", String(devId)]);
+    expect(readFileSync(backing).subarray(0, pattern.length).equals(pattern)).toBe(true);
     expectClean();
   });
 });
