@@ -46,6 +46,23 @@ async function dd(args: string[], timeoutMs = 60_000): Promise<[number | string,
   return [status, await new Response(child.stderr).text()];
 }
 
+/** Starts dd writing 256 KiB of a pattern (from `seed`) at the start of the device, direct, in the background. */
+function writePattern(devId: number, seed: number): { pattern: Buffer; writing: Promise<[number | string, string]> } {
+  const pattern = Buffer.alloc(256 << 10);
+  for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE((i * seed + 7) >>> 0, i);
+  writeFileSync(join(work, "pattern"), pattern);
+  return { pattern, writing: dd([`if=${join(work, "pattern")}`, `of=/dev/ublkb${devId}`, "bs=64k", "oflag=direct"]) };
+}
+
+/** The write of writePattern() ended without an error, and after `del` the server's `backing` file holds it. */
+async function expectWritten({ pattern, writing }: ReturnType<typeof writePattern>, devId: number, backing: string): Promise<void> {
+  const [status, stderr] = await writing;
+  expect({ status, stderr: status === 0 ? "" : stderr }).toEqual({ status: 0, stderr: "" });
+  cliOk(["del", "-n", String(devId)]);
+  expect(readFileSync(backing).subarray(0, pattern.length).equals(pattern)).toBe(true);
+  expectClean();
+}
+
 /** `add ARGS…` fails with one line matching `pattern` and leaves nothing. Run asynchronously, so that a server
  * played by this process can answer meanwhile. */
 async function expectOneLineFailure(args: string[], pattern: RegExp): Promise<void> {
@@ -193,19 +210,12 @@ describe("nbd target", () => {
     // scan at add, are not delayed).
     const uri = await startServer(["--filter=delay", "file", backing, "wdelay=2"]);
     const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", "2"]);
-    const pattern = Buffer.alloc(256 << 10);
-    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE((i * 40503 + 7) >>> 0, i);
-    writeFileSync(join(work, "pattern"), pattern);
-    const writing = dd([`if=${join(work, "pattern")}`, `of=/dev/ublkb${devId}`, "bs=64k", "oflag=direct"]);
+    const written = writePattern(devId, 40503);
     await Bun.sleep(1000);
     await stopServer();
     await Bun.sleep(500);
     await startServer(["file", backing]);
-    const [status, stderr] = await writing;
-    expect({ status, stderr: status === 0 ? "" : stderr }).toEqual({ status: 0, stderr: "" });
-    cliOk(["del", "-n", String(devId)]);
-    expect(readFileSync(backing).subarray(0, pattern.length).equals(pattern)).toBe(true);
-    expectClean();
+    await expectWritten(written, devId, backing);
   });
 
   test("no server within -o timeout: held requests fail with EIO, new ones at once, del does not hang; a server that comes back is used again", async () => {
@@ -306,16 +316,9 @@ describe("nbd target", () => {
     const recover = cli(["recover", "-n", String(devId)]);
     expect({ status: recover.status, stderr: recover.stderr }).toEqual({ status: 0, stderr: "" });
     expect(daemonPidOf(devId)).not.toBe(pid);
-    const pattern = Buffer.alloc(256 << 10);
-    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE((i * 2654435761 + 11) >>> 0, i);
-    writeFileSync(join(work, "pattern"), pattern);
-    const writing = dd([`if=${join(work, "pattern")}`, `of=/dev/ublkb${devId}`, "bs=64k", "oflag=direct"]);
+    const written = writePattern(devId, 2654435761);
     await Bun.sleep(1500);
     await startServer(["file", backing]);
-    const [status, stderr] = await writing;
-    expect({ status, stderr: status === 0 ? "" : stderr }).toEqual({ status: 0, stderr: "" });
-    cliOk(["del", "-n", String(devId)]);
-    expect(readFileSync(backing).subarray(0, pattern.length).equals(pattern)).toBe(true);
-    expectClean();
+    await expectWritten(written, devId, backing);
   });
 });
