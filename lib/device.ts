@@ -655,12 +655,15 @@ async function startUserRecoveryRetrying(ctrl: Ctrl, devId: number, timeoutMs: n
   }
 }
 
-/** Test hook: UBLK_BUN_TEST_PAUSE=step:ms makes the server sleep at that step (tests kill it there). */
+/** Test hook: UBLK_BUN_TEST_PAUSE=step:ms[,step:ms…] makes the server sleep at those steps (tests kill it there,
+ * or order two processes). */
 export async function pauseForTest(step: string): Promise<void> {
-  const [pauseStep, pauseMs] = (process.env.UBLK_BUN_TEST_PAUSE ?? "").split(":");
-  if (pauseStep !== step) return;
-  debug(`pausing ${pauseMs} ms at ${step} (UBLK_BUN_TEST_PAUSE)`);
-  await Bun.sleep(Number(pauseMs));
+  for (const pause of (process.env.UBLK_BUN_TEST_PAUSE ?? "").split(",")) {
+    const [pauseStep, pauseMs] = pause.split(":");
+    if (pauseStep !== step) continue;
+    debug(`pausing ${pauseMs} ms at ${step} (UBLK_BUN_TEST_PAUSE)`);
+    await Bun.sleep(Number(pauseMs));
+  }
 }
 
 /** Why `-z 1` cannot be had whatever the target; the CLI refuses these before it starts a daemon. */

@@ -15,15 +15,21 @@ export async function recoverCommand(devId: number, json: boolean): Promise<void
       process.stderr.write(`\rwaiting for device ${devId} to quiesce (state ${state}) ${seconds}s `);
     }
   };
-  const spare = await recoverThroughStandby(devId, onWaiting);
+  let spare = await recoverThroughStandby(devId, onWaiting);
   if (spare.error) throw new Error(spare.error);
   let record: DeviceRecord | undefined = spare.record;
   if (!record) {
     // Node's child_process and fs load only now: the spare's path above needs neither.
     const { DAEMON_PATH, runServer } = await import("./server-process.ts");
     const outcome = await runServer({ mode: "recover", devId }, DAEMON_PATH, {}, undefined, onWaiting);
-    if (!outcome.record) throw new Error(outcome.error);
-    record = outcome.record;
+    if (outcome.record) record = outcome.record;
+    else {
+      // A spare listens only once its daemon has exited: asked while the killed daemon was still exiting, it did
+      // not answer, then took the device's lock before our daemon could. It recovers the device: ask it again.
+      spare = await recoverThroughStandby(devId, onWaiting);
+      if (!spare.record) throw new Error(spare.error ?? outcome.error);
+      record = spare.record;
+    }
   }
   if (lastReportS >= 0) process.stderr.write("\n");
   if (spare.listing) {

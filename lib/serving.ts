@@ -136,11 +136,13 @@ export async function startServing(spec: DaemonSpec, events: DeviceEvents & { on
       events.onStandby?.();
       await waitForDeathOf(spec.watchPid ?? 0);
       debug(`standby for device ${devId}: daemon ${spec.watchPid} exited; taking over`);
+      await pauseForTest("standby-listen");
       if (spec.waitForRecover) {
         recoverAsked = events.recoverAsked?.() ?? Promise.resolve();
         recoverAsked.catch(() => { /* awaited by awaitResume */ });
       }
     }
+    if (spec.mode === "recover") await pauseForTest("recover-lock");
     lockFd = await lockDeviceWaiting(devId, spec.mode ?? "recover", LOCK_WAIT_MS);
     debug(`device ${devId}: locked`);
     const record = readRecord(devId);

@@ -112,6 +112,22 @@ describe("warm spares (add --standby, the default with recovery)", () => {
     await expectNoDaemonLeft();
   }, 180_000);
 
+  test("recover while the killed daemon is still exiting: the spare, not listening yet, wins the device's lock; recover hands it the device, no 'busy'", async () => {
+    // The spare listens only once its daemon has exited (here 1.5 s later still); recover, asked at once, finds no
+    // spare and starts a daemon, which here waits 3 s before it takes the lock: the spare has it by then.
+    const devId = addDevice(["-t", "null", "-r", "1", "--standby"], { UBLK_BUN_TEST_PAUSE: "standby-listen:1500" });
+    const spare = await standbyOf(devId);
+    const oldPid = daemonPidOf(devId);
+    process.kill(oldPid, "SIGKILL");
+    const recover = cli(["recover", "-n", String(devId)], { UBLK_BUN_TEST_PAUSE: "recover-lock:3000" });
+    expect({ status: recover.status, stderr: recover.stderr }).toEqual({ status: 0, stderr: "" });
+    expect(daemonPidOf(devId)).toBe(spare);
+    expect(stateOf(devId)).toBe("LIVE");
+    cliOk(["del", "-n", String(devId)]);
+    expectClean();
+    await expectNoDaemonLeft();
+  }, 180_000);
+
   test("a spare killed once re-attached (I/O still held): recover starts a daemon, which serves", async () => {
     const devId = addDevice(["-t", "memory", "-s", "8M", "-i", "1", "--standby"]);
     const spare = await standbyOf(devId);
