@@ -598,7 +598,6 @@ function pageAligned(bytes: number): number {
   return Math.ceil(bytes / PAGE_BYTES) * PAGE_BYTES;
 }
 
-
 function ringError(op: string, negativeErrno: number): ErrnoError {
   return new ErrnoError(op, -negativeErrno);
 }

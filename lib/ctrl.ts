@@ -7,6 +7,7 @@ import { close, memoryAt, mmapAnonymous, munmap, O_RDWR, open, PAGE_BYTES } from
 import { CQE_RES, CQE_USER_DATA_LO, Ring } from "../ffi/ring.ts";
 import { EACCES, EBUSY, EEXIST, EINVAL, ENODEV, ENOENT, EOPNOTSUPP, EPERM, ETIME, ErrnoError, errnoName, errnoText } from "../ffi/errno.ts";
 import { IORING_SETUP_SQE128 } from "../ffi/uapi/io_uring.ts";
+import { setU64 } from "../ffi/layout.ts";
 import {
   UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_UNPRIVILEGED_DEV, UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DEVT, UBLK_PARAM_TYPE_DISCARD, UBLK_PARAM_TYPE_DMA_ALIGN, UBLK_U_CMD_ADD_DEV,
   UBLK_U_CMD_DEL_DEV, UBLK_U_CMD_END_USER_RECOVERY, UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_GET_DEV_INFO2,
@@ -164,10 +165,8 @@ export class Ctrl {
     const addr = fields.addr ?? 0, data = fields.data ?? 0;
     w[cmd + ublksrv_ctrl_cmd.dev_id / 4] = devId >>> 0;
     w[cmd + ublksrv_ctrl_cmd.queue_id / 4] = ((fields.queueId ?? 0xffff) & 0xffff) | ((fields.len ?? 0) << 16);
-    w[cmd + ublksrv_ctrl_cmd.addr / 4] = addr >>> 0;
-    w[cmd + ublksrv_ctrl_cmd.addr / 4 + 1] = Math.floor(addr / TWO_POW_32);
-    w[cmd + ublksrv_ctrl_cmd.data / 4] = data >>> 0;
-    w[cmd + ublksrv_ctrl_cmd.data / 4 + 1] = Math.floor(data / TWO_POW_32) >>> 0;
+    setU64(w, cmd * 4 + ublksrv_ctrl_cmd.addr, addr);
+    setU64(w, cmd * 4 + ublksrv_ctrl_cmd.data, data);
     w[cmd + ublksrv_ctrl_cmd.dev_path_len / 4] = fields.devPathLen ?? 0;
     const submitted = this.ring.submit();
     if (submitted < 0) throw this.error(op, -submitted, devId);
@@ -253,11 +252,8 @@ export class Ctrl {
     this.u32[L.max_io_buf_bytes / 4] = request.maxIoBufBytes;
     this.u32[L.dev_id / 4] = request.devId >>> 0;
     const flags = request.flags | UBLK_F_CMD_IOCTL_ENCODE;
-    this.u32[L.flags / 4] = flags >>> 0;
-    this.u32[L.flags / 4 + 1] = Math.floor(flags / TWO_POW_32);
-    const ublksrvFlags = request.ublksrvFlags ?? 0;
-    this.u32[L.ublksrv_flags / 4] = ublksrvFlags >>> 0;
-    this.u32[L.ublksrv_flags / 4 + 1] = Math.floor(ublksrvFlags / TWO_POW_32);
+    setU64(this.u32, L.flags, flags);
+    setU64(this.u32, L.ublksrv_flags, request.ublksrvFlags ?? 0);
     this.command("ADD_DEV", UBLK_U_CMD_ADD_DEV, request.devId, { len: L.SIZE, addr: this.bufferAddress });
     const info = this.readDevInfo(0);
     this.unprivileged.set(info.devId, (info.flags & UBLK_F_UNPRIVILEGED_DEV) !== 0);

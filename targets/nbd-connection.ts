@@ -18,6 +18,7 @@
  */
 import { close, iovec, memcpy, memoryAt, mmapAnonymous, msghdr, MSG_NOSIGNAL, MSG_WAITALL, PAGE_BYTES, SHUT_RDWR, shutdown } from "../ffi/libc.ts";
 import { EIO } from "../ffi/errno.ts";
+import { setU64 } from "../ffi/layout.ts";
 import type { Ring } from "../ffi/ring.ts";
 import { __kernel_timespec } from "../ffi/uapi/io_uring.ts";
 import { NBD_CMD_READ, NBD_CMD_WRITE, NBD_SIMPLE_REPLY_MAGIC, nbd_request, nbd_simple_reply, replyResult, sendDisconnect } from "./nbd-protocol.ts";
@@ -109,10 +110,6 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   const TWO_POW_32 = 4294967296;
   const REPLY_BYTES = nbd_simple_reply.SIZE;
 
-  function storeU64(word: number, value: number): void {
-    words[word] = value >>> 0;
-    words[word + 1] = Math.floor(value / TWO_POW_32);
-  }
   /** A big-endian u32 of the staging buffer (replies need not be aligned there). */
   function stagedU32(at: number): number {
     return ((staging[at]! << 24) | (staging[at + 1]! << 16) | (staging[at + 2]! << 8) | staging[at + 3]!) >>> 0;
@@ -153,8 +150,8 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   }
 
   function postSend(): void {
-    storeU64(msghdrOffset / 4 + msghdr.msg_iov / 4, iovAddress + iovFirst * iovec.SIZE);
-    storeU64(msghdrOffset / 4 + msghdr.msg_iovlen / 4, iovCount - iovFirst);
+    setU64(words, msghdrOffset + msghdr.msg_iov, iovAddress + iovFirst * iovec.SIZE);
+    setU64(words, msghdrOffset + msghdr.msg_iovlen, iovCount - iovFirst);
     ring.prepSendmsg(queue.getSqe(), fd, msghdrAddress, MSG_NOSIGNAL | MSG_WAITALL, userData(KIND_SEND), TARGET_USER_DATA);
   }
 
@@ -171,13 +168,13 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
       tagState[tag] = TAG_SENT;
       if (isLargeRead(tag)) largeReadsInFlight++;
       let at = IOV_WORD + iovCount++ * IOV_WORDS;
-      storeU64(at + iovec.iov_base / 4, queue.headersAddress + tag * queue.headerStrideBytes);
-      storeU64(at + iovec.iov_len / 4, nbd_request.SIZE);
+      setU64(words, at * 4 + iovec.iov_base, queue.headersAddress + tag * queue.headerStrideBytes);
+      setU64(words, at * 4 + iovec.iov_len, nbd_request.SIZE);
       sendRemainingBytes += nbd_request.SIZE;
       if (tagCommand[tag] === NBD_CMD_WRITE) {
         at = IOV_WORD + iovCount++ * IOV_WORDS;
-        storeU64(at + iovec.iov_base / 4, dataAddress(tag));
-        storeU64(at + iovec.iov_len / 4, tagLengthBytes[tag]!);
+        setU64(words, at * 4 + iovec.iov_base, dataAddress(tag));
+        setU64(words, at * 4 + iovec.iov_len, tagLengthBytes[tag]!);
         sendRemainingBytes += tagLengthBytes[tag]!;
       }
     }
@@ -191,8 +188,8 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
       const at = IOV_WORD + iovFirst * IOV_WORDS;
       const lengthBytes = words[at + iovec.iov_len / 4]!;
       if (sentBytes < lengthBytes) {
-        storeU64(at + iovec.iov_base / 4, words[at]! + words[at + 1]! * TWO_POW_32 + sentBytes);
-        storeU64(at + iovec.iov_len / 4, lengthBytes - sentBytes);
+        setU64(words, at * 4 + iovec.iov_base, words[at]! + words[at + 1]! * TWO_POW_32 + sentBytes);
+        setU64(words, at * 4 + iovec.iov_len, lengthBytes - sentBytes);
         break;
       }
       sentBytes -= lengthBytes;
@@ -230,8 +227,8 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   function armTimer(delayMs: number): void {
     const seconds = Math.floor(delayMs / 1000);
     const at = timespecOffset / 4;
-    storeU64(at + __kernel_timespec.tv_sec / 4, seconds);
-    storeU64(at + __kernel_timespec.tv_nsec / 4, Math.round((delayMs - seconds * 1000) * 1e6));
+    setU64(words, at * 4 + __kernel_timespec.tv_sec, seconds);
+    setU64(words, at * 4 + __kernel_timespec.tv_nsec, Math.round((delayMs - seconds * 1000) * 1e6));
     ring.prepTimeout(queue.getSqe(), timespecAddress, 0, 0, (index << INDEX_SHIFT) | KIND_TIMER, TARGET_USER_DATA);
     timerArmed = true;
   }

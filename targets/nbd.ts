@@ -127,7 +127,7 @@ export const nbdTarget: Target = {
      * the connection then waits for it as after a drop (the application's requests are held, not failed, while
      * the server restarts too). An export that changed is refused either way.
      */
-    function firstSocket(): { fd: number; unreachable: string; flags: number } {
+    function initialSocket(): { fd: number; unreachable: string; flags: number } {
       let connection;
       try {
         connection = connectExport(uri, sockaddr);
@@ -140,7 +140,7 @@ export const nbdTarget: Target = {
       }
       return { fd: checked(connection).fd, unreachable: "", flags: connection.export.transmissionFlags };
     }
-    const first = firstSocket();
+    const first = initialSocket();
     const flags = first.flags;
     const canFlush = (flags & NBD_FLAG_SEND_FLUSH) !== 0, canFua = (flags & NBD_FLAG_SEND_FUA) !== 0;
     const canTrim = (flags & NBD_FLAG_SEND_TRIM) !== 0, canZero = (flags & NBD_FLAG_SEND_WRITE_ZEROES) !== 0;
@@ -169,7 +169,7 @@ export const nbdTarget: Target = {
       // openConnection owns the fd it is given from the start (it closes it when it fails).
       connections.push(openConnection(shared, 0, count, first.fd, first.unreachable));
       while (connections.length < count) {
-        const next = firstSocket();
+        const next = initialSocket();
         connections.push(openConnection(shared, connections.length, count, next.fd, next.unreachable));
       }
     } catch (error) {
