@@ -199,6 +199,8 @@ export const MSG_DONTWAIT = 0x40;
 export const MSG_WAITALL = 0x100;
 /** A send on a connection the peer closed fails with EPIPE instead of raising SIGPIPE. */
 export const MSG_NOSIGNAL = 0x4000;
+/** More data follows: the socket holds this send's bytes back to fill a segment with what comes next. */
+export const MSG_MORE = 0x8000;
 /** struct msghdr and struct iovec (x86_64), as sendmsg reads them. */
 export const msghdr = struct("msghdr", 56, {
   msg_name: [0, 8], msg_namelen: [8, 4], msg_iov: [16, 8], msg_iovlen: [24, 8], msg_control: [32, 8],

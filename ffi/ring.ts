@@ -11,8 +11,8 @@
 import {
   IORING_ENTER_EXT_ARG, IORING_ENTER_GETEVENTS, IORING_ENTER_REGISTERED_RING, IORING_FEAT_EXT_ARG, IORING_FEAT_SINGLE_MMAP, IORING_OFF_CQ_RING,
   IORING_OFF_SQ_RING, IORING_OFF_SQES, IORING_OP_ASYNC_CANCEL, IORING_OP_FALLOCATE, IORING_OP_FSYNC, IORING_OP_NOP,
-  IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_READ_FIXED, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
-  IORING_OP_WRITE_FIXED, IORING_REGISTER_BUFFERS2, IORING_REGISTER_FILES, IORING_RSRC_REGISTER_SPARSE,
+  IORING_OP_POLL_ADD, IORING_OP_READ, IORING_OP_READ_FIXED, IORING_OP_RECV, IORING_OP_SEND, IORING_OP_SEND_ZC, IORING_OP_SENDMSG, IORING_OP_TIMEOUT, IORING_OP_URING_CMD, IORING_OP_WRITE,
+  IORING_OP_WRITE_FIXED, IORING_RECVSEND_FIXED_BUF, IORING_REGISTER_BUFFERS2, IORING_REGISTER_FILES, IORING_RSRC_REGISTER_SPARSE,
   IORING_REGISTER_PBUF_RING, IORING_REGISTER_USE_REGISTERED_RING, IORING_SETUP_CQE32, IORING_SETUP_COOP_TASKRUN, IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_NO_MMAP, IORING_SETUP_REGISTERED_FD_ONLY, IORING_SETUP_SINGLE_ISSUER, IORING_UNREGISTER_RING_FDS,
   IORING_SETUP_SQE128, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_TASKRUN_FLAG, IORING_SQ_CQ_OVERFLOW, IORING_SQ_TASKRUN,
@@ -512,6 +512,16 @@ export class Ring {
   prepRecv(base: number, fd: number, address: number, lengthBytes: number, msgFlags: number, userDataLow: number, userDataHigh = 0): void {
     this.prep(base, IORING_OP_RECV, fd, address, lengthBytes, 0, userDataLow, userDataHigh);
     this.sqe32[base + W_RW_FLAGS] = msgFlags;
+  }
+  /** send(2) with zero copy of `lengthBytes` of registered buffer `bufIndex`, from `address` within it (a
+   * kernel-registered buffer starts at 0). Two CQEs: the result (IORING_CQE_F_MORE set), then a notification with
+   * res 0 once the kernel no longer needs the pages. */
+  prepSendZcFixed(base: number, fd: number, bufIndex: number, address: number, lengthBytes: number, msgFlags: number,
+                  userDataLow: number, userDataHigh = 0): void {
+    this.prep(base, IORING_OP_SEND_ZC, fd, address, lengthBytes, 0, userDataLow, userDataHigh);
+    this.sqe32[base + W_OPCODE_FLAGS] = IORING_OP_SEND_ZC | (IORING_RECVSEND_FIXED_BUF << 16); // ioprio: send flags
+    this.sqe32[base + W_RW_FLAGS] = msgFlags;
+    this.sqe32[base + W_BUF_INDEX] = bufIndex;
   }
   /** sendmsg(2) of the struct msghdr at `msghdrAddress` (stable memory, with its iovecs, until the CQE). */
   prepSendmsg(base: number, fd: number, msghdrAddress: number, msgFlags: number, userDataLow: number, userDataHigh = 0): void {

@@ -11,16 +11,23 @@
  * buffer. Only a read whose data has not all arrived yet is received straight into its tag's buffer. At QD1 a
  * read's reply is then one RECV, and at depth one RECV carries many replies.
  *
+ * Zero copy (QueueContext.zeroCopy, kernel ≥ 6.16): a request's data is its own pages, registered by the kernel as the
+ * ring's buffer `tag`, which only fixed-buffer SQEs reach. A read's data is received with READ_FIXED straight into
+ * them, so a RECV of replies may take several replies only while no read is in flight or about to be sent (a pending
+ * RECV that could swallow a read's data is cancelled before the read goes out). Writes leave as one linked chain:
+ * SENDMSG of the headers up to a write's, SEND_ZC of its pages, and so on; with MSG_WAITALL a chain is sent whole
+ * or the connection failed.
+ *
  * When the connection drops it keeps its requests and reconnects on a timer on the ring (back-off from
  * RECONNECT_MIN_MS doubling to RECONNECT_MAX_MS); once connected again it sends them again (reads, writes, flush,
  * trim and write-zeroes may all be repeated). New requests wait with them. If no server is back within the
  * queue's timeout, the held requests fail with EIO and so do new ones, at once, until a later attempt connects.
  */
-import { close, iovec, memcpy, memoryAt, mmapAnonymous, msghdr, MSG_NOSIGNAL, MSG_WAITALL, PAGE_BYTES, SHUT_RDWR, shutdown } from "../ffi/libc.ts";
-import { EIO } from "../ffi/errno.ts";
+import { close, iovec, memcpy, memoryAt, mmapAnonymous, msghdr, MSG_MORE, MSG_NOSIGNAL, MSG_WAITALL, PAGE_BYTES, SHUT_RDWR, shutdown } from "../ffi/libc.ts";
+import { ECANCELED, EIO } from "../ffi/errno.ts";
 import { setU64 } from "../ffi/layout.ts";
 import type { Ring } from "../ffi/ring.ts";
-import { __kernel_timespec } from "../ffi/uapi/io_uring.ts";
+import { __kernel_timespec, IOSQE_IO_LINK } from "../ffi/uapi/io_uring.ts";
 import { NBD_CMD_READ, NBD_CMD_WRITE, NBD_SIMPLE_REPLY_MAGIC, nbd_request, nbd_simple_reply, replyResult, sendDisconnect } from "./nbd-protocol.ts";
 import { TARGET_USER_DATA } from "./types.ts";
 
@@ -28,6 +35,9 @@ import { TARGET_USER_DATA } from "./types.ts";
 export const MAX_CONNECTIONS = 16;
 /** Requests one SENDMSG carries at most: two iovecs each, within IOV_MAX (1024). */
 const MAX_BATCH_REQUESTS = 256;
+/** Zero copy: writes one chain carries at most (two SQEs each, and the chain must fit the SQ whole: a link never
+ * spans two submissions). */
+const MAX_CHAIN_WRITES = 16;
 /** Bytes one RECV of replies takes at most; a read's data beyond is received into its tag's buffer. */
 const STAGING_BYTES = 64 * 1024;
 /** While a read longer than this is in flight, a RECV of replies takes one header at most: its data would
@@ -38,10 +48,12 @@ const RECONNECT_TIMEOUT_MS = 2_000;
 const RECONNECT_MIN_MS = 100;
 const RECONNECT_MAX_MS = 5_000;
 
-/** user_data low word of a connection's SQEs: the kind in bits 0–1, the connection's index in bits 2–5 and its
+/** user_data low word of a connection's SQEs: the kind in bits 0–2, the connection's index in bits 3–6 and its
  * generation above, so a completion from a socket that has since dropped is recognised and ignored. */
-const KIND_SEND = 1, KIND_RECV = 2, KIND_TIMER = 3;
-const INDEX_SHIFT = 2, GENERATION_SHIFT = 6;
+const KIND_SEND = 1, KIND_RECV = 2, KIND_TIMER = 3, KIND_SEND_PAGES = 4, KIND_CANCEL = 5;
+/** A zero-copy RECV that may take more than a header: a kind of its own, so its cancel can hit no later RECV. */
+const KIND_WIDE_RECV = 6;
+const KIND_MASK = 7, INDEX_SHIFT = 3, GENERATION_SHIFT = 7;
 const GENERATION_MASK = (1 << (32 - GENERATION_SHIFT)) - 1;
 /** The connection a target CQE belongs to. */
 export const connectionOf = (userDataLow: number) => (userDataLow >>> INDEX_SHIFT) & (MAX_CONNECTIONS - 1);
@@ -72,6 +84,8 @@ export interface NbdQueue {
   where: string;
   /** How long requests wait for a server that went away. */
   outageTimeoutMs: number;
+  /** Zero copy: tag t's data is the ring's registered buffer t (from 0), not at bufferAddress. */
+  zeroCopy: boolean;
 }
 
 export interface NbdConnection {
@@ -89,12 +103,13 @@ export interface NbdConnection {
  * as after a drop: requests are held up to the queue's timeout while it reconnects.
  */
 export function openConnection(queue: NbdQueue, index: number, count: number, firstFd: number, unreachable = ""): NbdConnection {
-  const { ring, depth, tagCommand, tagLengthBytes } = queue;
+  const { ring, depth, tagCommand, tagLengthBytes, zeroCopy } = queue;
   const where = count === 1 ? queue.where : `${queue.where} (connection ${index + 1} of ${count})`;
 
   // Memory the kernel reads or writes while an SQE is in flight: mmapped, so the GC never moves it. Never
   // unmapped: a send or receive of a dropped socket may still complete after close().
-  const timespecOffset = 0, msghdrOffset = 64, iovOffset = 128;
+  // One msghdr per SENDMSG of a chain (copy mode uses the first).
+  const timespecOffset = 0, msghdrOffset = 64, MSGHDR_STRIDE = 64, iovOffset = msghdrOffset + (MAX_CHAIN_WRITES + 1) * MSGHDR_STRIDE;
   const stagingOffset = iovOffset + MAX_BATCH_REQUESTS * 2 * iovec.SIZE;
   const areaBytes = Math.ceil((stagingOffset + STAGING_BYTES) / PAGE_BYTES) * PAGE_BYTES;
   const area = mmapAnonymous(areaBytes);
@@ -104,7 +119,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   }
   const words = new Uint32Array(memoryAt(area, stagingOffset));
   const staging = new Uint8Array(memoryAt(area + stagingOffset, STAGING_BYTES));
-  const stagingAddress = area + stagingOffset, msghdrAddress = area + msghdrOffset, iovAddress = area + iovOffset;
+  const stagingAddress = area + stagingOffset, iovAddress = area + iovOffset;
   const timespecAddress = area + timespecOffset;
   const IOV_WORD = iovOffset / 4, IOV_WORDS = iovec.SIZE / 4;
   const TWO_POW_32 = 4294967296;
@@ -123,11 +138,17 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   let sendQueueHead = 0, sendQueueCount = 0;
   /** The SENDMSG in flight: its iovecs from iovFirst to iovCount, and the bytes it has still to send. */
   let sending = false, iovFirst = 0, iovCount = 0, sendRemainingBytes = 0;
+  /** SQEs of the zero-copy chain in flight whose result has not come yet, and the last one while it is built. */
+  let chainResultsDue = 0, chainLast = -1;
   /** Bytes of replies received into the staging buffer and not yet parsed (a partial reply header at most). */
   let stagedBytes = 0;
-  /** Reads longer than LARGE_READ_BYTES sent and not yet answered. */
-  let largeReadsInFlight = 0;
-  const isLargeRead = (tag: number) => tagCommand[tag] === NBD_CMD_READ && tagLengthBytes[tag]! > LARGE_READ_BYTES;
+  /** Reads whose data is received straight into their pages (all with zero copy; else those longer than
+   * LARGE_READ_BYTES), sent and not yet answered; and reads waiting to be sent. */
+  let directReadsInFlight = 0, readsQueued = 0;
+  const isDirectRead = (tag: number) => tagCommand[tag] === NBD_CMD_READ && (zeroCopy || tagLengthBytes[tag]! > LARGE_READ_BYTES);
+  /** Zero copy: the RECV in flight may take more than a header (a read must not be sent meanwhile), and whether
+   * its cancel was asked for. */
+  let wideRecvPosted = false, wideRecvCancelled = false;
   /** A read whose remaining data is being received straight into its tag's buffer (-1: none), and how far. */
   let recvTag = -1, recvDoneBytes = 0;
   let connected = firstFd >= 0, generation = 0;
@@ -141,45 +162,98 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   function postRecv(): void {
     const base = queue.getSqe();
     if (recvTag >= 0) {
-      ring.prepRecv(base, fd, dataAddress(recvTag) + recvDoneBytes, tagLengthBytes[recvTag]! - recvDoneBytes, MSG_WAITALL,
-        userData(KIND_RECV), TARGET_USER_DATA);
+      const address = recvDoneBytes, lengthBytes = tagLengthBytes[recvTag]! - recvDoneBytes;
+      if (zeroCopy) ring.prepReadFixed(base, fd, recvTag, address, lengthBytes, 0, userData(KIND_RECV), TARGET_USER_DATA);
+      else ring.prepRecv(base, fd, dataAddress(recvTag) + address, lengthBytes, MSG_WAITALL, userData(KIND_RECV), TARGET_USER_DATA);
     } else {
-      const wantedBytes = (largeReadsInFlight > 0 ? REPLY_BYTES : STAGING_BYTES) - stagedBytes;
-      ring.prepRecv(base, fd, stagingAddress + stagedBytes, wantedBytes, 0, userData(KIND_RECV), TARGET_USER_DATA);
+      const headerOnly = directReadsInFlight > 0 || (zeroCopy && readsQueued > 0);
+      wideRecvPosted = zeroCopy && !headerOnly;
+      const wantedBytes = (headerOnly ? REPLY_BYTES : STAGING_BYTES) - stagedBytes;
+      ring.prepRecv(base, fd, stagingAddress + stagedBytes, wantedBytes, 0, userData(wideRecvPosted ? KIND_WIDE_RECV : KIND_RECV), TARGET_USER_DATA);
     }
   }
 
-  function postSend(): void {
-    setU64(words, msghdrOffset + msghdr.msg_iov, iovAddress + iovFirst * iovec.SIZE);
-    setU64(words, msghdrOffset + msghdr.msg_iovlen, iovCount - iovFirst);
-    ring.prepSendmsg(queue.getSqe(), fd, msghdrAddress, MSG_NOSIGNAL | MSG_WAITALL, userData(KIND_SEND), TARGET_USER_DATA);
+  /** Sends iovecs iovFirst to iovLast on msghdr `slot`, with MSG_* `more` (0 or MSG_MORE); returns the SQE. */
+  function postSendmsg(slot: number, iovLast: number, more: number): number {
+    const at = msghdrOffset + slot * MSGHDR_STRIDE;
+    setU64(words, at + msghdr.msg_iov, iovAddress + iovFirst * iovec.SIZE);
+    setU64(words, at + msghdr.msg_iovlen, iovLast - iovFirst);
+    const base = queue.getSqe();
+    ring.prepSendmsg(base, fd, area + at, MSG_NOSIGNAL | MSG_WAITALL | more, userData(KIND_SEND), TARGET_USER_DATA);
+    return base;
   }
 
-  /** Sends every queued request (up to a batch) in one SENDMSG, unless a send is already in flight. */
+  /** Takes the oldest queued request for a send: its header's iovec added (at iovCount). */
+  function takeQueued(): number {
+    const tag = sendQueue[sendQueueHead]!;
+    sendQueueHead = sendQueueHead + 1 === depth ? 0 : sendQueueHead + 1;
+    sendQueueCount--;
+    tagState[tag] = TAG_SENT;
+    if (tagCommand[tag] === NBD_CMD_READ) readsQueued--;
+    if (isDirectRead(tag)) directReadsInFlight++;
+    addIovec(queue.headersAddress + tag * queue.headerStrideBytes, nbd_request.SIZE);
+    return tag;
+  }
+
+  function addIovec(address: number, lengthBytes: number): void {
+    const at = (IOV_WORD + iovCount++ * IOV_WORDS) * 4;
+    setU64(words, at + iovec.iov_base, address);
+    setU64(words, at + iovec.iov_len, lengthBytes);
+    sendRemainingBytes += lengthBytes;
+  }
+
+  /** Sends the queued requests (up to a batch) unless a send is in flight: in one SENDMSG, or with zero copy as a chain. */
   function startSend(): void {
     if (sending || sendQueueCount === 0 || !connected) return;
     iovFirst = 0;
     iovCount = 0;
     sendRemainingBytes = 0;
+    if (zeroCopy) return startChain();
     for (let taken = 0; taken < MAX_BATCH_REQUESTS && sendQueueCount > 0; taken++) {
-      const tag = sendQueue[sendQueueHead]!;
-      sendQueueHead = sendQueueHead + 1 === depth ? 0 : sendQueueHead + 1;
-      sendQueueCount--;
-      tagState[tag] = TAG_SENT;
-      if (isLargeRead(tag)) largeReadsInFlight++;
-      let at = IOV_WORD + iovCount++ * IOV_WORDS;
-      setU64(words, at * 4 + iovec.iov_base, queue.headersAddress + tag * queue.headerStrideBytes);
-      setU64(words, at * 4 + iovec.iov_len, nbd_request.SIZE);
-      sendRemainingBytes += nbd_request.SIZE;
-      if (tagCommand[tag] === NBD_CMD_WRITE) {
-        at = IOV_WORD + iovCount++ * IOV_WORDS;
-        setU64(words, at * 4 + iovec.iov_base, dataAddress(tag));
-        setU64(words, at * 4 + iovec.iov_len, tagLengthBytes[tag]!);
-        sendRemainingBytes += tagLengthBytes[tag]!;
-      }
+      const tag = takeQueued();
+      if (tagCommand[tag] === NBD_CMD_WRITE) addIovec(dataAddress(tag), tagLengthBytes[tag]!);
     }
     sending = true;
-    postSend();
+    postSendmsg(0, iovCount, 0);
+  }
+
+  /** Zero copy: SENDMSG of headers up to a write's, linked to SEND_ZC of its pages, and so on, as one chain. */
+  function startChain(): void {
+    if (wideRecvPosted && readsQueued > 0) {
+      // A read's data must not land in the staging buffer: the RECV that could take it ends first (onCqe sends on).
+      if (!wideRecvCancelled) ring.prepCancel(queue.getSqe(), userData(KIND_WIDE_RECV), TARGET_USER_DATA, 0, userData(KIND_CANCEL), TARGET_USER_DATA);
+      wideRecvCancelled = true;
+      return;
+    }
+    if (ring.sqSpace() < 2) ring.submit();
+    const maxWrites = Math.min(MAX_CHAIN_WRITES, (ring.sqSpace() - 1) >> 1);
+    if (maxWrites < 1) return drop("the ring's submission queue stays full");
+    let slot = 0, writes = 0;
+    chainLast = -1;
+    for (let taken = 0; taken < MAX_BATCH_REQUESTS && sendQueueCount > 0; taken++) {
+      const next = sendQueue[sendQueueHead]!;
+      if (tagCommand[next] === NBD_CMD_WRITE && writes === maxWrites) break;
+      const tag = takeQueued();
+      if (tagCommand[tag] !== NBD_CMD_WRITE) continue;
+      addToChain(postSendmsg(slot++, iovCount, MSG_MORE));
+      iovFirst = iovCount;
+      const lengthBytes = tagLengthBytes[tag]!;
+      sendRemainingBytes += lengthBytes;
+      const base = queue.getSqe();
+      ring.prepSendZcFixed(base, fd, tag, 0, lengthBytes, MSG_NOSIGNAL | MSG_WAITALL | MSG_MORE, userData(KIND_SEND_PAGES), TARGET_USER_DATA);
+      addToChain(base);
+      writes++;
+    }
+    if (iovFirst < iovCount) addToChain(postSendmsg(slot, iovCount, 0));
+    else ring.setOpFlags(chainLast, MSG_NOSIGNAL | MSG_WAITALL); // the last SEND_ZC: nothing more to wait for
+    sending = true;
+  }
+
+  /** The SQE at `base` follows the chain's last one (IOSQE_IO_LINK on that). */
+  function addToChain(base: number): void {
+    if (chainLast >= 0) ring.setSqeFlags(chainLast, IOSQE_IO_LINK);
+    chainLast = base;
+    chainResultsDue++;
   }
 
   /** A partial send: skips the iovecs (and the part of one) already sent, and sends the rest. */
@@ -195,18 +269,19 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
       sentBytes -= lengthBytes;
       iovFirst++;
     }
-    postSend();
+    postSendmsg(0, iovCount, 0);
   }
 
   function enqueue(tag: number): void {
     tagState[tag] = TAG_QUEUED;
+    if (tagCommand[tag] === NBD_CMD_READ) readsQueued++;
     const slot = sendQueueHead + sendQueueCount;
     sendQueue[slot >= depth ? slot - depth : slot] = tag;
     sendQueueCount++;
   }
 
   function finish(tag: number, result: number): void {
-    if (tagState[tag] === TAG_SENT && isLargeRead(tag)) largeReadsInFlight--;
+    if (tagState[tag] === TAG_SENT && isDirectRead(tag)) directReadsInFlight--;
     tagState[tag] = TAG_IDLE;
     queue.complete(tag, result);
   }
@@ -214,7 +289,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   /** Fails every request the connection holds with EIO; returns how many. */
   function failAll(): number {
     let failed = 0;
-    sendQueueCount = 0;
+    sendQueueCount = readsQueued = 0;
     for (let tag = index; tag < depth; tag += count) {
       if (tagState[tag] === TAG_IDLE) continue;
       failed++;
@@ -243,8 +318,9 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
     close(fd);
     sending = false;
     recvTag = -1;
-    recvDoneBytes = stagedBytes = largeReadsInFlight = 0;
-    sendQueueHead = sendQueueCount = 0;
+    recvDoneBytes = stagedBytes = directReadsInFlight = chainResultsDue = 0;
+    wideRecvPosted = wideRecvCancelled = false;
+    sendQueueHead = sendQueueCount = readsQueued = 0;
     let held = 0;
     for (let tag = index; tag < depth; tag += count) {
       if (tagState[tag] === TAG_IDLE) continue;
@@ -308,6 +384,8 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
         finish(tag, error !== 0 ? replyResult(error) : command === NBD_CMD_WRITE ? lengthBytes : 0);
         continue;
       }
+      // With zero copy nothing past the header was asked for while a read was out (postRecv, startChain).
+      if (zeroCopy && stagedBytes > at) return drop("a read's data reached the staging buffer");
       const copiedBytes = Math.min(lengthBytes, stagedBytes - at);
       if (copiedBytes > 0) memcpy(dataAddress(tag), stagingAddress + at, copiedBytes);
       at += copiedBytes;
@@ -341,21 +419,37 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
     },
 
     onCqe(userDataLow, result) {
-      const kind = userDataLow & 3;
+      const kind = userDataLow & KIND_MASK;
       if (kind === KIND_TIMER) return onTimer();
+      if (kind === KIND_CANCEL) return; // its RECV's own completion says what happened (if it had not ended already)
       if (!connected || userDataLow >>> GENERATION_SHIFT !== generation) return; // from a socket that has dropped
-      if (kind === KIND_SEND) {
+      if (kind === KIND_SEND_PAGES && result === 0) return; // SEND_ZC's notification: its pages are released
+      if (kind !== KIND_RECV && kind !== KIND_WIDE_RECV) {
         if (result <= 0) return drop(result === 0 ? "the connection closed" : `sending failed (${-result})`);
         sendRemainingBytes -= result;
-        if (sendRemainingBytes > 0) return continueSend(result);
+        if (zeroCopy) {
+          // The chain's sends wait for all their bytes: one that ended short broke the chain (the rest fail).
+          if (--chainResultsDue > 0) return;
+          if (sendRemainingBytes !== 0) return drop("a send ended short");
+        } else if (sendRemainingBytes > 0) {
+          return continueSend(result);
+        }
         sending = false;
         startSend();
         return;
       }
+      if (wideRecvPosted) {
+        wideRecvPosted = wideRecvCancelled = false;
+        if (result === -ECANCELED) {
+          postRecv();
+          return startSend();
+        }
+      }
       if (result <= 0) return drop(result === 0 ? "the server closed the connection" : `receiving failed (${-result})`);
       if (recvTag < 0) {
         stagedBytes += result;
-        return onStaged();
+        onStaged();
+        return startSend(); // a read may have waited for a wide RECV to end
       }
       const tag = recvTag;
       recvDoneBytes += result;

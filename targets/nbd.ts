@@ -96,6 +96,8 @@ export const nbdTarget: Target = {
         maxWriteZeroesSectors: zeroes ? MAX_ZERO_SECTORS : 0,
       } : undefined,
       options: { uri: options.nbd, timeoutS, connections, transmissionFlags: flags, maximumPayloadBytes: found.maximumPayloadBytes },
+      // A write's pages leave by SEND_ZC, which TCP sockets take and unix sockets do not (targets/nbd-connection.ts).
+      prefersZeroCopy: uri.address.kind === "tcp",
     };
   },
 
@@ -162,7 +164,7 @@ export const nbdTarget: Target = {
       ring: queue.ring, getSqe: queue.getSqe, complete: queue.complete, depth, headersAddress, headerStrideBytes: HEADER_STRIDE_BYTES,
       bufferAddress: queue.bufferAddress, maxIoBufBytes, tagCommand, tagLengthBytes, where,
       connect: (timeoutMs?: number) => connect(timeoutMs).fd,
-      outageTimeoutMs: Number(record.options.timeoutS ?? DEFAULT_TIMEOUT_S) * 1000,
+      outageTimeoutMs: Number(record.options.timeoutS ?? DEFAULT_TIMEOUT_S) * 1000, zeroCopy: queue.zeroCopy,
     };
     const connections: NbdConnection[] = [];
     try {

@@ -84,6 +84,7 @@ export const IORING_OP_WRITE = 23;
 export const IORING_OP_SEND = 26;
 export const IORING_OP_RECV = 27;
 export const IORING_OP_URING_CMD = 46;
+export const IORING_OP_SEND_ZC = 47;
 
 // io_uring_sqe.flags
 export const IOSQE_FIXED_FILE = 1 << 0;
@@ -98,6 +99,8 @@ export const IOSQE_CQE_SKIP_SUCCESS = 1 << 6;
 export const IORING_FSYNC_DATASYNC = 1 << 0;
 export const IORING_TIMEOUT_ABS = 1 << 0;
 export const IORING_ASYNC_CANCEL_ALL = 1 << 0;
+/** sqe.ioprio of SEND_ZC: the data is registered buffer sqe.buf_index, from sqe.addr within it. */
+export const IORING_RECVSEND_FIXED_BUF = 1 << 2;
 /** cqe.flags: a provided buffer was used; its id is in flags >>> IORING_CQE_BUFFER_SHIFT. */
 export const IORING_CQE_F_BUFFER = 1 << 0;
 export const IORING_CQE_F_MORE = 1 << 1;
