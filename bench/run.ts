@@ -335,21 +335,29 @@ if (groups.has("nbd")) {
     Bun.sleepSync(100);
   }
   try {
-    const ours = addDevice(["-t", "nbd", "--nbd", `nbd://127.0.0.1:${port}/`, "-q", "1", "-d", "128"]);
+    const uri = `nbd://127.0.0.1:${port}/`;
+    const ours = addDevice(["-t", "nbd", "--nbd", uri, "-q", "1", "-d", "128"]);
+    // Where the kernel has AUTO_BUF_REG ours is zero copy: beside ours forced onto the copy path (-z 0), alternating.
+    const copying = JSON.parse(cli(["list", "-n", String(ours.devId), "--json"]))[0].dataPath.startsWith("zero copy")
+      ? addDevice(["-t", "nbd", "--nbd", uri, "-q", "1", "-d", "128", "-z", "0"]) : null;
     sh("modprobe nbd");
     // Debian's nbd-client (netlink), not busybox's applet of the same name: spelled out, as busybox sh prefers its applets.
     sh(`/usr/sbin/nbd-client 127.0.0.1 ${port} /dev/nbd0`);
     if (Number(sh("cat /sys/block/nbd0/size")) === 0) throw new Error("bench: nbd-client left /dev/nbd0 without a size");
     // Unmeasured runs first: a new daemon serves its first thousands of requests before JSC's optimizing tiers have
     // compiled the queue loop, and at QD1 (about 1K IOPS here) that was its whole first run (up to 2× slower).
-    for (const path of [`/dev/ublkb${ours.devId}`, "/dev/nbd0"]) for (const key of ["randread64", "randread1"]) fio(path, JOBS[key]!, null);
+    const copySides: Side[] = copying ? [{ label: "ublk-bun nbd, copy", path: `/dev/ublkb${copying.devId}`, pid: copying.pid }] : [];
+    for (const path of [`/dev/ublkb${ours.devId}`, "/dev/nbd0", ...copySides.map((side) => side.path)]) {
+      for (const key of ["randread64", "randread1"]) fio(path, JOBS[key]!, null);
+    }
     compare("nbd", { label: "ublk-bun nbd", path: `/dev/ublkb${ours.devId}`, pid: ours.pid }, { label: "nbd.ko", path: "/dev/nbd0" },
-      ["randread1", "randwrite1", "randread64", "randwrite64", "read128k", "write128k"], nbdkit.pid);
+      ["randread1", "randwrite1", "randread64", "randwrite64", "read128k", "write128k"], nbdkit.pid, copySides);
     const status = readFileSync(`/proc/${ours.pid}/status`, "utf8");
     const mib = (field: string) => (Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)![1]) / 1024).toFixed(0);
     nbdMemory = `${mib("VmRSS")} / ${mib("VmHWM")}`;
     sh("/usr/sbin/nbd-client -d /dev/nbd0");
     cli(["del", "-n", String(ours.devId)]);
+    if (copying) cli(["del", "-n", String(copying.devId)]);
   } finally {
     nbdkit.kill();
   }
@@ -492,6 +500,21 @@ if (nbdRows.length > 0) {
     "",
     `Our daemon's memory after its runs (resident / peak, MiB): ${nbdMemory}.`,
     "",
+    ...(nbdRows.some((r) => other(r, "ublk-bun nbd, copy")) ? [
+      "Ours is zero copy on this kernel (AUTO_BUF_REG: a read's data received with READ_FIXED into the request's pages,",
+      "a write's sent by SEND_ZC from them). Beside it, alternating in the same runs, ours forced onto the copy path",
+      "(`-z 0`, a second device on the same export: the kernel copies each request's data to or from the daemon's buffer):",
+      "",
+      "| case | zero copy | our CPU µs/IO | copy | our CPU µs/IO | zero copy ÷ copy |",
+      "| --- | ---: | ---: | ---: | ---: | ---: |",
+      ...nbdRows.map((r) => {
+        const copy = other(r, "ublk-bun nbd, copy")!;
+        const valueOf = (s: Summary) => (r.metric === "IOPS" ? fmt(s.iops) : fmt(s.mbps, 1));
+        return `| ${r.case} | ${valueOf(r.oursResult)} ${r.metric} | ${fmt(r.oursResult.cpuUsPerIo, 1)} | ${valueOf(copy.result)} ${r.metric} | ` +
+          `${fmt(copy.result.cpuUsPerIo, 1)} | ${copy.ratio.toFixed(2)} |`;
+      }),
+      "",
+    ] : []),
   ];
   writeFileSync(join(outDir, "nbd.md"), nbdLines.join("\n"));
   writeFileSync(join(outDir, "nbd.json"), JSON.stringify({ seconds, repeats, machineIops: machine.iops, rows: nbdRows, raw: rawOf(nbdRows) }, null, 1));

@@ -34,7 +34,7 @@ cli
   .option("-i, --recovery-reissue <0|1>", "USER_RECOVERY + REISSUE: in-flight I/O is reissued after recover")
   .option("-u, --user-copy", "USER_COPY data mode (pread/pwrite on /dev/ublkcN)")
   .option("-g, --need-get-data", "NEED_GET_DATA data mode")
-  .option("-z, --zero-copy <0|1>", "Zero copy (AUTO_BUF_REG, kernel ≥ 6.16): the file target with O_DIRECT reads and writes the request's own pages (default: when the kernel has it; 0: the copy path)")
+  .option("-z, --zero-copy <0|1>", "Zero copy (AUTO_BUF_REG, kernel ≥ 6.16): the file target with O_DIRECT and the nbd target over TCP read and write the request's own pages (default: when the kernel has it; 0: the copy path)")
   .option("--batch <0|1>", "Batch commands (BATCH_IO, kernel ≥ 7.0): one command for many requests (default: when the kernel has them; 0: per-tag commands)")
   .option("-f, --file <path>", "file target: the backing file or block device")
   .option("--buffered", "file target: use the page cache instead of O_DIRECT")

@@ -89,7 +89,8 @@ export function userCopyMode(charFd: number, qId: number, depth: number, { buffe
 
 /** How `list` names a device's data path, from its flags: the data mode, then the commands (lib/command-transport.ts). */
 export function dataPathName(devFlags: number): string {
-  const mode = (devFlags & UBLK_F_AUTO_BUF_REG) !== 0 ? "zero copy" : (devFlags & UBLK_F_USER_COPY) !== 0 ? "user copy"
+  const userCopy = (devFlags & UBLK_F_USER_COPY) !== 0;
+  const mode = (devFlags & UBLK_F_AUTO_BUF_REG) !== 0 ? (userCopy ? "zero copy and user copy" : "zero copy") : userCopy ? "user copy"
     : (devFlags & UBLK_F_NEED_GET_DATA) !== 0 ? "copy (NEED_GET_DATA)" : "copy";
   return `${mode}, ${transportName(devFlags)}`;
 }

@@ -127,9 +127,9 @@ export class Device {
       const features = ctrl.getFeatures();
       flags |= zeroCopyFlags(config.zeroCopy, target, dataModeChosen, features);
       flags |= batchIoFlags(config.batchIo, flags, features);
-      if (target.prefersUserCopy && !dataModeChosen && (flags & UBLK_F_AUTO_BUF_REG) === 0 && (features & UBLK_F_USER_COPY) !== 0) {
-        flags |= UBLK_F_USER_COPY;
-      }
+      // A target that prefers both (nbd) gets USER_COPY beside zero copy only: it copies its small requests itself.
+      const userCopyWanted = target.prefersUserCopy === true && (target.prefersZeroCopy !== true || (flags & UBLK_F_AUTO_BUF_REG) !== 0);
+      if (userCopyWanted && !dataModeChosen && (features & UBLK_F_USER_COPY) !== 0) flags |= UBLK_F_USER_COPY;
       // A recoverable device can also be handed to a new server without failing a request (`restart`) — but for batch
       // commands (see batchIoFlags).
       if ((flags & UBLK_F_USER_RECOVERY) !== 0 && (features & UBLK_F_QUIESCE) !== 0 && (flags & UBLK_F_BATCH_IO) === 0) flags |= UBLK_F_QUIESCE;
@@ -678,7 +678,7 @@ export function zeroCopyFlags(wanted: boolean | undefined, target: TargetRecord,
     if (!available) throw new Error(ZERO_COPY_UNAVAILABLE);
     if (dataModeChosen) throw new Error(ZERO_COPY_WITH_DATA_MODE);
     if (target.prefersZeroCopy !== true) {
-      throw new Error(`-z 1: target "${target.type}" cannot serve from the request's own pages${target.type === "file" ? " (only a file with O_DIRECT can)" : ""}`);
+      throw new Error(`-z 1: target "${target.type}" cannot serve from the request's own pages${target.type === "file" ? " (only a file with O_DIRECT can)" : target.type === "nbd" ? " (only over TCP: nbd://)" : ""}`);
     }
   }
   return available && !dataModeChosen && target.prefersZeroCopy === true ? UBLK_F_AUTO_BUF_REG : 0;

@@ -96,8 +96,10 @@ export const nbdTarget: Target = {
         maxWriteZeroesSectors: zeroes ? MAX_ZERO_SECTORS : 0,
       } : undefined,
       options: { uri: options.nbd, timeoutS, connections, transmissionFlags: flags, maximumPayloadBytes: found.maximumPayloadBytes },
-      // A write's pages leave by SEND_ZC, which TCP sockets take and unix sockets do not (targets/nbd-connection.ts).
+      // Zero copy where the kernel has it, with USER_COPY beside it for small requests (targets/nbd-connection.ts);
+      // a large write's pages leave by SEND_ZC, which TCP sockets take and unix sockets do not.
       prefersZeroCopy: uri.address.kind === "tcp",
+      prefersUserCopy: uri.address.kind === "tcp",
     };
   },
 
@@ -164,7 +166,8 @@ export const nbdTarget: Target = {
       ring: queue.ring, getSqe: queue.getSqe, complete: queue.complete, depth, headersAddress, headerStrideBytes: HEADER_STRIDE_BYTES,
       bufferAddress: queue.bufferAddress, maxIoBufBytes, tagCommand, tagLengthBytes, where,
       connect: (timeoutMs?: number) => connect(timeoutMs).fd,
-      outageTimeoutMs: Number(record.options.timeoutS ?? DEFAULT_TIMEOUT_S) * 1000, zeroCopy: queue.zeroCopy,
+      outageTimeoutMs: Number(record.options.timeoutS ?? DEFAULT_TIMEOUT_S) * 1000,
+      zeroCopy: queue.zeroCopy, readRequest: queue.readRequest, writeRequest: queue.writeRequest,
     };
     const connections: NbdConnection[] = [];
     try {

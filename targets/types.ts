@@ -34,7 +34,10 @@ export interface TargetRecord {
   prefersUserCopy?: boolean;
   /**
    * The target can serve reads and writes from the ring's registered buffers (QueueContext.zeroCopy): a new
-   * device is then zero copy when the kernel has AUTO_BUF_REG (6.16 on) and no data mode was asked for.
+   * device is then zero copy when the kernel has AUTO_BUF_REG (6.16 on) and no data mode was asked for. With
+   * prefersUserCopy too, a zero-copy device also gets USER_COPY (and a device that is not zero copy neither), so
+   * the target can copy small requests itself (QueueContext.readRequest / writeRequest) and serve large ones from
+   * their pages.
    */
   prefersZeroCopy?: boolean;
 }
@@ -76,6 +79,13 @@ export interface QueueContext {
    * kernel then neither fills nor reads.
    */
   zeroCopy: boolean;
+  /**
+   * On a USER_COPY device (userCopy): copies `lengthBytes` of tag's request data, from `byteOffset` in the request,
+   * into native memory at `address` (readRequest: a write's data) or from there (writeRequest: a read's data), with
+   * pread / pwrite on /dev/ublkcN. Returns the bytes copied or -errno.
+   */
+  readRequest(tag: number, address: number, lengthBytes: number, byteOffset: number): number;
+  writeRequest(tag: number, address: number, lengthBytes: number, byteOffset: number): number;
   /**
    * Completes `tag` later with bytes done or -errno, for requests whose handleIo returned IO_PENDING (the result
    * is checked as handleIo's is). Once per request: a completion for a tag that holds no pending request (a

@@ -102,7 +102,7 @@ describe("nbd target", () => {
     expectClean();
   });
 
-  test("over TCP on the loopback, zero copy where the kernel has AUTO_BUF_REG: fio verify 4k random and 128k sequential, then reads and verified writes at once", async () => {
+  test("over TCP on the loopback, zero copy where the kernel has AUTO_BUF_REG: fio verify 4k random and 128k sequential, then reads and verified writes of 4k to 128k at once", async () => {
     // A free port of the loopback, found by listening on port 0; nbdkit takes it over right after.
     const probe = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
     const port = probe.port;
@@ -115,16 +115,17 @@ describe("nbd target", () => {
     const devId = addDevice(["-t", "nbd", "--nbd", `nbd://127.0.0.1:${port}/`]);
     try {
       const zeroCopy = kernelFeatureNames().includes("AUTO_BUF_REG");
-      expect(cliOk(["list", "-n", String(devId)])).toContain(`data path: ${zeroCopy ? "zero copy" : "copy"},`);
+      // Zero copy with USER_COPY beside it: small requests are copied (pread / pwrite), large ones are not.
+      expect(cliOk(["list", "-n", String(devId)])).toContain(`data path: ${zeroCopy ? "zero copy and user copy" : "copy"},`);
       for (const [rw, bs, depth] of [["randwrite", "4k", 32], ["write", "128k", 32]] as const) {
         const [name, status, errors] = verify(devId, rw, bs, depth, bs === "4k" ? "8m" : "32m");
         expect({ name, status, errors }).toEqual({ name, status: 0, errors: 0 });
       }
-      // Reads and writes on one connection at once, the reads one at a time with pauses: with zero copy each read
-      // that finds no other read out waits for the RECV that could take its data to be cancelled.
-      const common = [`--filename=/dev/ublkb${devId}`, "--direct=1", "--ioengine=io_uring"];
-      const mixed = fio(["--name=writes", ...common, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=8m", "--verify=crc32c",
-        "--do_verify=1", "--verify_fatal=1", "--name=reads", ...common, "--rw=randread", "--bs=4k", "--iodepth=1", "--thinktime=2ms",
+      // Small and large reads and writes on one connection at once: sends that mix copied data and SEND_ZC, replies
+      // whose data is partly in the staging buffer and partly received into the request's pages.
+      const common = [`--filename=/dev/ublkb${devId}`, "--direct=1", "--ioengine=io_uring", "--bsrange=4k-128k"];
+      const mixed = fio(["--name=writes", ...common, "--rw=randwrite", "--iodepth=16", "--size=16m", "--verify=crc32c",
+        "--do_verify=1", "--verify_fatal=1", "--name=reads", ...common, "--rw=randread", "--iodepth=4", "--thinktime=1ms",
         "--offset=32m", "--size=16m", "--time_based", "--runtime=6"]);
       expect({ status: mixed.status, errors: mixed.errors }).toEqual({ status: 0, errors: 0 });
     } finally {
@@ -217,6 +218,9 @@ describe("nbd target", () => {
     const strict = await startServer(["--filter=exportname", "memory", "16M", "exportname=good", "exportname-strict=true"]);
     await expectOneLineFailure(["-t", "nbd", "--nbd", strict.replace(":///", ":///bad")], /no export "bad"/);
     await expectOneLineFailure(["-t", "nbd", "--nbd", strict.replace(":///", ":///good"), "-s", "8M"], /-s 8388608 does not match .*16777216/);
+    // Zero copy sends with SEND_ZC, which unix sockets do not take.
+    await expectOneLineFailure(["-t", "nbd", "--nbd", strict.replace(":///", ":///good"), "-z", "1"],
+      kernelFeatureNames().includes("AUTO_BUF_REG") ? /-z 1: target "nbd" cannot serve from the request's own pages \(only over TCP: nbd:\/\/\)/ : /no AUTO_BUF_REG/);
     const devId = addDevice(["-t", "nbd", "--nbd", strict.replace(":///", ":///good")]);
     cliOk(["del", "-n", String(devId)]);
     expectClean();

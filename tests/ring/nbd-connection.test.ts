@@ -54,7 +54,8 @@ function harness(): Harness {
   const tagCommand = new Uint8Array(DEPTH), tagLengthBytes = new Uint32Array(DEPTH);
   const connection = openConnection({
     ring, getSqe: () => ring.getSqe(), depth: DEPTH, headersAddress, headerStrideBytes: HEADER_STRIDE_BYTES, bufferAddress,
-    maxIoBufBytes: MAX_IO_BYTES, tagCommand, tagLengthBytes, where: "queue 0: test", outageTimeoutMs: 60_000, zeroCopy: false,
+    maxIoBufBytes: MAX_IO_BYTES, tagCommand, tagLengthBytes, where: "queue 0: test", outageTimeoutMs: 60_000,
+    zeroCopy: false, readRequest: () => -EIO, writeRequest: () => -EIO,
     complete(tag, result) {
       expect(results.has(tag)).toBe(false); // once per request
       results.set(tag, result);
