@@ -501,8 +501,9 @@ if (nbdRows.length > 0) {
     `Our daemon's memory after its runs (resident / peak, MiB): ${nbdMemory}.`,
     "",
     ...(nbdRows.some((r) => other(r, "ublk-bun nbd, copy")) ? [
-      "Ours is zero copy on this kernel (AUTO_BUF_REG: a read's data received with READ_FIXED into the request's pages,",
-      "a write's sent by SEND_ZC from them). Beside it, alternating in the same runs, ours forced onto the copy path",
+      "Ours is zero copy on this kernel for requests over 16 KiB (AUTO_BUF_REG: a read's data received with READ_FIXED into",
+      "the request's pages, a write's sent by SEND_ZC from them; smaller ones copied with pread / pwrite on /dev/ublkcN).",
+      "Beside it, alternating in the same runs, ours forced onto the copy path",
       "(`-z 0`, a second device on the same export: the kernel copies each request's data to or from the daemon's buffer):",
       "",
       "| case | zero copy | our CPU µs/IO | copy | our CPU µs/IO | zero copy ÷ copy |",
