@@ -42,7 +42,13 @@ function mapped(bytes: number): number {
   return address;
 }
 
-function harness(): Harness {
+/** Zero copy: how the harness copies to and from a request's pages (standing in for pread / pwrite on /dev/ublkcN). */
+interface RequestCopies {
+  readRequest(tag: number, address: number, lengthBytes: number, byteOffset: number): number;
+  writeRequest(tag: number, address: number, lengthBytes: number, byteOffset: number): number;
+}
+
+function harness(zeroCopy: RequestCopies | null = null): Harness {
   const ring = Ring.create({ entries: 64 });
   const pair = socketpair(AF_UNIX, SOCK_STREAM);
   if (typeof pair === "number") throw new Error(`socketpair: ${pair}`);
@@ -55,7 +61,7 @@ function harness(): Harness {
   const connection = openConnection({
     ring, getSqe: () => ring.getSqe(), depth: DEPTH, headersAddress, headerStrideBytes: HEADER_STRIDE_BYTES, bufferAddress,
     maxIoBufBytes: MAX_IO_BYTES, tagCommand, tagLengthBytes, where: "queue 0: test", outageTimeoutMs: 60_000,
-    zeroCopy: false, readRequest: () => -EIO, writeRequest: () => -EIO,
+    zeroCopy: zeroCopy !== null, readRequest: zeroCopy?.readRequest ?? (() => -EIO), writeRequest: zeroCopy?.writeRequest ?? (() => -EIO),
     complete(tag, result) {
       expect(results.has(tag)).toBe(false); // once per request
       results.set(tag, result);
@@ -91,8 +97,9 @@ function pump(h: Harness, waitMs = 20): void {
   }
 }
 
-/** Queues tag's request as targets/nbd.ts does (the header fields the connection and the peer read). */
-function request(h: Harness, tag: number, command: number, lengthBytes: number): void {
+/** Queues tag's request as targets/nbd.ts does (the header fields the connection and the peer read); `accepted`:
+ * what submit is expected to say. */
+function request(h: Harness, tag: number, command: number, lengthBytes: number, accepted = true): void {
   const at = (tag * HEADER_STRIDE_BYTES) / 4;
   h.headers[at + nbd_request.magic / 4] = byteSwap32(NBD_REQUEST_MAGIC);
   h.headers[at + nbd_request.flags / 4] = byteSwap32(command); // flags 0, then the type
@@ -101,11 +108,11 @@ function request(h: Harness, tag: number, command: number, lengthBytes: number):
   h.headers[at + nbd_request.length / 4] = byteSwap32(lengthBytes);
   h.tagCommand[tag] = command;
   h.tagLengthBytes[tag] = lengthBytes;
-  expect(h.connection.submit(tag)).toBe(true);
+  expect(h.connection.submit(tag)).toBe(accepted);
 }
 
 /** Reads what the connection sent: `count` requests (28-byte headers, a write's data after its header). */
-function readRequests(h: Harness, count: number): Array<{ command: number; tag: number; lengthBytes: number }> {
+function readRequests(h: Harness, count: number): Array<{ command: number; tag: number; lengthBytes: number; data?: Uint8Array }> {
   const requests = [];
   const header = new Uint8Array(nbd_request.SIZE);
   for (let i = 0; i < count; i++) {
@@ -114,11 +121,12 @@ function readRequests(h: Harness, count: number): Array<{ command: number; tag: 
     expect(view.getUint32(nbd_request.magic)).toBe(NBD_REQUEST_MAGIC);
     const request = { command: view.getUint16(nbd_request.type), tag: Number(view.getBigUint64(nbd_request.cookie)),
       lengthBytes: view.getUint32(nbd_request.length) };
+    let data: Uint8Array | undefined;
     if (request.command === NBD_CMD_WRITE) {
-      const data = new Uint8Array(request.lengthBytes);
+      data = new Uint8Array(request.lengthBytes);
       expect(recv(h.peerFd, data, data.byteLength, MSG_WAITALL)).toBe(data.byteLength);
     }
-    requests.push(request);
+    requests.push({ ...request, data });
   }
   return requests;
 }
@@ -200,5 +208,39 @@ describe("nbd connection", () => {
     }
     expect(h.results.size).toBe(0); // held for a reconnect, not failed
     expect(logged.join("\n")).toMatch(/replied to cookie 3, which no request has; reconnecting, 1 requests wait/);
+  });
+
+  test("zero copy, small requests: a write's data is copied from the request at submit, a read's into it from the staging buffer; a failed copy fails only its request", () => {
+    // The requests' own pages, as the kernel would copy them with pread / pwrite on /dev/ublkcN. Tag 3's copy-in
+    // and tag 4's copy-out fail.
+    const pages = new Map<number, Uint8Array>();
+    const h = harness({
+      readRequest(tag, address, lengthBytes, byteOffset) {
+        if (tag === 3) return -EIO;
+        new Uint8Array(memoryAt(address, lengthBytes)).set(pages.get(tag)!.subarray(byteOffset, byteOffset + lengthBytes));
+        return lengthBytes;
+      },
+      writeRequest(tag, address, lengthBytes, byteOffset) {
+        if (tag === 4) return -EIO;
+        pages.get(tag)!.set(new Uint8Array(memoryAt(address, lengthBytes)), byteOffset);
+        return lengthBytes;
+      },
+    });
+    const small: Array<[number, number]> = [[NBD_CMD_WRITE, 4096], [NBD_CMD_READ, 4096], [NBD_CMD_READ, 512], [NBD_CMD_WRITE, 8192], [NBD_CMD_READ, 4096]];
+    small.forEach(([command, lengthBytes], tag) => {
+      pages.set(tag, command === NBD_CMD_WRITE ? pattern(tag, lengthBytes) : new Uint8Array(lengthBytes));
+      request(h, tag, command, lengthBytes, tag !== 3); // a write whose data cannot be had is refused at once
+    });
+    pump(h);
+    const sent = readRequests(h, 4);
+    expect(sent.map((r) => r.tag)).toEqual([0, 1, 2, 4]);
+    expect(Buffer.from(sent[0]!.data!).equals(Buffer.from(pattern(0, 4096)))).toBe(true);
+    // All replies at once: each read's data is in the staging buffer whole (a piece still to come would be read
+    // into the request's registered pages, which this ring has not).
+    deliver(h, Buffer.concat([reply(4, 0, pattern(4, 4096)), reply(2, 0, pattern(2, 512)), reply(0, 0), reply(1, 0, pattern(1, 4096))]), 1 << 20);
+    expect(Object.fromEntries(h.results)).toEqual({ 0: 4096, 1: 4096, 2: 512, 4: -EIO });
+    for (const tag of [1, 2]) expect({ tag, same: Buffer.from(pages.get(tag)!).equals(Buffer.from(pattern(tag, small[tag]![1]))) }).toEqual({ tag, same: true });
+    // A read's data goes to its pages only, not through the queue's buffer as on the copy path.
+    expect(h.buffers.subarray(1 * MAX_IO_BYTES, 1 * MAX_IO_BYTES + 4096).every((byte) => byte === 0)).toBe(true);
   });
 });
