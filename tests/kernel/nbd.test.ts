@@ -18,13 +18,24 @@ afterEach(async () => {
 });
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 
-/** Starts `nbdkit ARGS…` in the foreground on our unix socket and waits (bounded) until it listens. */
-async function startServer(args: string[]): Promise<string> {
+/** Starts `nbdkit ARGS…` in the foreground on our unix socket (or, `tcp`, on a free port of the loopback) and waits
+ * (bounded) until it listens; returns the URI. */
+async function startServer(args: string[], tcp = false): Promise<string> {
   rmSync(socketPath, { force: true });
-  server = Bun.spawn(["nbdkit", "-f", "-U", socketPath, ...args], { stdin: "ignore", stdout: "inherit", stderr: "inherit" });
-  await waitFor("nbdkit to listen", () => existsSync(socketPath) || server!.exitCode !== null, 30_000);
+  const pidFile = join(work, "nbdkit.pid"); // written once nbdkit accepts connections
+  rmSync(pidFile, { force: true });
+  let listen = ["-U", socketPath], uri = `nbd+unix:///?socket=${socketPath}`;
+  if (tcp) {
+    // A free port, found by listening on port 0; nbdkit takes it over right after.
+    const probe = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    listen = ["-i", "127.0.0.1", "-p", String(probe.port)];
+    uri = `nbd://127.0.0.1:${probe.port}/`;
+    probe.stop(true);
+  }
+  server = Bun.spawn(["nbdkit", "-f", "-P", pidFile, ...listen, ...args], { stdin: "ignore", stdout: "inherit", stderr: "inherit" });
+  await waitFor("nbdkit to listen", () => existsSync(pidFile) || server!.exitCode !== null, 30_000);
   if (server.exitCode !== null) throw new Error(`nbdkit ${args.join(" ")} exited with ${server.exitCode}`);
-  return `nbd+unix:///?socket=${socketPath}`;
+  return uri;
 }
 
 async function stopServer(): Promise<void> {
@@ -103,16 +114,7 @@ describe("nbd target", () => {
   });
 
   test("over TCP on the loopback, zero copy where the kernel has AUTO_BUF_REG: fio verify 4k random and 128k sequential, then reads and verified writes of 4k to 128k at once", async () => {
-    // A free port of the loopback, found by listening on port 0; nbdkit takes it over right after.
-    const probe = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-    const port = probe.port;
-    probe.stop(true);
-    const pidFile = join(work, "nbdkit.pid"); // written once nbdkit accepts connections
-    rmSync(pidFile, { force: true });
-    server = Bun.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", String(port), "-P", pidFile, "memory", "64M"], { stdin: "ignore", stdout: "inherit", stderr: "inherit" });
-    await waitFor("nbdkit to listen", () => existsSync(pidFile) || server!.exitCode !== null, 30_000);
-    expect(server.exitCode).toBeNull();
-    const devId = addDevice(["-t", "nbd", "--nbd", `nbd://127.0.0.1:${port}/`]);
+    const devId = addDevice(["-t", "nbd", "--nbd", await startServer(["memory", "64M"], true)]);
     try {
       const zeroCopy = kernelFeatureNames().includes("AUTO_BUF_REG");
       // Zero copy with USER_COPY beside it: small requests are copied (pread / pwrite), large ones are not.
@@ -305,10 +307,11 @@ describe("nbd target", () => {
     expectClean();
   });
 
-  test("kill -9 + recover under fio verify with -i 1: no errors", async () => {
-    const uri = await startServer(["memory", "64M"]);
+  // Over TCP the device is zero copy where the kernel has AUTO_BUF_REG: large requests are reissued from their pages.
+  test.each([["a unix socket", false, "--bs=4k"], ["TCP", true, "--bsrange=4k-128k"]] as const)("kill -9 + recover under fio verify with -i 1 (%s): no errors", async (_, tcp, sizes) => {
+    const uri = await startServer(["memory", "64M"], tcp);
     const devId = addDevice(["-t", "nbd", "--nbd", uri, "-i", "1", "-q", "2"]);
-    const fio = Bun.spawn(["fio", "--output-format=json", `--filename=/dev/ublkb${devId}`, "--name=verify", "--rw=randwrite", "--bs=4k",
+    const fio = Bun.spawn(["fio", "--output-format=json", `--filename=/dev/ublkb${devId}`, "--name=verify", "--rw=randwrite", sizes,
       "--direct=1", "--ioengine=io_uring", "--iodepth=16", "--size=32M", "--time_based", "--runtime=300", "--verify=crc32c",
       "--verify_backlog=256", "--verify_fatal=1"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     for (let kill = 0; kill < 2; kill++) {
