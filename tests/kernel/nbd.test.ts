@@ -97,7 +97,10 @@ describe("nbd target", () => {
       const logged = existsSync(log) ? readFileSync(log, "utf8").length : 0; // nbdkit keeps the log open: read on from here
       const devId = addDevice(["-t", "nbd", "--nbd", uri, "-q", String(queues), "-o", `connections=${connections}`]);
       try {
-        expect(cliOk(["list", "-n", String(devId)])).toContain(`"uri":"${uri}"`);
+        const listing = cliOk(["list", "-n", String(devId)]);
+        expect(listing).toContain(`"uri":"${uri}"`);
+        expect(listing).toContain("data path: copy,"); // a unix socket takes no SEND_ZC: no zero copy, no user copy
+
         expect(readFileSync(`/sys/block/ublkb${devId}/size`, "utf8").trim()).toBe(String((64 << 20) / 512));
         for (const [rw, bs, depth] of [["randwrite", "4k", 1], ["randwrite", "4k", 32], ["write", "128k", 32]] as const) {
           const [name, status, errors] = verify(devId, rw, bs, depth, bs === "4k" ? "8m" : "32m");
