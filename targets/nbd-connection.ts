@@ -14,10 +14,10 @@
  * Zero copy (QueueContext.zeroCopy, kernel ≥ 6.16, with USER_COPY beside it): a request's data is its own pages,
  * registered by the kernel as the ring's buffer `tag`, which only fixed-buffer SQEs reach; the queue's buffers are
  * left out. A small request's data is copied as before, but by the kernel with pread / pwrite on /dev/ublkcN
- * (QueueContext.readRequest / writeRequest): a write's at submit, a read's from the staging buffer. A large read's
- * data not yet arrived is received with READ_FIXED straight into its pages, and a large write's leaves them by
- * SEND_ZC: the send is then a linked chain — SENDMSG of what comes before, SEND_ZC of the pages, and so on — sent
- * whole (MSG_WAITALL throughout) or the connection failed.
+ * (QueueContext.readRequest / writeRequest): a write's at submit, a read's from the staging buffer. A read's data
+ * not yet arrived (all of a large one's) is received with READ_FIXED straight into its pages, and a large write's
+ * leaves them by SEND_ZC: the send is then a linked chain — SENDMSG of what comes before, SEND_ZC of the pages, and
+ * so on — sent whole (MSG_WAITALL throughout) or the connection failed.
  *
  * When the connection drops it keeps its requests and reconnects on a timer on the ring (back-off from
  * RECONNECT_MIN_MS doubling to RECONNECT_MAX_MS); once connected again it sends them again (reads, writes, flush,
@@ -270,6 +270,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
 
   function enqueue(tag: number): void {
     tagState[tag] = TAG_QUEUED;
+    copyFailed[tag] = 0; // a request sent again after a drop is copied again
     const slot = sendQueueHead + sendQueueCount;
     sendQueue[slot >= depth ? slot - depth : slot] = tag;
     sendQueueCount++;
