@@ -322,6 +322,8 @@ if (groups.has("memory")) {
 // each with one connection and one hardware queue of depth 128 (nbd.ko's own); nbdkit's CPU per I/O is measured
 // for both. The export is zero-filled sparse RAM, so reads of never-written blocks cost nbdkit the least.
 let nbdMemory = "";
+/** Ours forced onto the copy path (-z 0), beside ours where the kernel has zero copy. */
+const NBD_COPY_LABEL = "ublk-bun nbd, copy";
 if (groups.has("nbd")) {
   // A free port of the loopback, found by listening on port 0; nbdkit takes it over right after.
   const probe = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
@@ -346,7 +348,7 @@ if (groups.has("nbd")) {
     if (Number(sh("cat /sys/block/nbd0/size")) === 0) throw new Error("bench: nbd-client left /dev/nbd0 without a size");
     // Unmeasured runs first: a new daemon serves its first thousands of requests before JSC's optimizing tiers have
     // compiled the queue loop, and at QD1 (about 1K IOPS here) that was its whole first run (up to 2× slower).
-    const copySides: Side[] = copying ? [{ label: "ublk-bun nbd, copy", path: `/dev/ublkb${copying.devId}`, pid: copying.pid }] : [];
+    const copySides: Side[] = copying ? [{ label: NBD_COPY_LABEL, path: `/dev/ublkb${copying.devId}`, pid: copying.pid }] : [];
     for (const path of [`/dev/ublkb${ours.devId}`, "/dev/nbd0", ...copySides.map((side) => side.path)]) {
       for (const key of ["randread64", "randread1"]) fio(path, JOBS[key]!, null);
     }
@@ -500,7 +502,7 @@ if (nbdRows.length > 0) {
     "",
     `Our daemon's memory after its runs (resident / peak, MiB): ${nbdMemory}.`,
     "",
-    ...(nbdRows.some((r) => other(r, "ublk-bun nbd, copy")) ? [
+    ...(nbdRows.some((r) => other(r, NBD_COPY_LABEL)) ? [
       "Ours is zero copy on this kernel for requests over 16 KiB (AUTO_BUF_REG: a read's data received with READ_FIXED into",
       "the request's pages, a write's sent by SEND_ZC from them; smaller ones copied with pread / pwrite on /dev/ublkcN).",
       "Beside it, alternating in the same runs, ours forced onto the copy path",
@@ -509,7 +511,7 @@ if (nbdRows.length > 0) {
       "| case | zero copy | our CPU µs/IO | copy | our CPU µs/IO | zero copy ÷ copy |",
       "| --- | ---: | ---: | ---: | ---: | ---: |",
       ...nbdRows.map((r) => {
-        const copy = other(r, "ublk-bun nbd, copy")!;
+        const copy = other(r, NBD_COPY_LABEL)!;
         const valueOf = (s: Summary) => (r.metric === "IOPS" ? fmt(s.iops) : fmt(s.mbps, 1));
         return `| ${r.case} | ${valueOf(r.oursResult)} ${r.metric} | ${fmt(r.oursResult.cpuUsPerIo, 1)} | ${valueOf(copy.result)} ${r.metric} | ` +
           `${fmt(copy.result.cpuUsPerIo, 1)} | ${copy.ratio.toFixed(2)} |`;

@@ -64,6 +64,15 @@ export function noDataMode(): DataMode {
   };
 }
 
+/** USER_COPY: `lengthBytes` of tag's request data from `byteOffset` into memory at `address` (pread on /dev/ublkcN),
+ * and back (pwrite). Bytes copied or -errno. */
+export function readRequest(charFd: number, qId: number, tag: number, address: number, lengthBytes: number, byteOffset: number): number {
+  return pread(charFd, address, lengthBytes, ublkUserCopyOffset(qId, tag, byteOffset));
+}
+export function writeRequest(charFd: number, qId: number, tag: number, address: number, lengthBytes: number, byteOffset: number): number {
+  return pwrite(charFd, address, lengthBytes, ublkUserCopyOffset(qId, tag, byteOffset));
+}
+
 export function userCopyMode(charFd: number, qId: number, depth: number, { bufferAddress, tagStrideBytes }: TagBuffers,
                              handler: QueueHandler): DataMode {
   const dataAddressOf = handler.dataAddress?.bind(handler);
@@ -78,11 +87,11 @@ export function userCopyMode(charFd: number, qId: number, depth: number, { buffe
         bufferAddress + tag * tagStrideBytes;
       if (op !== UBLK_IO_OP_WRITE) return 0;
       const lengthBytes = nrSectors << 9;
-      return pread(charFd, tagDataAddress[tag]!, lengthBytes, ublkUserCopyOffset(qId, tag, 0)) === lengthBytes ? 0 : -EIO;
+      return readRequest(charFd, qId, tag, tagDataAddress[tag]!, lengthBytes, 0) === lengthBytes ? 0 : -EIO;
     },
     afterTarget(tag, op, result) {
       if (op !== UBLK_IO_OP_READ || result <= 0) return result;
-      return pwrite(charFd, tagDataAddress[tag]!, result, ublkUserCopyOffset(qId, tag, 0)) === result ? result : -EIO;
+      return writeRequest(charFd, qId, tag, tagDataAddress[tag]!, result, 0) === result ? result : -EIO;
     },
   };
 }

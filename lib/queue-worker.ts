@@ -15,7 +15,7 @@
  * or drop that request instead, with a log line.
  */
 import {
-  gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, pread, PROT_READ, pwrite, read,
+  gettid, MAP_POPULATE, MAP_SHARED, memoryAt, mmap, mmapAnonymous, munmap, PROT_READ, read,
   prctl, PR_SET_IO_FLUSHER, schedSetaffinity, setThreadName,
 } from "../ffi/libc.ts";
 import { EIO, ETIME, ErrnoError } from "../ffi/errno.ts";
@@ -25,7 +25,7 @@ import {
 } from "../ffi/uapi/io_uring.ts";
 import {
   UBLK_F_AUTO_BUF_REG, UBLK_F_USER_COPY, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, ublkDescAreaBytes,
-  ublkDescMmapOffset, ublksrv_io_desc, ublkUserCopyOffset,
+  ublkDescMmapOffset, ublksrv_io_desc,
 } from "../ffi/uapi/ublk_cmd.ts";
 import { loadTarget } from "../targets/registry.ts";
 import { debug } from "./debug.ts";
@@ -33,7 +33,7 @@ import type { PollSetting } from "./options.ts";
 import { readNotices } from "./queue-stop.ts";
 import type { QueuePreload } from "./queue-workers.ts";
 import { PollPolicy } from "./poll-policy.ts";
-import { type DataMode, pickDataMode, type TagBuffers } from "./data-mode.ts";
+import { type DataMode, pickDataMode, readRequest, type TagBuffers, writeRequest } from "./data-mode.ts";
 import { type CommandTransport, IO_CMD_USER_DATA, pickTransport, type TransportQueue } from "./command-transport.ts";
 import { IO_PENDING, TARGET_USER_DATA, type QueueContext, type QueueHandler, type TargetRecord } from "../targets/types.ts";
 
@@ -264,8 +264,8 @@ async function serveUntilRetired(start: QueueStart, reply: (message: QueueReply)
   const context: QueueContext = {
     devId: start.devId, qId, queueDepth: depth, maxIoBufBytes, bufferAddress,
     buffers: new Uint8Array(memoryAt(bufferAddress, bufferBytes)), ring, recovering: start.recovering, userCopy, zeroCopy, getSqe: nextSqe,
-    readRequest: (tag, address, lengthBytes, byteOffset) => pread(charFd, address, lengthBytes, ublkUserCopyOffset(qId, tag, byteOffset)),
-    writeRequest: (tag, address, lengthBytes, byteOffset) => pwrite(charFd, address, lengthBytes, ublkUserCopyOffset(qId, tag, byteOffset)),
+    readRequest: (tag, address, lengthBytes, byteOffset) => readRequest(charFd, qId, tag, address, lengthBytes, byteOffset),
+    writeRequest: (tag, address, lengthBytes, byteOffset) => writeRequest(charFd, qId, tag, address, lengthBytes, byteOffset),
     complete(tag, result) {
       const state = tagState[tag]; // undefined for a tag out of range
       if (state === TAG_PENDING) {

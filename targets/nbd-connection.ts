@@ -154,7 +154,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   const isLargeRead = (tag: number) => tagCommand[tag] === NBD_CMD_READ && tagLengthBytes[tag]! > LARGE_READ_BYTES;
   /** Zero copy: the writes whose pages leave by SEND_ZC. */
   const sendsPages = (tag: number) => zeroCopy && tagCommand[tag] === NBD_CMD_WRITE && tagLengthBytes[tag]! > LARGE_WRITE_BYTES;
-  /** Zero copy: a copy to or from a request failed (the request then fails with EIO once its reply is taken). */
+  /** Zero copy: a copy to a request failed (it then fails with EIO once its reply is taken; cleared as it is sent). */
   const copyFailed = new Uint8Array(depth);
   /** A read whose remaining data is being received straight into its tag's buffer (-1: none), and how far. */
   let recvTag = -1, recvDoneBytes = 0;
@@ -270,7 +270,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
 
   function enqueue(tag: number): void {
     tagState[tag] = TAG_QUEUED;
-    copyFailed[tag] = 0; // a request sent again after a drop is copied again
+    copyFailed[tag] = 0; // a new request, or one sent again after a drop, is copied afresh
     const slot = sendQueueHead + sendQueueCount;
     sendQueue[slot >= depth ? slot - depth : slot] = tag;
     sendQueueCount++;
@@ -279,11 +279,7 @@ export function openConnection(queue: NbdQueue, index: number, count: number, fi
   function finish(tag: number, result: number): void {
     if (tagState[tag] === TAG_SENT && isLargeRead(tag)) largeReadsInFlight--;
     tagState[tag] = TAG_IDLE;
-    if (copyFailed[tag] === 1) {
-      copyFailed[tag] = 0;
-      result = -EIO;
-    }
-    queue.complete(tag, result);
+    queue.complete(tag, copyFailed[tag] === 1 ? -EIO : result);
   }
 
   /** Fails every request the connection holds with EIO; returns how many. */

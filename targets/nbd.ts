@@ -54,6 +54,7 @@ export const nbdTarget: Target = {
   async prepare(options): Promise<TargetRecord> {
     if (typeof options.nbd !== "string" || options.nbd === "") throw new Error("nbd: --nbd URI is required (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)");
     const uri = parseNbdUri(options.nbd);
+    const tcp = uri.address.kind === "tcp";
     const timeoutS = options.timeout ?? DEFAULT_TIMEOUT_S;
     if (typeof timeoutS !== "number" || !(timeoutS > 0 && timeoutS <= 86_400)) {
       throw new Error(`nbd: -o timeout=${String(timeoutS)}: give the seconds requests wait for a server that went away (0 < S ≤ 86400)`);
@@ -98,8 +99,8 @@ export const nbdTarget: Target = {
       options: { uri: options.nbd, timeoutS, connections, transmissionFlags: flags, maximumPayloadBytes: found.maximumPayloadBytes },
       // Zero copy where the kernel has it, with USER_COPY beside it for small requests (targets/nbd-connection.ts);
       // a large write's pages leave by SEND_ZC, which TCP sockets take and unix sockets do not.
-      prefersZeroCopy: uri.address.kind === "tcp",
-      prefersUserCopy: uri.address.kind === "tcp",
+      prefersZeroCopy: tcp,
+      prefersUserCopy: tcp,
     };
   },
 
